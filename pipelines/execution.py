@@ -1,0 +1,250 @@
+"""What every runner shares: the fused stage chain, shard-end markers and shard commits.
+
+Runners differ only in *where* the chain runs (driver loop, Ray actors, Beam DoFns). The
+chain, the order of samples within a shard and the commit of a shard (data files first,
+manifest last) are the same code for all three, which is why they give identical bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from veil.pipelines.sources import Shard, Source
+from veil.transforms.stage import (
+    ANONYMIZED,
+    CLEAN,
+    QUARANTINED,
+    Resources,
+    Sample,
+    Stage,
+    quarantine,
+)
+
+RELEASED_STATUSES = (ANONYMIZED, CLEAN)
+
+#: Key of the marker a reader emits after a shard's last sample, so streaming runners know the
+#: shard is complete (also for shards with no samples at all).
+END_MARKER = "__end__"
+
+
+def shard_end_marker(shard: Shard, n_samples: int) -> Sample:
+    return {END_MARKER: True, "__shard__": shard.id, "__count__": n_samples}
+
+
+def is_end_marker(sample: Sample) -> bool:
+    return bool(sample.get(END_MARKER))
+
+
+def read_with_end_marker(source: Source, shard: Shard) -> Iterator[Sample]:
+    """Yield a shard's samples, then its end marker. Reading never raises for bad data (the
+    source yields quarantined samples); an unexpected reader bug becomes a quarantine row."""
+    n = 0
+    try:
+        for sample in source.read_shard(shard):
+            n += 1
+            yield sample
+    except Exception as exc:  # noqa: BLE001 - fail closed, keep the run going
+        from veil.transforms.stage import describe_exception
+
+        n += 1
+        yield quarantine(
+            {"__key__": f"{shard.id}#read_error", "__shard__": shard.id, "__index__": 10**9,
+             "__source__": shard.url},
+            f"read_error: {describe_exception(exc)}",
+        )
+    yield shard_end_marker(shard, n)
+
+
+def strip_working_fields(sample: Sample) -> Sample:
+    """Drop per-worker state (decoded arrays, masks): it must not travel or be written."""
+    for name in [k for k in sample if k.startswith("_") and not k.startswith("__")]:
+        del sample[name]
+    return sample
+
+
+class StageChain:
+    """Consecutive stages fused into one unit of execution.
+
+    Fusing avoids shipping decoded images between processes: one Ray actor (or one Beam
+    DoFn) decodes, detects, anonymizes, encodes and re-scans a batch, and only the encoded
+    result travels. Each stage still sees micro-batches of its own ``batch_size``.
+    """
+
+    def __init__(self, stages: Sequence[Stage], *, threads_per_worker: int = 1) -> None:
+        self.stages = list(stages)
+        self.threads_per_worker = threads_per_worker
+        self._ready = False
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(
+            cpus=max(s.resources.cpus for s in self.stages),
+            gpus=max(s.resources.gpus for s in self.stages),
+        )
+
+    @property
+    def stateful(self) -> bool:
+        return any(s.stateful for s in self.stages)
+
+    def setup(self) -> None:
+        if self._ready:
+            return
+        limit_threads(self.threads_per_worker)
+        for stage in self.stages:
+            stage.setup()
+        self._ready = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_ready"] = False
+        return state
+
+    def __call__(self, batch: list[Sample]) -> list[Sample]:
+        self.setup()
+        markers = {i: s for i, s in enumerate(batch) if is_end_marker(s)}
+        samples = [s for s in batch if not is_end_marker(s)]
+        for stage in self.stages:
+            samples = _run_in_micro_batches(stage, samples)
+        for sample in samples:
+            if sample.get("status") not in RELEASED_STATUSES + (QUARANTINED,):
+                quarantine(sample, f"internal_error: sample left the pipeline with status {sample.get('status')!r}")
+            strip_working_fields(sample)
+        # Put end markers back where they were so the stream order is unchanged.
+        out: list[Sample] = []
+        it = iter(samples)
+        for i in range(len(batch)):
+            out.append(markers[i] if i in markers else next(it))
+        return out
+
+
+def _run_in_micro_batches(stage: Stage, samples: list[Sample]) -> list[Sample]:
+    size = max(1, stage.batch_size)
+    out: list[Sample] = []
+    for start in range(0, len(samples), size):
+        chunk = samples[start:start + size]
+        result = stage.process_batch(chunk)
+        if len(result) != len(chunk):
+            raise RuntimeError(f"stage {stage.name} returned {len(result)} samples for {len(chunk)}")
+        out.extend(result)
+    return out
+
+
+def limit_threads(n: int) -> None:
+    """Pin math libraries to ``n`` threads in this worker process.
+
+    Several workers share the cores; one thread each avoids oversubscription, and a fixed
+    thread count keeps float reductions, and so output bytes, the same on every runner.
+    """
+    import os
+    import sys
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    try:
+        import cv2
+
+        cv2.setNumThreads(n)
+    except ImportError:  # pragma: no cover - cv2 is a dependency
+        pass
+    if "torch" in sys.modules or _torch_available():
+        import torch
+
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
+def _torch_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+@dataclass
+class ShardResult:
+    shard_id: str
+    n_samples: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)
+    n_faces: int = 0
+    seconds: float = 0.0
+    outputs: list[str] = field(default_factory=list)
+    skipped: bool = False
+
+    @property
+    def n_failed(self) -> int:
+        return self.counts.get(QUARANTINED, 0)
+
+
+class ShardCommitter:
+    """Streams one shard's processed samples to its writer, then commits: data files are
+    renamed into place first, the manifest is written last, so a manifest on disk always
+    means the shard's release files are complete."""
+
+    def __init__(self, shard: Shard, source: Source, output_root: str | Path, fingerprint: str) -> None:
+        from veil.pipelines.sinks import open_writer
+
+        self.shard = shard
+        self.output_root = Path(output_root)
+        self.fingerprint = fingerprint
+        self._writer = open_writer(shard, self.output_root, source=source)
+        self._rows: list[dict[str, Any]] = []
+        self._keys: set[str] = set()
+        self._statuses: Counter[str] = Counter()
+        self._reasons: Counter[str] = Counter()
+        self._faces = 0
+        self._start = time.perf_counter()
+
+    def add(self, sample: Sample) -> None:
+        from veil.pipelines.manifest import manifest_row
+
+        if is_end_marker(sample):
+            return
+        key = sample["__key__"]
+        if key in self._keys:
+            # Every input key appears exactly once; a second sample with the same key is
+            # never released (it could overwrite the first in the output).
+            quarantine(sample, "duplicate_key: key already seen in this shard")
+            key = f"{key}#dup{len(self._rows)}"
+            sample["__key__"] = key
+        self._keys.add(key)
+        if sample.get("status") in RELEASED_STATUSES:
+            try:
+                self._writer.write(sample)
+            except Exception as exc:  # noqa: BLE001 - a sample the sink rejects is not released
+                from veil.transforms.stage import describe_exception
+
+                quarantine(sample, f"write_error: {describe_exception(exc)}")
+        row = manifest_row(sample)
+        self._rows.append(row)
+        self._statuses[row["status"]] += 1
+        if row["status"] == QUARANTINED:
+            self._reasons[_reason_code(row["reason"])] += 1
+        self._faces += int(row.get("n_faces") or 0)
+
+    def commit(self) -> ShardResult:
+        from veil.pipelines.manifest import write_manifest
+
+        outputs = self._writer.commit()
+        self._rows.sort(key=lambda r: (r["index"], r["key"]))
+        write_manifest(self.output_root, self.shard.id, self._rows, run_fingerprint=self.fingerprint,
+                       extra={"outputs": ",".join(outputs)})
+        return ShardResult(
+            shard_id=self.shard.id,
+            n_samples=len(self._rows),
+            counts=dict(self._statuses),
+            reasons=dict(self._reasons),
+            n_faces=self._faces,
+            seconds=time.perf_counter() - self._start,
+            outputs=list(outputs),
+        )
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+
+def _reason_code(reason: str | None) -> str:
+    return (reason or "unknown").split(":", 1)[0]

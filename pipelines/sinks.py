@@ -1,0 +1,403 @@
+"""Write the release copy, one shard at a time, atomically and byte-for-byte reproducibly.
+
+A shard's output appears under ``OUT/data/`` only when :meth:`ShardWriter.commit` runs: data go
+to a temporary name first, are fsynced, then renamed into place, and the directory is fsynced.
+A crash therefore leaves either the previous state or the complete shard, never half a file;
+the driver writes the shard's manifest after the commit, so a shard without a manifest is
+simply redone on resume. Temporary names contain :data:`TEMP_MARKER`;
+:func:`remove_stale_temps` clears those a killed run left behind.
+
+Writers are the last line of defence: they refuse any sample that is not ``anonymized`` or
+``clean`` (a quarantined or never-processed sample must not be released), and they write only
+the fields the input had (``__fields__``), never working state or pipeline fields.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import secrets
+import tarfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+from veil.pipelines.sources import PIPELINE_FIELDS, ParquetSource, Shard, Source
+from veil.transforms.stage import ANONYMIZED, CLEAN, Sample
+
+__all__ = [
+    "PIPELINE_FIELDS",
+    "RELEASABLE_STATUSES",
+    "TEMP_MARKER",
+    "FolderShardWriter",
+    "ParquetShardWriter",
+    "ShardWriter",
+    "TarShardWriter",
+    "atomic_write_bytes",
+    "fsync_dir",
+    "open_writer",
+    "output_fields",
+    "remove_stale_temps",
+    "temp_path",
+]
+
+#: Statuses a sample must have to be written. ``pending`` means a stage never ran on it.
+RELEASABLE_STATUSES: frozenset[str] = frozenset({ANONYMIZED, CLEAN})
+TEMP_MARKER = ".veil-tmp-"
+DATA_DIR = "data"
+
+
+def temp_path(final: Path) -> Path:
+    """A unique temporary sibling of ``final`` (same directory, so the rename is atomic)."""
+    return final.with_name(f"{final.name}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or file creation in ``path`` durable (POSIX needs the directory synced
+    too). A no-op where directories cannot be opened (Windows)."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    try:
+        fd = os.open(os.fspath(path), flags)
+    except (PermissionError, IsADirectoryError):
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not support fsync on directories
+    finally:
+        os.close(fd)
+
+
+def _fsync_and_close(handle: BinaryIO) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+    handle.close()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the whole new one."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(final)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(final.parent)
+
+
+def remove_stale_temps(output_root: str | Path) -> list[Path]:
+    """Delete temporary files a killed run left under ``output_root``; returns them."""
+    removed = []
+    root = Path(output_root)
+    if not root.is_dir():
+        return removed
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if TEMP_MARKER in name:
+                path = Path(dirpath) / name
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def output_fields(sample: Sample) -> tuple[str, ...]:
+    """The fields of ``sample`` that go to the release copy: the input's fields, in input
+    order. Raises when the sample is not releasable or its fields are inconsistent, because
+    writing a partial or unprocessed sample would be a silent data (or privacy) bug."""
+    status = sample.get("status")
+    if status not in RELEASABLE_STATUSES:
+        raise ValueError(f"refusing to write sample {sample.get('__key__')!r} with status "
+                         f"{status!r}: only {sorted(RELEASABLE_STATUSES)} samples are released")
+    fields = tuple(sample.get("__fields__") or ())
+    image = sample.get("__image__")
+    if not fields or image not in fields:
+        raise ValueError(f"sample {sample.get('__key__')!r}: __fields__ {fields} does not name "
+                         f"its image field {image!r}")
+    for name in fields:
+        if name.startswith("_") or name in PIPELINE_FIELDS:
+            raise ValueError(f"sample {sample.get('__key__')!r}: field {name!r} is reserved")
+        if not isinstance(sample.get(name), bytes | bytearray | memoryview):
+            raise ValueError(f"sample {sample.get('__key__')!r}: field {name!r} is "
+                             f"{type(sample.get(name)).__name__}, expected bytes")
+    return fields
+
+
+class ShardWriter(ABC):
+    """Writes one output shard; use as a context manager (commit on success, abort on error)."""
+
+    def __init__(self, shard: Shard, output_root: str | Path) -> None:
+        self.shard = shard
+        self.output_root = Path(output_root)
+        self.data_root = self.output_root / DATA_DIR
+        self._state = "open"
+
+    def write(self, sample: Sample) -> None:
+        """Add one releasable sample, in shard order. Sets ``sample["output_path"]`` to the
+        output-relative path of the file that will hold it."""
+        if self._state != "open":
+            raise ValueError(f"shard {self.shard.id}: writer is {self._state}")
+        fields = output_fields(sample)
+        self._write(sample, fields)
+
+    @abstractmethod
+    def _write(self, sample: Sample, fields: tuple[str, ...]) -> None: ...
+
+    def commit(self) -> list[str]:
+        """Make the shard's output durable and visible; returns the output-relative paths."""
+        if self._state != "open":
+            raise ValueError(f"shard {self.shard.id}: writer is {self._state}")
+        try:
+            paths = self._commit()
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        return paths
+
+    @abstractmethod
+    def _commit(self) -> list[str]: ...
+
+    def abort(self) -> None:
+        """Remove temporary files; the final output is left as it was before this writer."""
+        if self._state == "committed":
+            return
+        self._state = "aborted"
+        self._abort()
+
+    @abstractmethod
+    def _abort(self) -> None: ...
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            if self._state == "open":
+                self.commit()
+        else:
+            self.abort()
+
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.output_root).as_posix()
+
+    def _final_path(self, relative: str) -> Path:
+        """``OUT/data/<relative>``, refusing paths that would escape ``OUT/data``."""
+        final = (self.data_root / relative)
+        resolved = final.resolve()
+        if not resolved.is_relative_to(self.data_root.resolve()):
+            raise ValueError(f"output path {relative!r} escapes the output folder")
+        return final
+
+
+class TarShardWriter(ShardWriter):
+    """A WebDataset tar with the input shard's name; ``.tar.gz``/``.tgz`` are gzipped.
+
+    Member names are the input's own (``__paths__``), else ``<key>.<field>``; headers carry
+    fixed metadata (mtime 0, uid/gid 0, empty user/group names, mode 0644, PAX format), and the
+    gzip header has no name or time, so the same samples give the same bytes on every run.
+    """
+
+    def __init__(self, shard: Shard, output_root: str | Path) -> None:
+        super().__init__(shard, output_root)
+        self.final = self._final_path(shard.id)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temp_path(self.final)
+        self._file: BinaryIO = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit/abort
+        self._gz: gzip.GzipFile | None = None
+        target: Any = self._file
+        if shard.id.lower().endswith((".tar.gz", ".tgz")):
+            self._gz = gzip.GzipFile(filename="", mode="wb", fileobj=self._file, mtime=0,
+                                     compresslevel=6)
+            target = self._gz
+        self._tar = tarfile.open(fileobj=target, mode="w", format=tarfile.PAX_FORMAT)
+
+    def _write(self, sample: Sample, fields: tuple[str, ...]) -> None:
+        key = sample["__key__"]
+        paths = sample.get("__paths__") or {}
+        for name in fields:
+            data = bytes(sample[name])
+            info = tarfile.TarInfo(paths.get(name, f"{key}.{name}"))
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.type = tarfile.REGTYPE
+            self._tar.addfile(info, _BytesReader(data))
+        sample["output_path"] = self._rel(self.final)
+
+    def _commit(self) -> list[str]:
+        self._tar.close()
+        if self._gz is not None:
+            self._gz.close()
+        _fsync_and_close(self._file)
+        os.replace(self.tmp, self.final)
+        fsync_dir(self.final.parent)
+        return [self._rel(self.final)]
+
+    def _abort(self) -> None:
+        for closer in (self._tar.close, *((self._gz.close,) if self._gz else ()), self._file.close):
+            try:
+                closer()
+            except Exception:  # noqa: BLE001 - best effort: the temp file goes anyway
+                pass
+        self.tmp.unlink(missing_ok=True)
+
+
+class _BytesReader:
+    """Minimal file object over bytes for ``TarFile.addfile`` (avoids a BytesIO copy)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._view) if n < 0 else min(len(self._view), self._pos + n)
+        chunk = self._view[self._pos:end].tobytes()
+        self._pos = end
+        return chunk
+
+
+class ParquetShardWriter(ShardWriter):
+    """A Parquet file with the input file's name and schema (metadata included).
+
+    Rows keep their input order; rows of quarantined samples are absent. The image column gets
+    the anonymized bytes, in the input's form (plain bytes, or the struct with its other
+    fields such as ``path`` unchanged). Rows are buffered and written a row group at a time.
+    """
+
+    buffer_rows = 256
+
+    def __init__(self, shard: Shard, output_root: str | Path, source: ParquetSource) -> None:
+        import pyarrow.parquet as pq
+
+        super().__init__(shard, output_root)
+        self.image_column = source.image_column
+        self.schema = source.schema(shard)
+        self.final = self._final_path(shard.id)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temp_path(self.final)
+        self._rows: list[dict[str, Any]] = []
+        self._file: BinaryIO = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit/abort
+        self._writer = pq.ParquetWriter(self._file, self.schema,
+                                        compression=_input_compression(source, shard))
+
+    def _write(self, sample: Sample, fields: tuple[str, ...]) -> None:
+        row = sample.get("__row__")
+        if not isinstance(row, dict):
+            raise ValueError(f"sample {sample.get('__key__')!r} has no __row__: not read from "
+                             f"a Parquet shard")
+        data = bytes(sample[sample["__image__"]])
+        row = dict(row)
+        kept = row.get(self.image_column)
+        row[self.image_column] = {**kept, "bytes": data} if isinstance(kept, dict) else data
+        self._rows.append(row)
+        sample["output_path"] = self._rel(self.final)
+        if len(self._rows) >= self.buffer_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self._rows:
+            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.schema))
+            self._rows = []
+
+    def _commit(self) -> list[str]:
+        self._flush()
+        self._writer.close()
+        _fsync_and_close(self._file)
+        os.replace(self.tmp, self.final)
+        fsync_dir(self.final.parent)
+        return [self._rel(self.final)]
+
+    def _abort(self) -> None:
+        self._rows = []
+        for closer in (self._writer.close, self._file.close):
+            try:
+                closer()
+            except Exception:  # noqa: BLE001
+                pass
+        self.tmp.unlink(missing_ok=True)
+
+
+def _input_compression(source: ParquetSource, shard: Shard) -> str:
+    """The codec of the input's first column chunk, so the output is written alike."""
+    try:
+        meta = source.file_metadata(shard)
+        if meta.num_row_groups and meta.num_columns:
+            codec = str(meta.row_group(0).column(0).compression).lower()
+            if codec in ("snappy", "gzip", "brotli", "zstd", "lz4", "none", "uncompressed"):
+                return "none" if codec == "uncompressed" else codec
+    except Exception:  # noqa: BLE001 - fall back to the pyarrow default
+        pass
+    return "snappy"
+
+
+class FolderShardWriter(ShardWriter):
+    """Mirrors the input tree: each file of a sample goes to ``OUT/data/<its relative path>``.
+
+    Files are written and fsynced under temporary names as samples arrive and renamed into
+    place on commit, so before commit no final file of the shard exists. A crash during the
+    renames can leave part of the shard in place without a manifest; the shard is then redone
+    on resume and identical bytes overwrite those files.
+    """
+
+    def __init__(self, shard: Shard, output_root: str | Path) -> None:
+        super().__init__(shard, output_root)
+        self._pending: list[tuple[Path, Path]] = []
+
+    def _write(self, sample: Sample, fields: tuple[str, ...]) -> None:
+        paths = sample.get("__paths__") or {}
+        image_rel = None
+        for name in fields:
+            relative = paths.get(name) or f"{sample['__key__']}.{name}"
+            final = self._final_path(relative)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temp_path(final)
+            self._pending.append((tmp, final))
+            with open(tmp, "wb") as fh:
+                fh.write(sample[name])
+                fh.flush()
+                os.fsync(fh.fileno())
+            if name == sample["__image__"]:
+                image_rel = self._rel(final)
+        sample["output_path"] = image_rel
+
+    def _commit(self) -> list[str]:
+        dirs = set()
+        written = []
+        for tmp, final in self._pending:
+            os.replace(tmp, final)
+            dirs.add(final.parent)
+            written.append(self._rel(final))
+        for directory in sorted(dirs):
+            fsync_dir(directory)
+        self._pending = []
+        return written
+
+    def _abort(self) -> None:
+        for tmp, _final in self._pending:
+            tmp.unlink(missing_ok=True)
+        self._pending = []
+
+
+def open_writer(shard: Shard, output_root: str | Path, *, source: Source) -> ShardWriter:
+    """The writer for ``shard``, writing under ``output_root/data``."""
+    if shard.kind == "tar":
+        return TarShardWriter(shard, output_root)
+    if shard.kind == "parquet":
+        if not isinstance(source, ParquetSource):
+            raise TypeError("a Parquet shard needs its ParquetSource (for the schema)")
+        return ParquetShardWriter(shard, output_root, source)
+    if shard.kind == "folder":
+        return FolderShardWriter(shard, output_root)
+    raise ValueError(f"unknown shard kind {shard.kind!r}")

