@@ -36,6 +36,8 @@ RUN_OVERRIDES = {
     "threshold": "detect.score_threshold",
     "expand": "detect.expand",
     "yunet_model": "detect.yunet_model",
+    "rotations": "detect.rotations",
+    "min_face": "detect.min_face",
     "method": "anonymize.method",
     "mask": "anonymize.mask",
     "feather": "anonymize.feather",
@@ -73,6 +75,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=float, help="detector score threshold")
     g.add_argument("--expand", type=float, help="grow each face box by this fraction per side")
     g.add_argument("--yunet-model", help="YuNet model name or path")
+    g.add_argument("--min-face", type=int, help="smallest face side in pixels to find reliably (default: 20)")
+    g.add_argument("--rotations", help="also search rotated copies, e.g. 90,180,270 (each costs a pass)")
     g.add_argument("--models-dir", help="folder with model files (default: $VEIL_MODELS)")
     g.add_argument("--allow-download", action="store_true", default=None, help="download missing model files")
     g = p.add_argument_group("anonymization")

@@ -29,11 +29,17 @@ def _check(cond: bool, msg: str) -> None:
 class DetectConfig:
     #: Detectors to run; more than one means union mode (boxes merged by IoU).
     detectors: list[str] = field(default_factory=lambda: ["centerface"])
-    score_threshold: float = 0.5
+    #: Score threshold for every detector; None = each detector's calibrated default
+    #: (CenterFace 0.2, YuNet 0.6, MTCNN 0.9: scores are not comparable across detectors).
+    score_threshold: float | None = None
     #: Fraction of the box size added on each side before anonymizing.
     expand: float = 0.2
-    #: Smallest face side (pixels) the detectors are asked to find.
-    min_face: int = 16
+    #: Smallest face side (pixels) the detectors are asked to find reliably.
+    min_face: int = 20
+    #: Also search the image rotated by these angles (0/90/180/270); each angle costs a pass.
+    rotations: list[int] = field(default_factory=lambda: [0])
+    #: Longest side of the finest detection level (larger images are searched downscaled).
+    max_side: int = 1920
     #: Model file for YuNet (resolved through the model registry when not a path).
     yunet_model: str = "yunet_n_320_320"
     #: IoU above which boxes from different detectors are one face in union mode.
@@ -45,7 +51,14 @@ class DetectConfig:
         _check(len(self.detectors) > 0, "detect.detectors: name at least one detector")
         for d in self.detectors:
             _check(d in DETECTORS, f"detect.detectors: unknown detector {d!r}; choose from {', '.join(DETECTORS)}")
-        _check(0.0 < self.score_threshold < 1.0, "detect.score_threshold must be in (0, 1)")
+        _check(self.score_threshold is None or 0.0 < self.score_threshold < 1.0,
+               "detect.score_threshold must be in (0, 1)")
+        if isinstance(self.rotations, int | str):
+            self.rotations = [int(r) for r in str(self.rotations).split(",") if str(r).strip()]
+        _check(all(int(r) in (0, 90, 180, 270) for r in self.rotations) and len(self.rotations) > 0,
+               "detect.rotations must be a list of 0, 90, 180, 270")
+        self.rotations = sorted({int(r) for r in self.rotations})
+        _check(self.max_side >= 64, "detect.max_side must be >= 64")
         _check(0.0 <= self.expand <= 2.0, "detect.expand must be in [0, 2]")
         _check(self.min_face >= 4, "detect.min_face must be >= 4 pixels")
         _check(0.0 < self.union_iou < 1.0, "detect.union_iou must be in (0, 1)")
@@ -59,7 +72,7 @@ class AnonymizeConfig:
     #: Feather width as a fraction of the region's smaller side (0 = hard edge).
     feather: float = 0.1
     #: Gaussian sigma as a fraction of the region's larger side.
-    blur_strength: float = 0.12
+    blur_strength: float = 0.2
     #: Number of cells across the region's larger side for pixelate.
     pixel_blocks: int = 8
     fill_color: tuple[int, int, int] = (128, 128, 128)

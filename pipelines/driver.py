@@ -66,10 +66,10 @@ def build_stages(config: RunConfig) -> list[Stage]:
 
     models = model_kwargs(config)
     return [
-        DecodeStage(config.io),
+        DecodeStage(config.io, batch_size=config.batch_size),
         DetectStage(config.detect, models=models, batch_size=config.batch_size),
         AnonymizeStage(config.anonymize, expand=config.detect.expand, seed=config.seed),
-        EncodeStage(config.io),
+        EncodeStage(config.io, batch_size=config.batch_size),
         RescanStage(rescan=config.rescan, detect=config.detect, anonymize=config.anonymize,
                     io=config.io, models=models, seed=config.seed, batch_size=config.batch_size),
     ]
@@ -134,7 +134,9 @@ class Progress:
 
 def run(config: RunConfig) -> RunSummary:
     """Anonymize ``config.input`` into ``config.output``; resume where a previous run stopped."""
+    from veil.pipelines.execution import shard_fingerprint
     from veil.pipelines.manifest import is_shard_complete
+    from veil.pipelines.sinks import remove_stale_temps
     from veil.pipelines.runners import RunContext, make_runner
     from veil.pipelines.sources import open_source
 
@@ -142,12 +144,13 @@ def run(config: RunConfig) -> RunSummary:
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     source = open_source(config.input, image_column=config.image_column,
-                         folder_shard_size=config.folder_shard_size)
+                         folder_shard_size=config.folder_shard_size, max_member_bytes=config.io.max_bytes)
     shards = source.list_shards()
     if not shards:
         raise FileNotFoundError(f"no shards found for input {config.input!r}: check the path or pattern")
     fingerprint = fingerprint_of(config)
-    todo = [s for s in shards if not is_shard_complete(output, s.id, fingerprint)]
+    remove_stale_temps(output)  # left by a run that was killed
+    todo = [s for s in shards if not is_shard_complete(output, s.id, shard_fingerprint(fingerprint, s))]
     skipped = len(shards) - len(todo)
     approx = [source.approx_num_samples(s) for s in todo]
     total_samples = sum(approx) if all(a is not None for a in approx) else None

@@ -60,6 +60,20 @@ def read_with_end_marker(source: Source, shard: Shard) -> Iterator[Sample]:
     yield shard_end_marker(shard, n)
 
 
+def shard_fingerprint(run_fingerprint: str, shard: Shard) -> str:
+    """The fingerprint a shard's manifest must carry for a rerun to skip it.
+
+    Folder shards are chunks of a sorted file list: adding or removing a file moves files
+    between shards, so their member list is part of the identity. Tar and Parquet shards are
+    identified by their id alone, so moving an input folder does not redo finished work.
+    """
+    if shard.kind != "folder":
+        return run_fingerprint
+    import hashlib
+
+    return hashlib.sha256(f"{run_fingerprint}:{shard.digest()}".encode()).hexdigest()
+
+
 def strip_working_fields(sample: Sample) -> Sample:
     """Drop per-worker state (decoded arrays, masks): it must not travel or be written."""
     for name in [k for k in sample if k.startswith("_") and not k.startswith("__")]:
@@ -189,7 +203,7 @@ class ShardCommitter:
 
         self.shard = shard
         self.output_root = Path(output_root)
-        self.fingerprint = fingerprint
+        self.fingerprint = shard_fingerprint(fingerprint, shard)
         self._writer = open_writer(shard, self.output_root, source=source)
         self._rows: list[dict[str, Any]] = []
         self._keys: set[str] = set()

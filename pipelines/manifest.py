@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from veil.pipelines.sinks import RELEASABLE_STATUSES, TEMP_MARKER, temp_path, fsync_dir
+from veil.pipelines.sinks import RELEASABLE_STATUSES, TEMP_MARKER, fsync_dir, temp_path
 from veil.transforms.stage import PENDING, Sample
 
 MANIFEST_VERSION = "1"

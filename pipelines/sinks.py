@@ -23,7 +23,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
-from veil.pipelines.sources import PIPELINE_FIELDS, ParquetSource, Shard, Source
+from veil.pipelines.sources import (
+    PIPELINE_FIELDS,
+    ParquetSource,
+    Shard,
+    Source,
+    is_image_field,
+    split_key,
+)
 from veil.transforms.stage import ANONYMIZED, CLEAN, Sample
 
 __all__ = [
@@ -38,6 +45,7 @@ __all__ = [
     "fsync_dir",
     "open_writer",
     "output_fields",
+    "read_released_image",
     "remove_stale_temps",
     "temp_path",
 ]
@@ -115,7 +123,8 @@ def output_fields(sample: Sample) -> tuple[str, ...]:
     if status not in RELEASABLE_STATUSES:
         raise ValueError(f"refusing to write sample {sample.get('__key__')!r} with status "
                          f"{status!r}: only {sorted(RELEASABLE_STATUSES)} samples are released")
-    fields = tuple(sample.get("__fields__") or ())
+    raw_fields = sample.get("__fields__")
+    fields = tuple(str(f) for f in raw_fields) if raw_fields is not None else ()
     image = sample.get("__image__")
     if not fields or image not in fields:
         raise ValueError(f"sample {sample.get('__key__')!r}: __fields__ {fields} does not name "
@@ -224,7 +233,7 @@ class TarShardWriter(ShardWriter):
         paths = sample.get("__paths__") or {}
         for name in fields:
             data = bytes(sample[name])
-            info = tarfile.TarInfo(paths.get(name, f"{key}.{name}"))
+            info = tarfile.TarInfo(paths.get(name) or f"{key}.{name}")
             info.size = len(data)
             info.mtime = 0
             info.mode = 0o644
@@ -401,3 +410,68 @@ def open_writer(shard: Shard, output_root: str | Path, *, source: Source) -> Sha
     if shard.kind == "folder":
         return FolderShardWriter(shard, output_root)
     raise ValueError(f"unknown shard kind {shard.kind!r}")
+
+
+def read_released_image(output_root: str | Path, row: dict[str, Any], *,
+                        image_column: str | None = None) -> bytes:
+    """The released image bytes of a manifest row (for reports and audits).
+
+    ``output_path`` names the file holding the image: for a folder the image itself; for a
+    tar the member is found by the row's key; for Parquet the row is found by counting the
+    released rows before it in the shard's manifest (the writer keeps input order and drops
+    only unreleased rows). ``image_column`` defaults to the one recorded in ``OUT/run.json``,
+    else ``"image"``. Raises ``FileNotFoundError`` when the image is not there.
+    """
+    root = Path(output_root)
+    relative = row.get("output_path")
+    if not relative or row.get("status") not in RELEASABLE_STATUSES:
+        raise FileNotFoundError(f"sample {row.get('key')!r} was not released")
+    path = root / relative
+    lower = path.name.lower()
+    if lower.endswith((".tar", ".tar.gz", ".tgz")):
+        return _tar_image(path, row["key"])
+    if lower.endswith(".parquet"):
+        return _parquet_image(root, path, row, image_column)
+    return path.read_bytes()
+
+
+def _tar_image(path: Path, key: str) -> bytes:
+    with open(path, "rb") as raw:
+        stream: Any = gzip.GzipFile(fileobj=raw) if path.name.lower().endswith((".gz", ".tgz")) else raw
+        with tarfile.open(fileobj=stream, mode="r|") as tf:
+            for info in tf:
+                parts = split_key(info.name)
+                if info.isreg() and parts and parts[0] == key and is_image_field(parts[1]):
+                    member = tf.extractfile(info)
+                    if member is not None:
+                        return member.read()
+    raise FileNotFoundError(f"no image of key {key!r} in {path}")
+
+
+def _parquet_image(root: Path, path: Path, row: dict[str, Any], image_column: str | None) -> bytes:
+    import json
+
+    import pyarrow.parquet as pq
+
+    from veil.pipelines.manifest import manifest_path, read_manifest
+
+    if image_column is None:
+        try:
+            info = json.loads((root / "run.json").read_text())
+            image_column = str(info["config"]["image_column"])
+        except (OSError, ValueError, KeyError, TypeError):
+            image_column = "image"
+    manifest = read_manifest(manifest_path(root, row["shard"])).select(["index", "status"]).to_pylist()
+    position = sum(1 for r in manifest
+                   if r["status"] in RELEASABLE_STATUSES and r["index"] < row["index"])
+    pf = pq.ParquetFile(path)
+    for group in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(group).num_rows
+        if position < n:
+            value = pf.read_row_group(group, columns=[image_column]).column(0)[position].as_py()
+            data = value.get("bytes") if isinstance(value, dict) else value
+            if data is None:
+                break
+            return bytes(data)
+        position -= n
+    raise FileNotFoundError(f"row {row.get('index')} of {path} holds no released image")

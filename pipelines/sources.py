@@ -84,6 +84,10 @@ def split_key(name: str) -> tuple[str, str] | None:
     Returns None for names WebDataset ignores: no extension, or a basename starting with a dot
     (``._x.jpg`` macOS resource forks, ``.DS_Store``). The field is lower-cased.
     """
+    if posixpath.basename(name).startswith("."):
+        # WebDataset's regex would file "d/._x.jpg" under key "d/" as field "_x.jpg"; hidden
+        # files are metadata (resource forks, .DS_Store), not sample fields.
+        return None
     match = _KEY_FIELD.match(name)
     if not match:
         return None
@@ -261,7 +265,6 @@ def shard_ids(urls: Sequence[str], root: str | None = None) -> list[str]:
 def _expand(spec: str) -> list[str]:
     """Expand brace patterns (WebDataset style) and globs into a sorted list of URLs."""
     import fsspec
-
     from braceexpand import braceexpand
 
     patterns = list(braceexpand(spec)) if "{" in spec else [spec]
@@ -415,8 +418,9 @@ class _Recorder:
 class _Group:
     """Members sharing a key, accumulated until a member of another key arrives."""
 
-    key: str
+    key: str  # the sample key (derived for a repeated key)
     first_member: str
+    base: str = ""  # the member key this group collects
     fields: dict[str, bytes] = field(default_factory=dict)
     paths: dict[str, str] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
@@ -429,8 +433,18 @@ class TarSource(Source):
     Members are grouped into samples by the WebDataset convention (key = member path up to the
     first dot of its basename, field = the rest, lower-cased); a key must form one contiguous
     run of members. Hidden members (``._x.jpg`` resource forks, ``.DS_Store``), members without
-    an extension, ``__meta__`` members and non-regular members are not samples: WebDataset
-    ignores them too; they are reported by :meth:`skipped` and not released.
+    an extension, ``__meta__`` members and non-regular members are not samples (WebDataset
+    ignores most of them too); they are reported by :meth:`skipped` and not released.
+
+    Damaged shards, exactly: every sample proven complete before the damage is yielded
+    normally. A sample is proven complete when a member of another key (or the end-of-archive
+    block) follows it, so the sample open at the cut is quarantined: with ``truncated_tar:
+    member ... is cut off after N of M bytes`` when its member's data was cut, otherwise
+    because it may be missing members. Then one shard-level row follows: ``<id>#truncated``
+    (the stream ended before the end-of-archive block), ``<id>#corrupt`` (an invalid header
+    or bad gzip data mid-shard) or ``<id>#unreadable`` (cannot open, not a tar). A key that
+    reappears after other samples is quarantined as ``<key>#duplicate-<n>`` so that every
+    yielded key is unique.
     """
 
     kind = "tar"
@@ -501,10 +515,10 @@ class TarSource(Source):
                 self._skip(shard, name, "hidden member or no extension: not a sample field")
                 continue
             key, fname = parts
-            if group is None or key != group.key:
+            if group is None or key != group.base:
                 if group is not None:
                     yield self._finish(shard, group, next(counter))
-                group = _Group(key=key, first_member=name)
+                group = _Group(key=key, first_member=name, base=key)
                 if key in seen:
                     # Yield every key once: the repeat gets a derived key and is quarantined.
                     repeats[key] = repeats.get(key, 0) + 1

