@@ -136,8 +136,8 @@ def run(config: RunConfig) -> RunSummary:
     """Anonymize ``config.input`` into ``config.output``; resume where a previous run stopped."""
     from veil.pipelines.execution import shard_fingerprint
     from veil.pipelines.manifest import is_shard_complete
-    from veil.pipelines.sinks import remove_stale_temps
     from veil.pipelines.runners import RunContext, make_runner
+    from veil.pipelines.sinks import remove_stale_temps
     from veil.pipelines.sources import open_source
 
     config.validate_paths()

@@ -7,6 +7,7 @@ driver commits shard by shard; Beam groups samples by shard and commits inside t
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from abc import ABC, abstractmethod
@@ -109,16 +110,11 @@ class LocalRunner(Runner):
 # --------------------------------------------------------------------------------------- Ray
 
 
-class _RayReadShard:
-    """Ray Data ``flat_map`` callable: one row per shard in, one row per sample out."""
-
-    def __init__(self, source: Source) -> None:
-        self.source = source
-
-    def __call__(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        shard = pickle.loads(row["shard"])
-        for sample in read_with_end_marker(self.source, shard):
-            yield {"sample": pickle.dumps(sample, protocol=5)}
+def _ray_read_shard(row: dict[str, Any], source: Source) -> Iterator[dict[str, Any]]:
+    """Ray Data ``flat_map`` task: one row per shard in, one row per sample out."""
+    shard = pickle.loads(row["shard"])
+    for sample in read_with_end_marker(source, shard):
+        yield {"sample": pickle.dumps(sample, protocol=5)}
 
 
 class _RayChainActor:
@@ -148,7 +144,7 @@ def init_ray(address: str | None) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
-                              "configure_logging": False}
+                              "logging_level": logging.WARNING}
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -176,6 +172,8 @@ class RayRunner(Runner):
         # The driver commits shard by shard, so samples must come back in input order.
         data_ctx.execution_options.preserve_order = True
         data_ctx.enable_progress_bars = False  # Veil draws its own bars
+        data_ctx.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         # Small blocks keep several actors busy within one shard and memory bounded.
         data_ctx.target_max_block_size = 4 * 1024 * 1024
 
@@ -188,14 +186,13 @@ class RayRunner(Runner):
 
         ds = ray.data.from_items([{"shard": pickle.dumps(s)} for s in shards],
                                  override_num_blocks=len(shards))
-        ds = ds.flat_map(_RayReadShard, fn_constructor_kwargs={"source": ctx.source},
-                         num_cpus=0.25, concurrency=1)
+        ds = ds.flat_map(_ray_read_shard, fn_kwargs={"source": ctx.source}, num_cpus=0.25)
         ds = ds.map_batches(
             _RayChainActor,
             fn_constructor_kwargs={"chain": ctx.chain},
             batch_size=ctx.batch_size,
             batch_format="numpy",
-            concurrency=workers,
+            compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=cpus_per_worker,
             num_gpus=resources.gpus or None,
         )
