@@ -102,6 +102,8 @@ def manifest_row(sample: Sample) -> dict[str, Any]:
     if regions is not None:
         counts = {}
         for region in regions:
+            if region.get("redetected"):
+                continue  # the same face found again by the re-scan: counted once
             kind = str(region.get("kind") or "face")
             counts[kind] = counts.get(kind, 0) + 1
             score = region.get("score")

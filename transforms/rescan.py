@@ -98,6 +98,9 @@ class RescanStage(SampleStage):
             # recorded epsilon stays true. Each round draws from its own random stream.
             for region in found:
                 region["rescan_round"] = round_ + 1
+                # A face found again where one was already anonymized is the same face, not
+                # a new one: it widens the area to strengthen but is not counted twice.
+                region["redetected"] = any(_overlaps(region["box"], r["box"]) for r in regions)
             regions.extend(found)
             decoded = sample["_decoded"]
             result = self._anonymizer.apply(
@@ -124,3 +127,15 @@ class RescanStage(SampleStage):
             )
             sample["output_sha256"] = sha256_hex(sample[field])
         return sample  # unreachable: the last round returns above
+
+
+def _overlaps(a: list[float], b: list[float]) -> bool:
+    """True when box a's centre lies inside box b or the boxes overlap by IoU > 0.3."""
+    cx, cy = (a[0] + a[2]) / 2, (a[1] + a[3]) / 2
+    if b[0] <= cx <= b[2] and b[1] <= cy <= b[3]:
+        return True
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return union > 0 and inter / union > 0.3

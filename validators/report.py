@@ -49,6 +49,8 @@ def compute_report(output: Path) -> dict[str, Any]:
         if r["status"] != "quarantined" or r.get("regions"):
             faces_per_image.append(int(r.get("n_faces") or 0))
         for region in json.loads(r.get("regions") or "[]"):
+            if region.get("redetected"):
+                continue
             scores.append(float(region.get("score", 0.0)))
             detectors[region.get("detector", "?")] += 1
         for stage, t in json.loads(r.get("timings") or "{}").items():
@@ -206,7 +208,8 @@ def _grid(output: Path, rows: list[dict[str, Any]]) -> list[dict[str, str]]:
         except Exception:  # noqa: BLE001 - a missing tile must not break the report
             continue
         img = img.convert("RGB")
-        for region in json.loads(r.get("regions") or "[]")[:2]:
+        regions = [g for g in json.loads(r.get("regions") or "[]") if not g.get("redetected")]
+        for region in regions[:2]:
             x0, y0, x1, y1 = region["box"]
             w, h = x1 - x0, y1 - y0
             box = (max(0, int(x0 - 0.3 * w)), max(0, int(y0 - 0.3 * h)),
