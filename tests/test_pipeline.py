@@ -296,3 +296,43 @@ def test_demo_dataset_runs_end_to_end(tmp_path):
         data = tar.extractfile("sideways.jpg").read()
     assert b"Exif" not in data and b"GPS" not in data
     assert not Image.open(__import__("io").BytesIO(data)).getexif()
+
+
+def test_folder_tree_output_mirrors_input(tmp_path, faces_dir):
+    from veil.pipelines.driver import run
+
+    src = tmp_path / "photos"
+    (src / "event" / "day1").mkdir(parents=True)
+    (src / "event" / "day1" / "obama.jpg").write_bytes(jpeg_bytes(face_photo(faces_dir, "obama.jpg", 320)))
+    (src / "event" / "day1" / "obama.json").write_bytes(b'{"caption": "x"}')
+    (src / "top.PNG").write_bytes(__import__("pathlib").Path(faces_dir / "astronaut.png").read_bytes())
+    (src / "notes.txt").write_text("names of people: not an image, never copied")
+    (src / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    summary = run(make_config(str(src), out, "local", folder_shard_size=2, max_failure_ratio=1.0))
+    released = sorted(str(p.relative_to(out / "data")) for p in (out / "data").rglob("*") if p.is_file())
+    assert released == ["event/day1/obama.jpg", "event/day1/obama.json", "top.PNG"]
+    rows = {r["key"]: r for r in manifest_rows(out)}
+    assert rows["empty"]["status"] == "quarantined" and rows["empty"]["reason"].startswith("empty_file")
+    assert rows["event/day1/obama"]["status"] == "anonymized"
+    assert summary.shards_total == 2  # three images in shards of two
+
+
+def test_parquet_columns_are_kept(tmp_path, faces_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from veil.pipelines.driver import run
+
+    face = jpeg_bytes(face_photo(faces_dir, "biden.jpg", 320))
+    table = pa.table({"key": ["p0", "p1", "p2"], "image": [face, b"garbage", face],
+                      "label": [3, 1, 4], "caption": ["a", "b", "c"]})
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    out = tmp_path / "out"
+    run(make_config(str(tmp_path / "part-0.parquet"), out, "local", max_failure_ratio=1.0))
+    result = pq.read_table(out / "data" / "part-0.parquet")
+    assert result.schema == table.schema
+    assert result.column("key").to_pylist() == ["p0", "p2"]  # the garbage row is quarantined
+    assert result.column("label").to_pylist() == [3, 4]
+    assert result.column("caption").to_pylist() == ["a", "c"]
+    assert all(img != face for img in result.column("image").to_pylist())
