@@ -150,6 +150,8 @@ def print_summary(summary, stream=sys.stdout) -> None:
         w(f"      {reason:<26} {n:>6}\n")
     if summary.seconds > 0:
         w(f"  time         {summary.seconds:8.1f} s   ({summary.images_per_second:.1f} images/s)\n")
+    if summary.skipped_files:
+        w(f"  not images   {len(summary.skipped_files):>8}   (files with no image; not copied, listed in run.json)\n")
     w(f"  release      {summary.output}/data/\n")
     w(f"  manifests    {summary.output}/manifest/\n")
     if summary.report:
@@ -184,7 +186,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     for r in rows:
         where = r.get("path") or "-"
         print(f"{r['name']:<{name_w}}  {r['status']:<17}  {r['license']:<12}  {where}")
-    missing = [r for r in rows if r["status"] != "ok"]
+    missing = [r for r in rows if r["status"] not in ("ok", "unverified")]
     if missing:
         print(f"\n{len(missing)} model(s) not available here; put the files in $VEIL_MODELS "
               "(or pass --models-dir) to use them. Out-of-the-box defaults need none of them.")

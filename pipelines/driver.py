@@ -45,6 +45,8 @@ class RunSummary:
     faces: int = 0
     seconds: float = 0.0
     images_per_second: float = 0.0
+    #: Input files that belong to no sample (e.g. notes.txt in a folder): never released.
+    skipped_files: list[dict[str, str]] = field(default_factory=list)
     report: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,6 +171,7 @@ def run(config: RunConfig) -> RunSummary:
         progress.close()
     seconds = time.perf_counter() - start
     summary = summarize(output, config, results, shards_total=len(shards), skipped=skipped, seconds=seconds)
+    summary.skipped_files = [asdict(s) for s in source.skipped()]
     if config.runner == "beam":
         # Beam commits inside the pipeline; the guard is applied to the whole run afterwards.
         failed = summary.counts.get(QUARANTINED, 0)
