@@ -164,17 +164,12 @@ def limit_threads(n: int) -> None:
         cv2.setNumThreads(n)
     except ImportError:  # pragma: no cover - cv2 is a dependency
         pass
-    if "torch" in sys.modules or _torch_available():
-        import torch
-
+    # torch is pinned only if a stage already imported it (MTCNN pins its own threads when it
+    # loads): importing it here would cost every worker ~400 MB for nothing.
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
-
-
-def _torch_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("torch") is not None
 
 
 @dataclass

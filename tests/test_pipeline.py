@@ -336,3 +336,30 @@ def test_parquet_columns_are_kept(tmp_path, faces_dir):
     assert result.column("label").to_pylist() == [3, 4]
     assert result.column("caption").to_pylist() == ["a", "c"]
     assert all(img != face for img in result.column("image").to_pylist())
+
+
+def test_truncated_and_missing_shards_are_accounted_for(tmp_path, faces_dir):
+    """A shard cut mid-member and a shard that does not exist: the run goes on, every known
+    key is in a manifest, and the cut member is never released."""
+    from veil.pipelines.driver import run
+
+    face = jpeg_bytes(face_photo(faces_dir, "obama2.jpg", 320))
+    write_tar(tmp_path / "s-000.tar", [("k0", {"jpg": face}), ("k1", {"jpg": face}), ("k2", {"jpg": face})])
+    data = (tmp_path / "s-000.tar").read_bytes()
+    (tmp_path / "s-000.tar").write_bytes(data[: 512 * 3 + len(face) + 512 + 700])  # inside k1.jpg
+    write_tar(tmp_path / "s-002.tar", [("m0", {"jpg": face})])
+    out = tmp_path / "out"
+    summary = run(make_config(str(tmp_path / "s-{000..002}.tar"), out, "local", max_failure_ratio=1.0))
+    assert summary.shards_done == 3
+    rows = {r["key"]: r for r in manifest_rows(out)}
+    assert rows["k0"]["status"] == "anonymized"
+    assert rows["k1"]["status"] == "quarantined" and rows["k1"]["reason"].startswith("truncated_tar")
+    assert rows["s-000.tar#truncated"]["status"] == "quarantined"
+    assert rows["s-001.tar#unreadable"]["reason"].startswith("unreadable_shard")
+    assert rows["m0"]["status"] == "anonymized"
+    import tarfile
+
+    with tarfile.open(out / "data" / "s-000.tar") as tar:
+        assert tar.getnames() == ["k0.jpg"]
+    # The missing shard has a manifest (so it is accounted for) but no release file.
+    assert not (out / "data" / "s-001.tar").exists()
