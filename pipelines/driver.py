@@ -130,6 +130,8 @@ class Progress:
             )
 
     def close(self) -> None:
+        if self._bars:
+            self.sample_bar.set_postfix(quarantined=self.failed)
         for bar in self._bars:
             bar.close()
 
