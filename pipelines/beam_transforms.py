@@ -14,7 +14,7 @@ import apache_beam as beam
 
 from veil.pipelines.execution import ShardCommitter, StageChain, is_end_marker, read_with_end_marker
 from veil.pipelines.sources import Source
-from veil.transforms.stage import Sample, describe_exception, quarantine
+from veil.transforms.stage import Sample, describe_exception, quarantine, strip_working_fields
 
 #: Tag of the dead-letter output: samples whose batch failed outside per-sample handling.
 DEAD_LETTER = "dead_letter"
@@ -44,9 +44,7 @@ class ChainDoFn(beam.DoFn):
                 if is_end_marker(sample):
                     yield beam.pvalue.TaggedOutput(DEAD_LETTER, sample)
                     continue
-                for name in [k for k in sample if k.startswith("_") and not k.startswith("__")]:
-                    del sample[name]
-                yield beam.pvalue.TaggedOutput(DEAD_LETTER, quarantine(sample, reason))
+                yield beam.pvalue.TaggedOutput(DEAD_LETTER, quarantine(strip_working_fields(sample), reason))
             return
         yield from out
 

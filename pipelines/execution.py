@@ -23,6 +23,8 @@ from veil.transforms.stage import (
     Sample,
     Stage,
     quarantine,
+    reason_code,
+    strip_working_fields,
 )
 
 RELEASED_STATUSES = (ANONYMIZED, CLEAN)
@@ -72,13 +74,6 @@ def shard_fingerprint(run_fingerprint: str, shard: Shard) -> str:
     import hashlib
 
     return hashlib.sha256(f"{run_fingerprint}:{shard.digest()}".encode()).hexdigest()
-
-
-def strip_working_fields(sample: Sample) -> Sample:
-    """Drop per-worker state (decoded arrays, masks): it must not travel or be written."""
-    for name in [k for k in sample if k.startswith("_") and not k.startswith("__")]:
-        del sample[name]
-    return sample
 
 
 class StageChain:
@@ -231,7 +226,7 @@ class ShardCommitter:
         self._rows.append(row)
         self._statuses[row["status"]] += 1
         if row["status"] == QUARANTINED:
-            self._reasons[_reason_code(row["reason"])] += 1
+            self._reasons[reason_code(row["reason"])] += 1
         self._faces += int(row.get("n_faces") or 0)
 
     def commit(self) -> ShardResult:
@@ -253,7 +248,3 @@ class ShardCommitter:
 
     def abort(self) -> None:
         self._writer.abort()
-
-
-def _reason_code(reason: str | None) -> str:
-    return (reason or "unknown").split(":", 1)[0]

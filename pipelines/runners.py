@@ -24,7 +24,7 @@ from veil.pipelines.execution import (
     read_with_end_marker,
 )
 from veil.pipelines.sources import Shard, Source
-from veil.transforms.stage import Sample
+from veil.transforms.stage import Sample, reason_code
 
 
 @dataclass
@@ -266,7 +266,7 @@ def result_from_manifest(output: Path, shard_id: str) -> ShardResult:
 
     table = read_manifest(manifest_path(output, shard_id))
     statuses = table.column("status").to_pylist()
-    reasons = [r.split(":", 1)[0] for r, s in zip(table.column("reason").to_pylist(), statuses, strict=True)
+    reasons = [reason_code(r) for r, s in zip(table.column("reason").to_pylist(), statuses, strict=True)
                if s == "quarantined"]
     faces = sum(int(n or 0) for n in table.column("n_faces").to_pylist())
     seconds = sum(float(x or 0) for x in table.column("seconds").to_pylist())

@@ -65,7 +65,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from veil.config import ImageIOConfig
-from veil.transforms.stage import Resources, Sample, SampleStage, quarantine
+from veil.transforms.stage import Resources, Sample, SampleStage, quarantine, strip_working_fields
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -669,15 +669,6 @@ def _save(image: Image.Image, fmt: str, *, jpeg_quality: int, icc_profile: bytes
 
 # --------------------------------------------------------------------------------------------
 # Stages
-
-
-def strip_working_fields(sample: Sample) -> Sample:
-    """Remove working state (``_decoded``, ``_pixels``, ``_mask``, ...) before a sample leaves
-    a worker. Reserved fields (``__key__``, ``__shard__``, ...) are kept. Mutates and returns
-    ``sample``."""
-    for key in [k for k in sample if k.startswith("_") and not k.startswith("__")]:
-        del sample[key]
-    return sample
 
 
 class DecodeStage(SampleStage):

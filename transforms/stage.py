@@ -105,6 +105,19 @@ def quarantine(sample: Sample, reason: str) -> Sample:
     return sample
 
 
+def reason_code(reason: str | None) -> str:
+    """The short code of a quarantine reason ("truncated_image: ..." -> "truncated_image")."""
+    return (reason or "unknown").split(":", 1)[0]
+
+
+def strip_working_fields(sample: Sample) -> Sample:
+    """Remove working state (``_decoded``, ``_pixels``, ``_mask``, ...) before a sample leaves
+    a worker; reserved ``__dunder__`` fields are kept. Mutates and returns ``sample``."""
+    for key in [k for k in sample if k.startswith("_") and not k.startswith("__")]:
+        del sample[key]
+    return sample
+
+
 def describe_exception(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""

@@ -18,6 +18,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from veil.transforms.stage import reason_code
+
 MAX_GRID = 24
 
 
@@ -31,7 +33,7 @@ def compute_report(output: Path) -> dict[str, Any]:
     rows = load_rows(output)
     run_info = _read_json(output / "run.json") or {}
     statuses = Counter(r["status"] for r in rows)
-    reasons = Counter(_code(r["reason"]) for r in rows if r["status"] == "quarantined")
+    reasons = Counter(reason_code(r["reason"]) for r in rows if r["status"] == "quarantined")
     per_shard: dict[str, Counter] = defaultdict(Counter)
     seconds_by_shard: dict[str, float] = defaultdict(float)
     faces_per_image = []
@@ -125,10 +127,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _code(reason: str | None) -> str:
-    return (reason or "unknown").split(":", 1)[0]
 
 
 def _describe(values: list[float]) -> dict[str, float] | None:
