@@ -159,7 +159,8 @@ def run(config: RunConfig) -> RunSummary:
     approx = [source.approx_num_samples(s) for s in todo]
     total_samples = sum(approx) if all(a is not None for a in approx) else None
 
-    write_run_info(output, config, fingerprint, phase="started")
+    models = models_info(config)  # resolved and checksummed once per run
+    write_run_info(output, config, fingerprint, models, phase="started")
     progress = Progress(config, total_shards=len(todo), total_samples=total_samples)
     chain = StageChain(build_stages(config))
     runner = make_runner(config.runner, ray_address=config.ray_address, beam_options=config.beam_options)
@@ -178,10 +179,10 @@ def run(config: RunConfig) -> RunSummary:
         # Beam commits inside the pipeline; the guard is applied to the whole run afterwards.
         failed = summary.counts.get(QUARANTINED, 0)
         if summary.samples >= config.min_samples_for_abort and failed / max(1, summary.samples) > config.max_failure_ratio:
-            write_run_info(output, config, fingerprint, phase="aborted", summary=summary)
+            write_run_info(output, config, fingerprint, models, phase="aborted", summary=summary)
             raise RunAborted(f"{failed} of {summary.samples} samples failed, above max_failure_ratio="
                              f"{config.max_failure_ratio:.0%}; see OUT/manifest/ for the reasons")
-    write_run_info(output, config, fingerprint, phase="finished", summary=summary)
+    write_run_info(output, config, fingerprint, models, phase="finished", summary=summary)
     from veil.validators.report import build_report
 
     summary.report = str(build_report(output))
@@ -206,7 +207,8 @@ def summarize(output: Path, config: RunConfig, results: list[ShardResult], *, sh
                       images_per_second=samples / seconds if seconds > 0 else 0.0)
 
 
-def write_run_info(output: Path, config: RunConfig, fingerprint: str, *, phase: str,
+def write_run_info(output: Path, config: RunConfig, fingerprint: str, models: list[dict[str, Any]], *,
+                   phase: str,
                    summary: RunSummary | None = None) -> None:
     """Record the run's configuration, environment and outcome for the report and audits."""
     from veil.pipelines.sinks import atomic_write_bytes
@@ -216,7 +218,7 @@ def write_run_info(output: Path, config: RunConfig, fingerprint: str, *, phase: 
         "fingerprint": fingerprint,
         "config": config.to_dict(),
         "environment": environment_info(),
-        "models": models_info(config),
+        "models": models,
         "summary": summary.to_dict() if summary else None,
     }
     atomic_write_bytes(output / RUN_INFO_FILE, json.dumps(info, indent=2, sort_keys=True, default=str).encode())

@@ -149,10 +149,8 @@ def limit_threads(n: int) -> None:
     Several workers share the cores; one thread each avoids oversubscription, and a fixed
     thread count keeps float reductions, and so output bytes, the same on every runner.
     """
-    import os
     import sys
 
-    os.environ.setdefault("OMP_NUM_THREADS", str(n))
     try:
         import cv2
 

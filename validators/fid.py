@@ -17,7 +17,6 @@ Why this module looks the way it does:
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import importlib.util
 from abc import ABC, abstractmethod
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from veil.validators.state import decode_array, encode_array
 
 __all__ = [
     "FeatureStats",
@@ -52,21 +53,6 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 # --------------------------------------------------------------------------------------------
 # Serialisation helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _encode(array: np.ndarray, dtype: str) -> dict[str, Any]:
-    """Encode an array as little-endian base64 bytes: exact, compact and JSON-able."""
-    arr = np.ascontiguousarray(array, dtype=np.dtype(dtype))
-    return {
-        "dtype": dtype,
-        "shape": list(arr.shape),
-        "b64": base64.b64encode(arr.tobytes()).decode("ascii"),
-    }
-
-
-def _decode(payload: dict[str, Any]) -> np.ndarray:
-    raw = base64.b64decode(payload["b64"])
-    return np.frombuffer(raw, dtype=np.dtype(payload["dtype"])).reshape(payload["shape"]).copy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,10 +206,10 @@ class FeatureStats:
             "reservoir_size": self.reservoir_size,
             "seed": self.seed,
             "n": self._n,
-            "mean": _encode(self._mean, "<f8"),
-            "m2": _encode(self._m2, "<f8"),
-            "reservoir_keys": _encode(self._res_keys, "<u8"),
-            "reservoir": _encode(self._res_feats, "<f8"),
+            "mean": encode_array(self._mean, "<f8"),
+            "m2": encode_array(self._m2, "<f8"),
+            "reservoir_keys": encode_array(self._res_keys, "<u8"),
+            "reservoir": encode_array(self._res_feats, "<f8"),
         }
 
     @classmethod
@@ -234,10 +220,10 @@ class FeatureStats:
             int(data["dim"]), reservoir_size=int(data["reservoir_size"]), seed=int(data["seed"])
         )
         out._n = int(data["n"])
-        out._mean = _decode(data["mean"]).astype(np.float64)
-        out._m2 = _decode(data["m2"]).astype(np.float64)
-        out._res_keys = _decode(data["reservoir_keys"]).astype(np.uint64)
-        out._res_feats = _decode(data["reservoir"]).astype(np.float64).reshape(-1, out.dim)
+        out._mean = decode_array(data["mean"]).astype(np.float64)
+        out._m2 = decode_array(data["m2"]).astype(np.float64)
+        out._res_keys = decode_array(data["reservoir_keys"]).astype(np.uint64)
+        out._res_feats = decode_array(data["reservoir"]).astype(np.float64).reshape(-1, out.dim)
         if out._mean.shape != (out.dim,) or out._m2.shape != (out.dim, out.dim):
             raise ValueError("FeatureStats payload shapes do not match its dim")
         return out

@@ -22,7 +22,6 @@ Why this module looks the way it does:
 
 from __future__ import annotations
 
-import base64
 import math
 from collections.abc import Sequence
 from functools import lru_cache
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from veil.validators.state import decode_array, encode_array
 
 if TYPE_CHECKING:
     from veil.transforms.models import ModelRegistry
@@ -120,22 +121,6 @@ def face_key(sample_key: str, face_index: int) -> str:
     and two faces in one photo are, as far as we know, two people).
     """
     return f"{sample_key}#{int(face_index)}"
-
-
-def _encode(array: np.ndarray, dtype: str) -> dict[str, Any]:
-    """Encode an array as base64 little-endian bytes: exact, compact and JSON-able."""
-    arr = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
-    return {
-        "dtype": dtype,
-        "shape": list(arr.shape),
-        "b64": base64.b64encode(arr.tobytes()).decode("ascii"),
-    }
-
-
-def _decode(payload: dict[str, Any]) -> np.ndarray:
-    raw = base64.b64decode(payload["b64"])
-    arr = np.frombuffer(raw, dtype=np.dtype(payload["dtype"]).newbyteorder("<"))
-    return arr.reshape(payload["shape"]).astype(payload["dtype"])
 
 
 def _normalise_rows(x: np.ndarray, dim: int | None, what: str) -> np.ndarray:
@@ -481,7 +466,7 @@ class VerificationAttack:
             "threshold": self.threshold,
             "recognizer": self.recognizer,
             "keys": keys,
-            "similarities": _encode(
+            "similarities": encode_array(
                 np.array([self._sims[k] for k in keys], dtype=np.float64), "float64"
             ),
         }
@@ -491,7 +476,7 @@ class VerificationAttack:
         if data.get("kind") != "VerificationAttack":
             raise ValueError(f"not a VerificationAttack state: kind={data.get('kind')!r}")
         out = cls(float(data["threshold"]), str(data["recognizer"]))
-        sims = _decode(data["similarities"])
+        sims = decode_array(data["similarities"])
         out._sims = {str(k): float(s) for k, s in zip(data["keys"], sims, strict=True)}
         return out
 
@@ -606,12 +591,12 @@ class IdentificationAttack:
             "recognizer": self.recognizer,
             "ks": list(self.ks),
             "gallery_keys": gkeys,
-            "gallery": _encode(
+            "gallery": encode_array(
                 np.stack([self._gallery[k] for k in gkeys]) if gkeys else np.zeros((0, dim)),
                 "float32",
             ),
             "probe_keys": pkeys,
-            "probes": _encode(
+            "probes": encode_array(
                 np.stack([self._probes[k] for k in pkeys]) if pkeys else np.zeros((0, dim)),
                 "float32",
             ),
@@ -622,7 +607,7 @@ class IdentificationAttack:
         if data.get("kind") != "IdentificationAttack":
             raise ValueError(f"not an IdentificationAttack state: kind={data.get('kind')!r}")
         out = cls(str(data["recognizer"]), data["ks"])
-        gallery, probes = _decode(data["gallery"]), _decode(data["probes"])
+        gallery, probes = decode_array(data["gallery"]), decode_array(data["probes"])
         out._gallery = {str(k): gallery[i] for i, k in enumerate(data["gallery_keys"])}
         out._probes = {str(k): probes[i] for i, k in enumerate(data["probe_keys"])}
         unknown = out._probes.keys() - out._gallery.keys()
