@@ -1,7 +1,8 @@
 """The ``veil`` command line: parses arguments and calls the library, nothing else.
 
 Exit status: 0 success; 1 unexpected error; 2 bad usage or configuration; 3 run aborted
-(failure ratio exceeded; finished shards are kept and a rerun resumes).
+(failure ratio exceeded; finished shards are kept and a rerun resumes); 4 validation gates
+failed (the data were processed, but are not releasable: see the report).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_ABORTED = 3
+EXIT_GATES_FAILED = 4
 
 #: CLI flag destination -> dotted config key. Flags left unset do not override the YAML file.
 RUN_OVERRIDES = {
@@ -48,6 +50,7 @@ RUN_OVERRIDES = {
     "dp_m": "anonymize.dp_m",
     "rescan_policy": "rescan.policy",
     "rescan_rounds": "rescan.max_rounds",
+    "gates": "gates",
     "jpeg_quality": "io.jpeg_quality",
     "max_pixels": "io.max_pixels",
 }
@@ -70,6 +73,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="run seed; all randomness derives from (seed, key)")
     g.add_argument("--max-failure-ratio", type=float, help="abort above this fraction of failed samples (default: 0.2)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--gates", nargs="?", const="default", metavar="GATES_YAML",
+                   help="validate the release afterwards and write RELEASE.json only if every gate "
+                        "passes (no file: the shipped defaults for the method); exit 4 if one fails")
     g = p.add_argument_group("detection")
     g.add_argument("--detectors", help="comma-separated: centerface, mtcnn, yunet (several = union)")
     g.add_argument("--threshold", type=float, help="detector score threshold")
@@ -104,6 +110,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="anonymize a dataset", description="Detect, anonymize, re-scan and write a release copy.")
     _add_run_options(p)
+
+    p = sub.add_parser("validate", help="measure an anonymized dataset against its originals and gate its release",
+                       description="Pair original and anonymized samples by key, measure re-identification, "
+                                   "FD/FID, attributes, detection rate, background fidelity and leakage, run "
+                                   "the gates, and write RELEASE.json only if all pass. Works on datasets "
+                                   "anonymized by any tool. Exit 0 passed, 4 a gate failed.")
+    p.add_argument("--original", required=True, help="the original dataset (same forms as veil run --input)")
+    p.add_argument("--anonymized", required=True,
+                   help="the anonymized dataset, or a 'veil run' output folder (its manifests are used)")
+    p.add_argument("--output", required=True, help="folder for validation/, report/ and RELEASE.json")
+    p.add_argument("--gates", help="gates YAML (default: the shipped method-aware gates)")
+    p.add_argument("--method", help="anonymization method the gates are chosen for (default: from a Veil "
+                                    "output's run.json, else 'unknown')")
+    p.add_argument("--runner", choices=["local", "ray", "beam"], default="ray")
+    p.add_argument("--ray-address")
+    p.add_argument("--beam-option", action="append", metavar="OPT", default=[])
+    p.add_argument("--workers", type=int)
+    p.add_argument("--recognizers", help="comma-separated (default: dlib-resnet,mobilefacenet,facenet-vggface2; "
+                                         "those without weights are reported unavailable)")
+    p.add_argument("--detectors", help="comma-separated detectors for the detection rate; the first also "
+                                       "finds the original faces (default: centerface,mtcnn)")
+    p.add_argument("--features", help="comma-separated: mobilenetv2 (FD-MobileNetV2), inception (FID, needs weights)")
+    p.add_argument("--identity-min-face", type=int, help="smallest face side for identity metrics (default: 24)")
+    p.add_argument("--label-field", help="class labels for the train-on-anonymized protocol: cls or json:<field>")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--folder-shard-size", type=int, default=1000)
+    p.add_argument("--models-dir", help="folder with model files (default: $VEIL_MODELS)")
+    p.add_argument("--allow-download", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("report", help="rebuild the report of an output folder from its manifests")
     p.add_argument("output", help="a folder written by 'veil run'")
@@ -164,7 +199,58 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     summary = run(config)
     print_summary(summary)
+    if summary.validation is not None:
+        print_validation(summary.validation)
+        return EXIT_OK if summary.validation["status"] == "passed" else EXIT_GATES_FAILED
     return EXIT_OK
+
+
+def print_validation(result: dict[str, Any], stream=sys.stdout) -> None:
+    w = stream.write
+    passed = result["status"] == "passed"
+    w(f"\nValidation {'PASSED' if passed else 'FAILED'}: {sum(g['status'] == 'passed' for g in result['gates'])} "
+      f"of {len(result['gates'])} gates passed ({result['seconds']:.1f} s)\n")
+    for g in result["gates"]:
+        if g["status"] == "passed":
+            continue
+        bound = " ".join(f"{k} {g[k]:g}" for k in ("min", "max") if g.get(k) is not None)
+        value = g.get("value")
+        shown = f"{value:.4g}" if isinstance(value, int | float) else str(value)
+        w(f"  {g['status']:<13} {g['name']}: {g['metric']} = {shown} ({bound})")
+        if g.get("failing_keys"):
+            w(f"; e.g. {', '.join(g['failing_keys'][:3])}")
+        w("\n")
+    w(f"  summary      {result['summary_path']}\n")
+    if result.get("report"):
+        w(f"  report       {result['report']}\n")
+    if passed:
+        w(f"  release      {result['release_path']} written: the dataset may be published\n")
+    else:
+        w("  release      NOT releasable (no RELEASE.json); fix the anonymization and rerun\n")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from veil.validators.validate import ValidateConfig, validate
+
+    kwargs: dict[str, Any] = {}
+    for name in ("recognizers", "detectors", "features"):
+        value = getattr(args, name)
+        if value:
+            kwargs[name] = [v.strip() for v in value.split(",") if v.strip()]
+    if args.identity_min_face is not None:
+        kwargs["identity_min_face"] = args.identity_min_face
+    config = ValidateConfig(original=args.original, anonymized=args.anonymized, output=args.output,
+                            gates=args.gates, method=args.method, runner=args.runner,
+                            ray_address=args.ray_address, beam_options=args.beam_option,
+                            workers=args.workers, label_field=args.label_field,
+                            image_column=args.image_column, folder_shard_size=args.folder_shard_size,
+                            models_dir=args.models_dir, allow_download=bool(args.allow_download),
+                            progress=not args.no_progress, **kwargs)
+    from dataclasses import asdict
+
+    result = asdict(validate(config))
+    print_validation(result)
+    return EXIT_OK if result["status"] == "passed" else EXIT_GATES_FAILED
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -221,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_environment()
     from veil.config import ConfigError
 
-    handlers = {"run": cmd_run, "report": cmd_report, "models": cmd_models, "demo": cmd_demo}
+    handlers = {"run": cmd_run, "validate": cmd_validate, "report": cmd_report, "models": cmd_models,
+                "demo": cmd_demo}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:
@@ -243,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, ModelNotFoundError):
             print(f"veil: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if type(exc).__name__ == "GateConfigError":  # not imported here: GX loads lazily
+            print(f"veil: gates file error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         print(f"veil: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         if os.environ.get("VEIL_DEBUG"):

@@ -157,6 +157,9 @@ class RunConfig:
     models: dict[str, str] = field(default_factory=dict)
     models_dir: str | None = None
     allow_download: bool = False
+    #: Validation gates run after the run: None = none (nothing is marked releasable),
+    #: "default" = the shipped method-aware gates, else a gates YAML file.
+    gates: str | None = None
 
     def __post_init__(self) -> None:
         for name, cls in (("detect", DetectConfig), ("anonymize", AnonymizeConfig),

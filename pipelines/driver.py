@@ -23,7 +23,7 @@ from veil.transforms.stage import QUARANTINED, Sample, Stage
 #: batch size resumes instead of redoing finished shards).
 NON_OUTPUT_KEYS = ("input", "output", "runner", "ray_address", "beam_options", "workers",
                    "batch_size", "progress", "max_failure_ratio", "min_samples_for_abort",
-                   "models", "models_dir", "allow_download")
+                   "models", "models_dir", "allow_download", "gates")
 
 RUN_INFO_FILE = "run.json"
 
@@ -48,6 +48,8 @@ class RunSummary:
     #: Input files that belong to no sample (e.g. notes.txt in a folder): never released.
     skipped_files: list[dict[str, str]] = field(default_factory=list)
     report: str | None = None
+    #: Outcome of the validation gates when the run asked for them (``--gates``).
+    validation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,6 +158,9 @@ def run(config: RunConfig) -> RunSummary:
     remove_stale_temps(output)  # left by a run that was killed
     todo = [s for s in shards if not is_shard_complete(output, s.id, shard_fingerprint(fingerprint, s))]
     skipped = len(shards) - len(todo)
+    if todo:
+        # The release is about to change: an earlier verdict no longer describes it.
+        (output / "RELEASE.json").unlink(missing_ok=True)
     approx = [source.approx_num_samples(s) for s in todo]
     total_samples = sum(approx) if all(a is not None for a in approx) else None
 
@@ -186,7 +191,25 @@ def run(config: RunConfig) -> RunSummary:
     from veil.validators.report import build_report
 
     summary.report = str(build_report(output))
+    if config.gates:
+        summary.validation = run_gates(config)
+        summary.report = summary.validation["report"]
     return summary
+
+
+def run_gates(config: RunConfig) -> dict[str, Any]:
+    """Validate the finished release against its input and apply the gates."""
+    from veil.validators.validate import ValidateConfig, validate
+
+    result = validate(ValidateConfig(
+        original=config.input, anonymized=config.output, output=config.output,
+        gates=None if config.gates == "default" else config.gates, method=config.anonymize.method,
+        runner=config.runner, ray_address=config.ray_address, beam_options=list(config.beam_options),
+        workers=config.workers, image_column=config.image_column,
+        folder_shard_size=config.folder_shard_size, max_pixels=config.io.max_pixels,
+        max_bytes=config.io.max_bytes, models=dict(config.models), models_dir=config.models_dir,
+        allow_download=config.allow_download, progress=config.progress))
+    return asdict(result)
 
 
 def summarize(output: Path, config: RunConfig, results: list[ShardResult], *, shards_total: int,

@@ -56,7 +56,7 @@ MANIFEST_SCHEMA: pa.Schema = pa.schema([
 #: executed and reported, where it writes, and when it gives up.
 FINGERPRINT_EXCLUDE: tuple[str, ...] = (
     "runner", "progress", "ray_address", "beam_options", "workers", "batch_size", "output",
-    "max_failure_ratio", "min_samples_for_abort",
+    "max_failure_ratio", "min_samples_for_abort", "gates",
 )
 
 

@@ -23,3 +23,12 @@ def face_photo(faces_dir: Path, name: str, max_side: int = 640) -> np.ndarray:
     img = ImageOps.exif_transpose(Image.open(faces_dir / name)).convert("RGB")
     img.thumbnail((max_side, max_side))
     return np.asarray(img)
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """A WebDataset shard of (key, {field: bytes}) samples."""
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as sink:
+        for key, fields in samples:
+            sink.write({"__key__": key, **fields})

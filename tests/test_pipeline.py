@@ -14,17 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import face_photo, jpeg_bytes
+from helpers import face_photo, jpeg_bytes, write_tar
 
 FACE_FILES = ["obama.jpg", "biden.jpg", "grace_hopper.jpg", "obama2.jpg", "astronaut.png", "obama3.jpg"]
-
-
-def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    import webdataset as wds
-
-    with wds.TarWriter(str(path)) as sink:
-        for key, fields in samples:
-            sink.write({"__key__": key, **fields})
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ import cv2
 import numpy as np
 
 from veil.config import AnonymizeConfig
-from veil.transforms.stage import ANONYMIZED, CLEAN, Resources, Sample, SampleStage
+from veil.transforms.stage import ANONYMIZED, CLEAN, Resources, Sample, SampleStage, region_box
 
 #: From this strength on, every method is replaced by a solid fill of the hard box.
 FALLBACK_STRENGTH = 3
@@ -67,20 +67,11 @@ def sample_rng(seed: int, key: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), int.from_bytes(digest[:8], "little")])
 
 
-def _as_float_box(box: Sequence[float]) -> tuple[float, float, float, float]:
-    if len(box) != 4:
-        raise ValueError(f"a region box needs 4 numbers [x0, y0, x1, y1], got {list(box)!r}")
-    x0, y0, x1, y1 = (float(v) for v in box)
-    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-        raise ValueError(f"region box has a non-finite coordinate: {list(box)!r}")
-    return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
-
-
 def _outward_box(box: Sequence[float], expand: float) -> Box:
     """The expanded box rounded outward to whole pixels, *not* clipped to the image."""
     if expand < 0:
         raise ValueError(f"expand must be >= 0, got {expand}")
-    x0, y0, x1, y1 = _as_float_box(box)
+    x0, y0, x1, y1 = region_box(box)
     dx, dy = (x1 - x0) * expand, (y1 - y0) * expand
     ix0, iy0 = math.floor(x0 - dx), math.floor(y0 - dy)
     return ix0, iy0, max(math.ceil(x1 + dx), ix0 + 1), max(math.ceil(y1 + dy), iy0 + 1)
@@ -342,7 +333,7 @@ class Anonymizer:
         base["expand"] = round(expand, 6)
         geometry = []
         for region in regions:
-            face = _as_float_box(region["box"])
+            face = region_box(region["box"])
             unclipped = _outward_box(face, expand)
             box = _clip_box(unclipped, width, height)
             outline = unclipped if _overlaps(unclipped, width, height) else box

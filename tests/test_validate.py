@@ -1,0 +1,273 @@
+"""Validation end to end: pairing by key, per-shard state merged exactly across runners,
+gates that pass a real anonymization and fail a useless one, RELEASE.json, the CLI, and
+validating another tool's (deface's) output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import face_photo, jpeg_bytes, write_tar
+
+FACE_FILES = ["obama.jpg", "biden.jpg", "grace_hopper.jpg", "obama2.jpg", "astronaut.png", "obama3.jpg"]
+
+
+@pytest.fixture(scope="module")
+def photos(faces_dir) -> dict[str, bytes]:
+    import skimage.data
+
+    out = {Path(f).stem: jpeg_bytes(face_photo(faces_dir, f, max_side=480)) for f in FACE_FILES}
+    out["coffee"] = jpeg_bytes(skimage.data.coffee())
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, photos) -> dict:
+    """Two shards of real faces (and a face-free image), with class labels as .cls."""
+    root = tmp_path_factory.mktemp("vin")
+    shards = [["obama", "biden", "coffee", "grace_hopper"], ["obama2", "astronaut", "obama3"]]
+    for i, names in enumerate(shards):
+        write_tar(root / f"shard-{i:03d}.tar",
+                  [(n, {"jpg": photos[n], "cls": b"1" if "obama" in n else b"0"}) for n in names])
+    return {"pattern": str(root / "shard-{000..001}.tar"), "root": root, "keys": sum(shards, [])}
+
+
+def run_veil(dataset: dict, out: Path, **kw) -> object:
+    from veil.config import RunConfig
+    from veil.pipelines.driver import run
+
+    return run(RunConfig(input=dataset["pattern"], output=str(out), runner="local", progress=False,
+                         batch_size=4, **kw))
+
+
+def vconfig(original: str, anonymized: str, output: Path, **kw):
+    from veil.validators.validate import ValidateConfig
+
+    kw.setdefault("runner", "local")
+    return ValidateConfig(original=original, anonymized=anonymized, output=str(output), progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def blur_run(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vblur")
+    summary = run_veil(dataset, out, gates="default")
+    return out, summary
+
+
+@pytest.fixture(scope="module")
+def none_run(dataset, tmp_path_factory):
+    """A useless anonymizer: faces released untouched (debug setting, no re-scan)."""
+    out = tmp_path_factory.mktemp("vnone")
+    summary = run_veil(dataset, out, gates="default", anonymize={"method": "none"},
+                       rescan={"enabled": False})
+    return out, summary
+
+
+# ------------------------------------------------------------------------------- pairing
+
+
+def test_pairing_by_shard_id_reports_keys_missing_on_either_side(tmp_path, photos):
+    from veil.validators.pairing import open_pairing
+
+    (tmp_path / "o").mkdir()
+    (tmp_path / "a").mkdir()
+    write_tar(tmp_path / "o" / "s-0.tar", [("x", {"jpg": photos["obama"]}), ("y", {"jpg": photos["biden"]})])
+    write_tar(tmp_path / "a" / "s-0.tar", [("x", {"jpg": photos["obama"]}), ("z", {"jpg": photos["coffee"]})])
+    pairing, veil_out = open_pairing(str(tmp_path / "o" / "s-0.tar"), str(tmp_path / "a" / "s-0.tar"))
+    assert veil_out is None
+    (pair,) = pairing.plan()
+    rows = [(k, o is not None, a is not None) for k, o, a in pairing.read(pair)]
+    assert rows == [("x", True, True), ("y", True, False), ("z", False, True)]
+
+
+def test_pairing_by_key_when_shard_names_differ(tmp_path, photos):
+    """Folders re-chunk, tools rename shards: pairing then goes by key, across shards."""
+    from veil.validators.pairing import open_pairing
+
+    orig, anon = tmp_path / "o", tmp_path / "a"
+    for d in (orig, anon / "sub"):
+        d.mkdir(parents=True)
+    for name in ("obama", "biden", "coffee"):
+        (orig / f"{name}.jpg").write_bytes(photos[name])
+    for name in ("obama", "coffee", "extra"):  # biden was dropped, "extra" has no original
+        (anon / f"{name}.jpg").write_bytes(photos["coffee"])
+    pairing, _ = open_pairing(str(orig), str(anon), folder_shard_size=2)
+    pairs = pairing.plan()
+    seen = {}
+    for pair in pairs:
+        for key, o, a in pairing.read(pair):
+            assert key not in seen, f"{key} paired twice"
+            seen[key] = (o is not None, a is not None)
+    assert seen == {"obama": (True, True), "biden": (True, False), "coffee": (True, True),
+                    "extra": (False, True)}
+    assert pairs[-1].original is None and pairs[-1].id == "#unmatched"
+    # The anonymized folder shard was narrowed to the files each pair needs.
+    assert all(len(s.members) <= 2 for p in pairs for s in p.anonymized)
+
+    tars = tmp_path / "t"
+    tars.mkdir()
+    write_tar(tars / "orig-a.tar", [("k1", {"jpg": photos["obama"]}), ("k2", {"jpg": photos["biden"]})])
+    write_tar(tars / "anon-b.tar", [("k2", {"jpg": photos["biden"]}), ("k1", {"jpg": photos["obama"]})])
+    pairing, _ = open_pairing(str(tars / "orig-a.tar"), str(tars / "anon-b.tar"))
+    (pair,) = pairing.plan()
+    assert [(k, a is not None) for k, _o, a in pairing.read(pair)] == [("k1", True), ("k2", True)]
+
+
+# ---------------------------------------------------------------------------- veil run --gates
+
+
+def test_blur_run_passes_the_default_gates_and_is_released(blur_run, dataset):
+    out, summary = blur_run
+    assert summary.validation is not None
+    assert summary.validation["status"] == "passed", [g for g in summary.validation["gates"]
+                                                      if g["status"] != "passed"]
+    release = json.loads((out / "RELEASE.json").read_text())
+    assert release["releasable"] is True
+    assert release["dataset"]["samples"] == len(dataset["keys"])
+    assert len(release["manifests"]) == 2
+    assert {g["status"] for g in release["gates"]} <= {"passed", "not_evaluated"}
+    summary_json = json.loads((out / "validation" / "summary.json").read_text())
+    m = summary_json["metrics"]
+    assert m["pairs"] == len(dataset["keys"]) and m["missing_original"] == 0 and m["errors"] == 0
+    assert m["faces_original"] >= 6
+    assert m["identity.dlib-resnet.verification_rate"] == 0.0
+    assert m["identity.mobilefacenet.verification_rate"] == 0.0
+    assert m["identity.facenet-vggface2.verification_rate"] is None  # no weights offline
+    assert summary_json["recognizers"]["facenet-vggface2"]["available"] is False
+    assert m["residual.faces"] == 0
+    assert m["fd.mobilenetv2"] is not None and m["fd.mobilenetv2"] > 0
+    assert m["fid.inception"] is None
+    assert m["background.psnr_mean"] > 30  # only the faces changed (plus re-encoding)
+    assert m["utility.accuracy_drop"] is None  # no label field given
+    models = {r["name"]: r for r in summary_json["models"]}
+    assert models["mobilefacenet_ms1m"]["sha256"] and models["centerface"]["sha256"]
+
+
+def test_useless_anonymizer_fails_identity_gates_with_clear_report(none_run, dataset):
+    out, summary = none_run
+    v = summary.validation
+    assert v["status"] == "failed"
+    failed = {g["name"]: g for g in v["gates"] if g["status"] == "failed"}
+    assert any("dlib" in name for name in failed), sorted(failed)
+    dlib = next(g for n, g in failed.items() if "dlib" in n)
+    assert dlib["value"] == 1.0 and dlib["margin"] > 0
+    assert not (out / "RELEASE.json").exists()
+    summary_json = json.loads((out / "validation" / "summary.json").read_text())
+    assert summary_json["metrics"]["residual.faces"] >= 6
+    # Faces that were not anonymized at all have the original's embedding.
+    assert summary_json["metrics"]["identity.dlib-resnet.verification_rate"] == 1.0
+    import pandas as pd
+
+    faces = pd.concat(pd.read_parquet(p) for p in (out / "validation" / "faces").glob("*.parquet"))
+    scored = faces.dropna(subset=["score_dlib-resnet"])
+    assert (scored["score_dlib-resnet"] < 0.1).all()  # re-encoding aside, the same face (threshold 0.6)
+    assert (scored["rank_dlib-resnet"] == 1).all()
+    html = (out / "report" / "index.html").read_text()
+    assert "FAILED" in html
+
+
+def test_cli_exit_status_distinguishes_failed_gates(dataset, none_run, tmp_path):
+    out, _ = none_run
+    proc = subprocess.run(
+        [sys.executable, "-m", "veil.cli", "validate", "--original", dataset["pattern"], "--anonymized",
+         str(out), "--output", str(tmp_path / "audit"), "--runner", "local", "--no-progress",
+         "--recognizers", "dlib-resnet"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert "FAILED" in proc.stdout and "NOT releasable" in proc.stdout
+    assert not (tmp_path / "audit" / "RELEASE.json").exists()
+    bad = tmp_path / "bad-gates.yaml"
+    bad.write_text("version: 1\ngates:\n  - name: x\n    metric: pairs\n    mini: 3\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "veil.cli", "validate", "--original", dataset["pattern"], "--anonymized",
+         str(out), "--output", str(tmp_path / "audit2"), "--gates", str(bad), "--runner", "local"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "mini" in proc.stderr
+
+
+def test_cli_run_with_gates_exits_4_when_a_gate_fails(dataset, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "veil.cli", "run", "--input", dataset["pattern"], "--output",
+         str(tmp_path / "out"), "--method", "none", "--no-rescan", "--gates", "--runner", "local",
+         "--no-progress"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert "Validation FAILED" in proc.stdout and "reidentification-dlib-resnet" in proc.stdout
+    assert (tmp_path / "out" / "validation" / "summary.json").exists()
+    assert not (tmp_path / "out" / "RELEASE.json").exists()
+
+
+def test_rerun_of_validation_resumes_and_rerun_of_veil_drops_stale_release(blur_run, dataset, tmp_path):
+    from veil.validators.validate import validate
+
+    out, _ = blur_run
+    audit = tmp_path / "audit"
+    first = validate(vconfig(dataset["pattern"], str(out), audit, recognizers=["dlib-resnet"]))
+    again = validate(vconfig(dataset["pattern"], str(out), audit, recognizers=["dlib-resnet"]))
+    assert (first.shards_done, again.shards_done, again.shards_skipped) == (2, 0, 2)
+    assert first.metrics == again.metrics
+    assert (audit / "RELEASE.json").exists() == (first.status == "passed")
+
+
+def test_label_protocol_runs_when_labels_are_present(blur_run, dataset, tmp_path):
+    from veil.validators.validate import validate
+
+    out, _ = blur_run
+    result = validate(vconfig(dataset["pattern"], str(out), tmp_path / "audit", label_field="cls",
+                              recognizers=["dlib-resnet"], detectors=["centerface"]))
+    summary = json.loads(Path(result.summary_path).read_text())
+    util = summary["details"]["utility"]
+    assert util is not None and util["samples"] == len(dataset["keys"])
+
+
+# ------------------------------------------------------------------------------ runners
+
+
+@pytest.mark.slow
+def test_beam_and_ray_validation_equal_local(blur_run, dataset, tmp_path, ray_local):
+    """Per-shard states merged on the driver: the metrics do not depend on the runner."""
+    from veil.validators.validate import validate
+
+    out, _ = blur_run
+    kw = {"recognizers": ["dlib-resnet"], "detectors": ["centerface"], "report": False}
+    local = validate(vconfig(dataset["pattern"], str(out), tmp_path / "l", **kw))
+    beam = validate(vconfig(dataset["pattern"], str(out), tmp_path / "b", runner="beam", **kw))
+    ray = validate(vconfig(dataset["pattern"], str(out), tmp_path / "r", runner="ray", workers=2, **kw))
+    assert beam.metrics == local.metrics
+    assert ray.metrics == local.metrics
+    assert beam.status == ray.status == local.status
+
+
+# ------------------------------------------------------------------------------ other tools
+
+
+@pytest.mark.slow
+def test_validate_audits_deface_output(tmp_path, photos):
+    """`veil validate` works on another tool's output: deface run on a folder of photos."""
+    from veil.validators.validate import validate
+
+    if shutil.which("deface") is None and not (Path(sys.executable).parent / "deface").exists():
+        pytest.skip("deface CLI not installed")
+    exe = shutil.which("deface") or str(Path(sys.executable).parent / "deface")
+    orig, anon = tmp_path / "orig", tmp_path / "anon"
+    orig.mkdir()
+    anon.mkdir()
+    for name in ("obama", "biden", "grace_hopper", "coffee"):
+        (orig / f"{name}.jpg").write_bytes(photos[name])
+        proc = subprocess.run([exe, str(orig / f"{name}.jpg"), "-o", str(anon / f"{name}.jpg")],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    result = validate(vconfig(str(orig), str(anon), tmp_path / "audit", recognizers=["dlib-resnet"]))
+    summary = json.loads(Path(result.summary_path).read_text())
+    m = summary["metrics"]
+    assert summary["method"] == "unknown"
+    assert m["pairs"] == 4 and m["missing_anonymized"] == 0 and m["missing_original"] == 0
+    assert m["faces_original"] >= 3
+    assert m["identity.dlib-resnet.verification_rate"] is not None
+    assert summary["gates"] and all(g["status"] in ("passed", "failed", "not_evaluated") for g in summary["gates"])
+    assert (tmp_path / "audit" / "report" / "index.html").exists()

