@@ -297,3 +297,21 @@ def test_real_photo_fill_blur_and_shift(centerface, faces_dir):
     inter_ocular = math.dist(face.landmarks[0], face.landmarks[1])
     displacement = landmark_displacement(face.landmarks, found[0].landmarks)
     assert displacement == pytest.approx(10 / inter_ocular, rel=0.25)
+
+
+def test_ssim_map_matches_scikit_image(faces_dir):
+    """The OpenCV SSIM map equals scikit-image's reference implementation on a real photo."""
+    from skimage.metrics import structural_similarity
+
+    from veil.validators.quality import _ssim_map
+
+    a = face_photo(faces_dir, "grace_hopper.jpg", max_side=320).astype(np.float32)
+    b = a.copy()
+    b[40:160, 60:200] = np.clip(b[40:160, 60:200] * 0.6 + 30, 0, 255)
+    b += np.random.default_rng(0).normal(0, 4, b.shape).astype(np.float32)
+    _, ref = structural_similarity(a.astype(np.float64), b.astype(np.float64), win_size=7,
+                                   data_range=255, channel_axis=2, full=True)
+    ours = _ssim_map(a, b)
+    inner = (slice(3, -3), slice(3, -3))  # scikit-image pads its border differently
+    assert np.abs(ref[inner] - ours[inner]).max() < 2e-4
+    assert abs(ref[inner].mean() - ours[inner].mean()) < 1e-5

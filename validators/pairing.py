@@ -70,6 +70,9 @@ class VeilOutput:
     #: region's box: the configured expand, the widening of every re-scan round and the
     #: outward feather. Background fidelity is measured outside that.
     mask_expand: float = 0.25
+    #: The run's detect configuration (run.json), to tell whether its detections can stand
+    #: in for the validator's own on the originals.
+    detect: dict[str, Any] = field(default_factory=dict)
 
 
 def read_veil_output(path: str | Path) -> VeilOutput | None:
@@ -91,7 +94,8 @@ def read_veil_output(path: str | Path) -> VeilOutput | None:
     # JPEG blocks that straddle the mask's edge.
     out = VeilOutput(root=root, data=root / "data", method=anonymize.get("method"),
                      run_input=config.get("input"),
-                     mask_expand=expand + feather * (1 + 2 * expand) + 0.05)
+                     mask_expand=expand + feather * (1 + 2 * expand) + 0.05,
+                     detect=dict(config.get("detect") or {}))
     if (root / "manifest").is_dir():
         for row in read_manifests(root).to_pylist():
             out.statuses[row["key"]] = row["status"]

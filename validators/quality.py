@@ -138,8 +138,6 @@ def background_fidelity(original: np.ndarray, anonymized: np.ndarray, mask: np.n
 
     if min(height, width) >= SSIM_WINDOW:
         import cv2
-        from skimage.metrics import structural_similarity
-
         kernel = np.ones((SSIM_WINDOW, SSIM_WINDOW), np.uint8)
         # The zero border also drops the image's outer 3 px, which scikit-image itself excludes.
         inner = cv2.erode(
@@ -149,22 +147,38 @@ def background_fidelity(original: np.ndarray, anonymized: np.ndarray, mask: np.n
         if inner.any():
             color = original.ndim == 3 and original.shape[2] == 3
             shape = original.shape if color else (height, width)
-            # float32 is ~3x faster than scikit-image's float64 default and changes the mean by
-            # < 1e-6 (the constants C1, C2 dwarf its rounding of the variances).
             a = original.reshape(shape).astype(np.float32)
             b = anonymized.reshape(shape).astype(np.float32)
-            _, ssim_map = structural_similarity(
-                a,
-                b,
-                win_size=SSIM_WINDOW,
-                data_range=255,
-                channel_axis=2 if color else None,
-                full=True,
-            )
+            ssim_map = _ssim_map(a, b)
             if ssim_map.ndim == 3:
                 ssim_map = ssim_map.mean(axis=2)
             result["ssim"] = float(ssim_map[inner].mean(dtype=np.float64))
     return result
+
+
+def _ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The SSIM map of scikit-image's ``structural_similarity`` defaults (7x7 uniform window,
+    sample covariance, K1 0.01, K2 0.03, data range 255), per channel, computed with OpenCV
+    box filters in float32: about 10x faster than scikit-image on a 640x480 RGB image, and
+    equal to it within 2e-4 at any pixel (float32; tests/test_quality.py compares the two)."""
+    import cv2
+
+    n = SSIM_WINDOW * SSIM_WINDOW
+    cov_norm = n / (n - 1.0)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+
+    def mean(x: np.ndarray) -> np.ndarray:
+        return cv2.boxFilter(x, cv2.CV_32F, (SSIM_WINDOW, SSIM_WINDOW), normalize=True,
+                             borderType=cv2.BORDER_REFLECT)
+
+    # Centred values keep float32's E[x^2] - E[x]^2 from cancelling on bright images.
+    a, b = a - 128.0, b - 128.0
+    ux, uy = mean(a), mean(b)
+    vx = cov_norm * (mean(a * a) - ux * ux)
+    vy = cov_norm * (mean(b * b) - uy * uy)
+    vxy = cov_norm * (mean(a * b) - ux * uy)
+    ux, uy = ux + 128.0, uy + 128.0
+    return ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
 
 
 def _gray(image: np.ndarray) -> np.ndarray:

@@ -426,6 +426,7 @@ _FIXED_LABELS = {
     "residual.samples": "samples with a face still detected",
     "faces_identity": "faces large enough for the recognizers",
     "faces_too_small": "faces too small for the recognizers (left to the residual-face check)",
+    "faces_unconfirmed": "faces only the reference detector found (left out of identity metrics)",
 }
 
 _IDENTITY_LABELS = {
