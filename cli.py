@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="demo-out", help="folder for the sample input and the output (default: demo-out)")
     p.add_argument("--runner", choices=["local", "ray", "beam"], default="ray")
     p.add_argument("--method", choices=["blur", "pixelate", "fill", "dp-pixelate"], default="blur")
+    p.add_argument("--no-gates", action="store_true", help="skip the validation gates after the run")
     p.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -287,9 +288,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     pattern = build_demo_dataset(os.path.join(args.output, "input"))
     print(f"demo input written: {pattern}")
     config = RunConfig(input=pattern, output=os.path.join(args.output, "output"), runner=args.runner,
-                       progress=not args.no_progress, anonymize={"method": args.method})
+                       progress=not args.no_progress, anonymize={"method": args.method},
+                       gates=None if args.no_gates else "default")
     summary = run(config)
     print_summary(summary)
+    if summary.validation is not None:
+        print_validation(summary.validation)
+        return EXIT_OK if summary.validation["status"] == "passed" else EXIT_GATES_FAILED
     return EXIT_OK
 
 

@@ -143,6 +143,8 @@ def test_blur_run_passes_the_default_gates_and_is_released(blur_run, dataset):
     assert m["fid.inception"] is None
     assert m["background.psnr_mean"] > 30  # only the faces changed (plus re-encoding)
     assert m["utility.accuracy_drop"] is None  # no label field given
+    gx = json.loads((out / "report" / "gx" / "dataset.json").read_text())
+    assert gx["success"] is True  # Great Expectations' own verdict, kept with the report
     models = {r["name"]: r for r in summary_json["models"]}
     assert models["mobilefacenet_ms1m"]["sha256"] and models["centerface"]["sha256"]
 
@@ -271,3 +273,21 @@ def test_validate_audits_deface_output(tmp_path, photos):
     assert m["identity.dlib-resnet.verification_rate"] is not None
     assert summary["gates"] and all(g["status"] in ("passed", "failed", "not_evaluated") for g in summary["gates"])
     assert (tmp_path / "audit" / "report" / "index.html").exists()
+
+
+def test_demo_validates_its_release_with_out_of_the_box_models(tmp_path, monkeypatch, capsys):
+    """`make demo` runs this: no $VEIL_MODELS, so only models shipped in packages (dlib ResNet
+    certifies); the release passes the default gates and gets its RELEASE.json."""
+    from veil.cli import main
+
+    monkeypatch.delenv("VEIL_MODELS", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert main(["demo", "--output", str(tmp_path), "--runner", "local", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "Validation PASSED" in out
+    release = json.loads((tmp_path / "output" / "RELEASE.json").read_text())
+    assert release["dataset"]["samples"] == 8  # 9 inputs, the corrupt one not released
+    summary = json.loads((tmp_path / "output" / "validation" / "summary.json").read_text())
+    assert summary["recognizers"]["dlib-resnet"]["available"] is True
+    assert summary["recognizers"]["mobilefacenet"]["available"] is False
+    assert summary["metrics"]["not_released"] == 1

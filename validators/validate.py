@@ -14,7 +14,8 @@
    last, so a finished shard is skipped when validation is run again with the same settings.
 3. **Merge** the shard states exactly (any split, any runner) and compute dataset metrics.
 4. **Gate** them (:mod:`veil.validators.gates`, Great Expectations suites) and write
-   ``summary.json``. Only when every gate passes is ``RELEASE.json`` written; a failed
+   ``summary.json`` (GX results under ``report/gx/``). Only when every gate passes is
+   ``RELEASE.json`` written; a failed
    validation removes a stale one. The report is rebuilt with the gate section.
 
 The same evaluator runs on a plain loop, on Ray Data (an actor pool, one evaluator per
@@ -1022,8 +1023,8 @@ def finish(config: ValidateConfig, output: Path, pairs: list[ShardPair], gates: 
         faces.append(f)
     tables = {"samples": pd.concat(samples, ignore_index=True), "faces": pd.concat(faces, ignore_index=True)}
 
-    gate_dir = output / VALIDATION_DIR
-    results = evaluate_gates(gates, metrics, tables, gate_dir)
+    # The Great Expectations validation results (OUT/report/gx/) stay next to the report.
+    results = evaluate_gates(gates, metrics, tables, output / "report")
     status = overall_status(results)
     models, recognizer_info = models_info(config)
     summary = {
