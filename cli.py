@@ -209,8 +209,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def print_validation(result: dict[str, Any], stream=sys.stdout) -> None:
     w = stream.write
     passed = result["status"] == "passed"
+    reused = result.get("shards_skipped", 0)
+    timing = f"{result['seconds']:.1f} s" + (f"; {reused} shard(s) measured earlier, reused" if reused else "")
     w(f"\nValidation {'PASSED' if passed else 'FAILED'}: {sum(g['status'] == 'passed' for g in result['gates'])} "
-      f"of {len(result['gates'])} gates passed ({result['seconds']:.1f} s)\n")
+      f"of {len(result['gates'])} gates passed ({timing})\n")
     for g in result["gates"]:
         if g["status"] == "passed":
             continue

@@ -291,3 +291,33 @@ def test_demo_validates_its_release_with_out_of_the_box_models(tmp_path, monkeyp
     assert summary["recognizers"]["dlib-resnet"]["available"] is True
     assert summary["recognizers"]["mobilefacenet"]["available"] is False
     assert summary["metrics"]["not_released"] == 1
+
+
+def test_a_sample_that_cannot_be_measured_is_an_error_that_fails_the_release(blur_run, dataset, tmp_path,
+                                                                              monkeypatch):
+    """Fail closed, and keep going: one sample's crash is reported and blocks the release,
+    the other samples are still measured."""
+    import pandas as pd
+
+    from veil.validators.attributes import AttributeModels
+    from veil.validators.validate import validate
+
+    def broken(self, image, faces):
+        if image.shape[0] == 480 and image.shape[1] < 400:  # only the portrait-shaped photos
+            raise RuntimeError("simulated model crash")
+        return original_predict(self, image, faces)
+
+    original_predict = AttributeModels.predict
+    monkeypatch.setattr(AttributeModels, "predict", broken)
+    out, _ = blur_run
+    result = validate(vconfig(dataset["pattern"], str(out), tmp_path / "audit", recognizers=["dlib-resnet"],
+                              detectors=["centerface"]))
+    assert result.status == "failed"
+    gate = next(g for g in result.gates if g["name"] == "validation-errors")
+    assert gate["status"] == "failed" and gate["failing_keys"]
+    samples = pd.concat([pd.read_parquet(p) for p in (tmp_path / "audit" / "validation" / "samples").glob("*")])
+    errors = samples[samples.status == "error"]
+    assert len(errors) == result.metrics["errors"] > 0
+    assert errors.error.str.contains("simulated model crash").all()
+    assert (samples.status == "paired").sum() == result.metrics["pairs"] > 0
+    assert not (tmp_path / "audit" / "RELEASE.json").exists()

@@ -508,8 +508,19 @@ class ShardEvaluator:
                             f"{anon.shape[1]}x{anon.shape[0]}; faces cannot be compared in place")
             state.counts[ERROR] += 1
             return row, None
+        n_face_rows = len(face_rows)
+        try:
+            self._compare(shard_id, key, orig, anon, residual, row, state, face_rows)
+        except Exception as exc:  # noqa: BLE001 - one bad sample must not stop the audit
+            # Counted as an error, which fails the release (gate validation-errors); metrics
+            # it had already added stay, as they would for any sample that was measured.
+            del face_rows[n_face_rows:]
+            from veil.transforms.stage import describe_exception
+
+            row["status"], row["error"] = ERROR, f"measuring failed: {describe_exception(exc)}"
+            state.counts[ERROR] += 1
+            return row, None
         state.counts[PAIRED] += 1
-        self._compare(shard_id, key, orig, anon, residual, row, state, face_rows)
         label = _label(original, self.config.label_field)
         return row, _Pending(key, orig, anon, label)
 
