@@ -267,17 +267,7 @@ def models_info(config: RunConfig) -> list[dict[str, Any]]:
     from veil.transforms.models import ModelRegistry
 
     registry = ModelRegistry(**model_kwargs(config))
-    rows = []
-    for name in models_for(config.detect):
-        row = {"name": name}
-        try:
-            path = registry.resolve(name)
-            spec = registry.spec(name)
-            row.update(path=str(path), sha256=spec.sha256, license=spec.license, source=spec.source)
-        except Exception as exc:  # noqa: BLE001 - reported, the run itself fails in setup
-            row.update(error=str(exc))
-        rows.append(row)
-    return rows
+    return [registry.provenance(name) for name in models_for(config.detect)]
 
 
 def _veil_version() -> str:

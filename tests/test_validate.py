@@ -321,3 +321,22 @@ def test_a_sample_that_cannot_be_measured_is_an_error_that_fails_the_release(blu
     assert errors.error.str.contains("simulated model crash").all()
     assert (samples.status == "paired").sum() == result.metrics["pairs"] > 0
     assert not (tmp_path / "audit" / "RELEASE.json").exists()
+
+
+def test_shard_states_merge_exactly_in_any_order(blur_run):
+    """The per-shard state files written by workers merge to the same metrics in any order,
+    and survive a JSON round trip unchanged."""
+    from veil.validators.validate import ValidationState, dataset_metrics, merge_states
+
+    out, _ = blur_run
+    states = [ValidationState.from_dict(json.loads(p.read_text())["state"])
+              for p in sorted((out / "validation" / "state").glob("*.json"))]
+    assert len(states) == 2
+    recs, dets = ["dlib-resnet", "mobilefacenet"], ["centerface", "mtcnn"]
+    forward = dataset_metrics(merge_states(states), recs, dets)[0]
+    backward = dataset_metrics(states[1].merge(states[0]), recs, dets)[0]
+    again = ValidationState.from_dict(json.loads(json.dumps(merge_states(states).to_dict())))
+    assert forward == backward == dataset_metrics(again, recs, dets)[0]
+    summary = json.loads((out / "validation" / "summary.json").read_text())
+    assert {k: forward[k] for k in forward if k in summary["metrics"]} == {
+        k: summary["metrics"][k] for k in forward if k in summary["metrics"]}

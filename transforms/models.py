@@ -432,6 +432,21 @@ class ModelRegistry:
 
     # ------------------------------------------------------------------ reporting
 
+    def provenance(self, name: str) -> dict[str, Any]:
+        """Where a model resolved and what it is, for audit records (run.json, RELEASE.json):
+        name, path, sha256 (the file's own for files with no registered checksum), license,
+        source; or name and the error that says why it is not available."""
+        row: dict[str, Any] = {"name": name}
+        try:
+            path = self.resolve(name)
+            spec = self.spec(name)
+        except Exception as exc:  # noqa: BLE001 - reported as unavailable, never raised here
+            row.update(path=None, sha256=None, error=str(exc).splitlines()[0])
+            return row
+        row.update(path=str(path), sha256=spec.sha256 or file_sha256(path), license=spec.license,
+                   source=spec.source)
+        return row
+
     def describe(self) -> list[dict[str, Any]]:
         """One row per registered model for ``veil models``: where it is and whether it checks.
 

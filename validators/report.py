@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from veil.transforms.stage import reason_code
+from veil.validators.state import json_safe
 
 MAX_GRID = 24
 
@@ -468,20 +469,6 @@ def metric_label(name: str) -> str:
     return name
 
 
-def _clean(value: Any, max_list: int | None = None) -> Any:
-    """JSON-safe copy: non-finite floats become None, lists longer than ``max_list`` are left
-    out with a note."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v, max_list) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        if max_list is not None and len(value) > max_list:
-            return {"omitted": f"list of {len(value)} items, see {VALIDATION_SUMMARY}"}
-        return [_clean(v, max_list) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 @dataclass
 class _TableScan:
     """What the plots and counts need from the validation tables, read one file at a time and
@@ -565,17 +552,17 @@ def compute_validation(output: str | Path) -> dict[str, Any] | None:
         return {"status": "unreadable", "error": f"{path}: {exc}", "gates": [], "metrics": {},
                 "release_file": str(release) if release.is_file() else None, "_scan": _TableScan()}
     scan = _scan_tables(output / "validation")
-    metrics = _clean(summary.get("metrics") or {})
+    metrics = json_safe(summary.get("metrics") or {})
     pairing: dict[str, Any] = {}
     for name, (_, status) in _PAIRING.items():
         value = metrics.get(name)
         if value is None and status is not None and scan.sample_files:
             value = scan.statuses.get(status, 0)
         pairing[name] = value
-    validation = {k: _clean(v) for k, v in summary.items() if k not in ("per_shard", "details", "metrics")}
+    validation = {k: json_safe(v) for k, v in summary.items() if k not in ("per_shard", "details", "metrics")}
     validation.update(
         metrics=metrics,
-        details=_clean(summary.get("details") or {}, MAX_DETAIL_LIST),
+        details=json_safe(summary.get("details") or {}, MAX_DETAIL_LIST, see=str(VALIDATION_SUMMARY)),
         per_shard_count=len(summary.get("per_shard") or {}),
         pairing=pairing,
         tables={"samples": {"files": scan.sample_files, "rows": scan.sample_rows},

@@ -285,6 +285,17 @@ class ValidationState:
         return out
 
 
+def merge_states(states: list[ValidationState]) -> ValidationState:
+    """Merge shard states pairwise in a balanced tree: each merge copies both inputs, so
+    folding them one by one would copy the growing total once per shard (quadratic)."""
+    if not states:
+        raise ValueError("no shard states to merge")
+    while len(states) > 1:
+        states = [states[i].merge(states[i + 1]) if i + 1 < len(states) else states[i]
+                  for i in range(0, len(states), 2)]
+    return states[0]
+
+
 # --------------------------------------------------------------------------------------------
 # Per-shard evaluation
 # --------------------------------------------------------------------------------------------
@@ -999,20 +1010,17 @@ def finish(config: ValidateConfig, output: Path, pairs: list[ShardPair], gates: 
 
     from veil.pipelines.sinks import atomic_write_bytes
     from veil.validators.gates import evaluate_gates, overall_status
+    from veil.validators.state import json_safe
 
-    merged: ValidationState | None = None
-    per_shard: dict[str, dict[str, Any]] = {}
-    recognizers_seen: list[str] = []
+    states: list[ValidationState] = []
+    per_shard_metrics: dict[str, dict[str, Any]] = {}
     for pair in pairs:
         data = json.loads(shard_file(output, "state", pair.id, ".json").read_text())
-        shard_state = ValidationState.from_dict(data["state"])
-        recognizers_seen += [r for r in shard_state.verification if r not in recognizers_seen]
-        per_shard[pair.id] = shard_state
-        merged = shard_state if merged is None else merged.merge(shard_state)
-    assert merged is not None
+        states.append(ValidationState.from_dict(data["state"]))
+        per_shard_metrics[pair.id] = dataset_metrics(states[-1], config.recognizers, config.detectors,
+                                                     distributions=False)[0]
+    merged = merge_states(states)
     metrics, details = dataset_metrics(merged, config.recognizers, config.detectors)
-    per_shard_metrics = {sid: dataset_metrics(s, config.recognizers, config.detectors, distributions=False)[0]
-                         for sid, s in per_shard.items()}
 
     # Identification ranks need every original face: fill them in now.
     ranks = {name: merged.identification[name].ranks() for name in merged.identification}
@@ -1056,11 +1064,13 @@ def finish(config: ValidateConfig, output: Path, pairs: list[ShardPair], gates: 
         "fingerprint": fingerprint,
     }
     summary_path = output / VALIDATION_DIR / SUMMARY_FILE
-    atomic_write_bytes(summary_path, json.dumps(summary, indent=2, sort_keys=True, default=_json_default).encode())
+    atomic_write_bytes(summary_path, json.dumps(json_safe(summary), indent=2, sort_keys=True,
+                                                allow_nan=False).encode())
     release_path = output / RELEASE_FILE
     if status == "passed":
         release = release_record(config, summary, tables["samples"], veil_out)
-        atomic_write_bytes(release_path, json.dumps(release, indent=2, sort_keys=True, default=_json_default).encode())
+        atomic_write_bytes(release_path, json.dumps(json_safe(release), indent=2, sort_keys=True,
+                                                    allow_nan=False).encode())
     elif release_path.exists():
         release_path.unlink()  # never leave an earlier verdict next to a failed one
     report = None
@@ -1072,16 +1082,6 @@ def finish(config: ValidateConfig, output: Path, pairs: list[ShardPair], gates: 
                             release_path=str(release_path) if status == "passed" else None, report=report,
                             metrics=metrics, gates=summary["gates"], seconds=seconds,
                             shards_done=shards_done, shards_skipped=shards_skipped)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def models_info(config: ValidateConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -1113,17 +1113,7 @@ def models_info(config: ValidateConfig) -> tuple[list[dict[str, Any]], dict[str,
     wanted += [(n, "attributes") for n in attributes.models]
     if "inception" in config.features:
         wanted.append(("pt_inception-2015-12-05", "FID"))
-    rows = []
-    for name, used_for in dict.fromkeys(wanted):
-        row: dict[str, Any] = {"name": name, "used_for": used_for}
-        try:
-            path = registry.resolve(name)
-            spec = registry.spec(name)
-            row.update(path=str(path), sha256=spec.sha256 or file_sha256(path), license=spec.license,
-                       source=spec.source)
-        except Exception as exc:  # noqa: BLE001 - reported as unavailable
-            row.update(path=None, sha256=None, error=str(exc).splitlines()[0])
-        rows.append(row)
+    rows = [{**registry.provenance(name), "used_for": used_for} for name, used_for in dict.fromkeys(wanted)]
     for what, reason in attributes.unavailable.items():
         rows.append({"name": what, "used_for": "attributes", "path": None, "sha256": None,
                      "error": str(reason).splitlines()[0]})
