@@ -216,6 +216,9 @@ def print_validation(result: dict[str, Any], stream=sys.stdout) -> None:
     for g in result["gates"]:
         if g["status"] == "passed":
             continue
+        if g["status"] == "not_evaluated" and not g.get("required"):
+            w(f"  skipped       {g['name']}: {g['metric']} not available (optional gate)\n")
+            continue
         bound = " ".join(f"{k} {g[k]:g}" for k in ("min", "max") if g.get(k) is not None)
         value = g.get("value")
         shown = f"{value:.4g}" if isinstance(value, int | float) else str(value)
