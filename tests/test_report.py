@@ -52,22 +52,12 @@ def test_report_grid_shows_only_anonymized_samples(run_output):
 
 
 def test_report_renders_in_headless_chromium(run_output, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium not installed (Debian package 'chromium')")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}"]
-    url = (run_output / "report" / "index.html").as_uri()
-    dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True,
-                         timeout=120).stdout
+    shot = tmp_path / "report.png"
+    dom = _chromium_dom((run_output / "report" / "index.html").as_uri(), tmp_path, shot)
     for section in ("summary", "quarantine", "shards", "detections", "throughput", "grid", "models", "config"):
         assert f'id="{section}"' in dom, section
     for plot in ("status", "faces_per_image", "scores", "stages"):
         assert f'data-plot="{plot}"' in dom, plot
-    shot = tmp_path / "report.png"
-    subprocess.run([chromium, *flags, "--window-size=1200,2000", f"--screenshot={shot}", url],
-                   capture_output=True, timeout=120)
     from PIL import Image
 
     with Image.open(shot) as img:

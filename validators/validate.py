@@ -69,10 +69,6 @@ DEFAULT_DETECTORS = ("centerface", "mtcnn")
 DEFAULT_FEATURES = ("mobilenetv2", "inception")
 
 
-class ValidationError(RuntimeError):
-    """Validation could not be carried out (as opposed to: it ran and a gate failed)."""
-
-
 @dataclass
 class ValidateConfig:
     original: str
