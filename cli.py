@@ -32,6 +32,7 @@ RUN_OVERRIDES = {
     "max_failure_ratio": "max_failure_ratio",
     "batch_size": "batch_size",
     "workers": "workers",
+    "gpus_per_worker": "gpus_per_worker",
     "models_dir": "models_dir",
     "allow_download": "allow_download",
     "detectors": "detect.detectors",
@@ -48,6 +49,11 @@ RUN_OVERRIDES = {
     "epsilon": "anonymize.epsilon",
     "dp_cell": "anonymize.dp_cell",
     "dp_m": "anonymize.dp_m",
+    "latent": "fsap.latent",
+    "fsap_steps": "fsap.steps",
+    "fsap_tau": "fsap.tau",
+    "certify": "fsap.certify",
+    "device": "fsap.device",
     "rescan_policy": "rescan.policy",
     "rescan_rounds": "rescan.max_rounds",
     "gates": "gates",
@@ -69,6 +75,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beam-option", action="append", metavar="OPT",
                    help="Beam pipeline option, repeatable, e.g. --beam-option=--runner=FlinkRunner")
     g.add_argument("--workers", type=int, help="parallel model workers (default: one per CPU)")
+    g.add_argument("--gpus-per-worker", type=float,
+                   help="GPUs per worker of the GPU stage (fsap), fractions allowed (default: 0 = CPU)")
     g.add_argument("--batch-size", type=int, help="samples per batch (default: 16)")
     g.add_argument("--seed", type=int, help="run seed; all randomness derives from (seed, key)")
     g.add_argument("--max-failure-ratio", type=float, help="abort above this fraction of failed samples (default: 0.2)")
@@ -86,7 +94,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--models-dir", help="folder with model files (default: $VEIL_MODELS)")
     g.add_argument("--allow-download", action="store_true", default=None, help="download missing model files")
     g = p.add_argument_group("anonymization")
-    g.add_argument("--method", choices=["blur", "pixelate", "fill", "dp-pixelate", "none"],
+    g.add_argument("--method", choices=["blur", "pixelate", "fill", "dp-pixelate", "fsap", "none"],
                    help="default: blur ('none' releases faces: debugging and gate tests only)")
     g.add_argument("--mask", choices=["ellipse", "box"])
     g.add_argument("--feather", type=float)
@@ -95,6 +103,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epsilon", type=float, help="privacy budget for dp-pixelate")
     g.add_argument("--dp-cell", type=int, help="DP-Pix cell size b in pixels")
     g.add_argument("--dp-m", type=int, help="DP-Pix neighbourhood m (pixels that may differ)")
+    g.add_argument("--latent", help="fsap: latent space, taef2 (default) or a diffusers AutoencoderKL id/path")
+    g.add_argument("--fsap-steps", type=int, help="fsap: maximum outer iterations per face (default: 100)")
+    g.add_argument("--fsap-tau", type=float, help="fsap: stop a face below this identity similarity (default: 0.2)")
+    g.add_argument("--certify", help="fsap: certifying recognizer(s), comma-separated (default: dlib-resnet)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="fsap: model device (auto: cuda when --gpus-per-worker > 0)")
     g.add_argument("--rescan-policy", choices=["strengthen", "quarantine"])
     g.add_argument("--rescan-rounds", type=int, help="strengthening rounds before quarantine")
     g.add_argument("--no-rescan", action="store_true", help="skip the re-scan (not recommended)")

@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("blur", "pixelate", "fill", "dp-pixelate", "none")
+METHODS = ("blur", "pixelate", "fill", "dp-pixelate", "fsap", "none")
+#: Methods that replace a face with another realistic one: faces stay detectable, and the
+#: re-scan compares identities instead of looking for any face at all.
+SYNTHESIS_METHODS = ("fsap",)
+#: Methods an FSAP face too small for a recognizer falls back to.
+FALLBACK_METHODS = ("blur", "pixelate", "fill")
+DEVICES = ("auto", "cpu", "cuda")
 RUNNERS = ("local", "ray", "beam")
 DETECTORS = ("centerface", "mtcnn", "yunet")
 
@@ -98,6 +104,93 @@ class AnonymizeConfig:
 
 
 @dataclass
+class FSAPConfig:
+    """Feature-space adversarial perturbation (thesis chapter 5, Algorithm 7).
+
+    Each face is aligned, encoded to a latent ``W`` of ``latent`` (the TAEF2 autoencoder, or a
+    diffusers ``AutoencoderKL`` by hub id or path), and ``W'`` is moved by alternating
+    sign-gradient steps: one step of rate ``lambda_id`` that lowers the cosine similarity of
+    the ``recognizer`` embeddings of the decoded face and the original, then ``inner_steps``
+    steps of rate ``lambda_attr`` that lower the attribute loss (pixel MSE + SSIM + LPIPS
+    against the original). A face stops as soon as its similarity is below ``tau``; at most
+    ``steps`` outer iterations. ``None`` rates take the latent space's documented default.
+    """
+
+    #: "taef2" (default, offline), or a diffusers AutoencoderKL hub id or local folder.
+    latent: str = "taef2"
+    #: Recognizer optimised against (never the certifying one).
+    recognizer: str = "mobilefacenet"
+    #: N: maximum outer iterations per face (paper: 100).
+    steps: int = 100
+    #: k: attribute steps per identity step. The paper uses 6; each step is a decoder pass
+    #: (about 0.25 s per 128 px face on one CPU core), and with the release formed as
+    #: x + D(W') - D(W) one step per identity step already keeps face-region SSIM above 0.9
+    #: (BENCHMARKS.md), so the default is 1. Raise it on a GPU for closer attributes.
+    inner_steps: int = 1
+    #: Stop a face when the optimised recognizer's cosine similarity to the original falls
+    #: below this. The paper's identity-distance threshold 0.8 is similarity 0.2; against
+    #: MobileFaceNet that left most faces still matched by dlib, and so did 0.0 (on the shared
+    #: photos faces needed a second, stronger round, which stopped near -0.25); the default
+    #: stops at -0.2 so that most faces pass certification in the first round.
+    tau: float = -0.2
+    #: lambda_I and lambda_P: sign-step sizes in latent units; None = latent-space default.
+    lambda_id: float | None = None
+    lambda_attr: float | None = None
+    #: Weights of the attribute loss terms.
+    weight_pixel: float = 1.0
+    weight_ssim: float = 1.0
+    weight_lpips: float = 1.0
+    #: Side of the square face crop that is encoded (a multiple of 16).
+    crop_size: int = 128
+    #: Faces smaller than this (pixels, longer box side) cannot be judged by a recognizer and
+    #: are obscured with ``fallback`` instead; the manifest says so per face.
+    min_face: int = 32
+    fallback: str = "blur"
+    #: Re-optimisation rounds (each stronger) while the certifying recognizer still matches
+    #: a face to the original; after the last the sample is quarantined.
+    certify_rounds: int = 2
+    #: Certifying recognizer(s): never the optimised one.
+    certify: list[str] = field(default_factory=lambda: ["dlib-resnet"])
+    #: Extra distance from the certifier's same-person threshold a face must reach (in its
+    #: score units: dlib Euclidean distance, cosine for others). 0 = the threshold itself;
+    #: larger values also defend against top-1 identification in a gallery, where the
+    #: attacker only needs the original to be the *nearest* identity (BENCHMARKS.md).
+    certify_margin: float = 0.0
+    #: "auto" = cuda when the run asks for GPUs (``gpus_per_worker`` > 0), else cpu. A GPU that
+    #: was asked for but is missing is an error, never a silent CPU run.
+    device: str = "auto"
+    #: Faces optimised together in one model micro-batch (each stops on its own).
+    face_batch: int = 16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.certify, str):
+            self.certify = [c.strip() for c in self.certify.split(",") if c.strip()]
+        _check(bool(self.latent), "fsap.latent: name a latent space (taef2, or an AutoencoderKL id/path)")
+        _check(self.recognizer == "mobilefacenet",
+               "fsap.recognizer: only 'mobilefacenet' is differentiable here")
+        _check(self.recognizer not in self.certify,
+               "fsap.certify must not include the recognizer FSAP optimises against")
+        _check(len(self.certify) > 0, "fsap.certify: name at least one certifying recognizer")
+        _check(1 <= self.steps <= 10_000, "fsap.steps must be in [1, 10000]")
+        _check(0 <= self.inner_steps <= 100, "fsap.inner_steps must be in [0, 100]")
+        _check(-1.0 <= self.tau < 1.0, "fsap.tau must be in [-1, 1)")
+        for name in ("lambda_id", "lambda_attr"):
+            v = getattr(self, name)
+            _check(v is None or v > 0, f"fsap.{name} must be > 0")
+        for name in ("weight_pixel", "weight_ssim", "weight_lpips"):
+            _check(getattr(self, name) >= 0, f"fsap.{name} must be >= 0")
+        _check(self.crop_size >= 64 and self.crop_size % 16 == 0,
+               "fsap.crop_size must be a multiple of 16, at least 64")
+        _check(self.min_face >= 8, "fsap.min_face must be >= 8 pixels")
+        _check(self.fallback in FALLBACK_METHODS,
+               f"fsap.fallback must be one of {', '.join(FALLBACK_METHODS)}")
+        _check(0 <= self.certify_rounds <= 10, "fsap.certify_rounds must be in [0, 10]")
+        _check(0.0 <= self.certify_margin < 1.0, "fsap.certify_margin must be in [0, 1)")
+        _check(self.device in DEVICES, f"fsap.device must be one of {', '.join(DEVICES)}")
+        _check(self.face_batch >= 1, "fsap.face_batch must be >= 1")
+
+
+@dataclass
 class RescanConfig:
     enabled: bool = True
     #: "strengthen": re-anonymize more strongly (up to max_rounds), then quarantine;
@@ -148,9 +241,13 @@ class RunConfig:
     batch_size: int = 16
     #: Parallel workers per model stage (Ray actors / Beam threads); None = from the CPUs.
     workers: int | None = None
+    #: GPUs per worker of a GPU stage (FSAP): fractions share one GPU between actors. 0 = the
+    #: stage runs on CPU. Asking for GPUs on a machine without them is an error.
+    gpus_per_worker: float = 0.0
     progress: bool = True
     detect: DetectConfig = field(default_factory=DetectConfig)
     anonymize: AnonymizeConfig = field(default_factory=AnonymizeConfig)
+    fsap: FSAPConfig = field(default_factory=FSAPConfig)
     rescan: RescanConfig = field(default_factory=RescanConfig)
     io: ImageIOConfig = field(default_factory=ImageIOConfig)
     #: Model files: name -> path, and the models directory (default $VEIL_MODELS).
@@ -163,7 +260,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         for name, cls in (("detect", DetectConfig), ("anonymize", AnonymizeConfig),
-                          ("rescan", RescanConfig), ("io", ImageIOConfig)):
+                          ("fsap", FSAPConfig), ("rescan", RescanConfig), ("io", ImageIOConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, _build(cls, value, prefix=name))
@@ -172,6 +269,7 @@ class RunConfig:
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.folder_shard_size >= 1, "folder_shard_size must be >= 1")
         _check(self.workers is None or self.workers >= 1, "workers must be >= 1")
+        _check(self.gpus_per_worker >= 0, "gpus_per_worker must be >= 0")
 
     def validate_paths(self) -> None:
         _check(bool(self.input), "input: give --input (a shard pattern, Parquet files or a folder)")

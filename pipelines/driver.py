@@ -69,13 +69,23 @@ def build_stages(config: RunConfig) -> list[Stage]:
     from veil.transforms.rescan import RescanStage
 
     models = model_kwargs(config)
+    anonymize: Stage
+    if config.anonymize.method == "fsap":
+        from veil.transforms.fsap import FSAPStage
+
+        anonymize = FSAPStage(config.fsap, anonymize=config.anonymize, expand=config.detect.expand,
+                              seed=config.seed, models=models, gpus=config.gpus_per_worker,
+                              batch_size=config.batch_size)
+    else:
+        anonymize = AnonymizeStage(config.anonymize, expand=config.detect.expand, seed=config.seed)
     return [
         DecodeStage(config.io, batch_size=config.batch_size),
         DetectStage(config.detect, models=models, batch_size=config.batch_size),
-        AnonymizeStage(config.anonymize, expand=config.detect.expand, seed=config.seed),
+        anonymize,
         EncodeStage(config.io, batch_size=config.batch_size),
         RescanStage(rescan=config.rescan, detect=config.detect, anonymize=config.anonymize,
-                    io=config.io, models=models, seed=config.seed, batch_size=config.batch_size),
+                    io=config.io, models=models, seed=config.seed, batch_size=config.batch_size,
+                    fsap=config.fsap),
     ]
 
 
@@ -267,7 +277,12 @@ def models_info(config: RunConfig) -> list[dict[str, Any]]:
     from veil.transforms.models import ModelRegistry
 
     registry = ModelRegistry(**model_kwargs(config))
-    return [registry.provenance(name) for name in models_for(config.detect)]
+    names = list(models_for(config.detect))
+    if config.anonymize.method == "fsap":
+        from veil.transforms.fsap import models_for_fsap
+
+        names += models_for_fsap(config.fsap)
+    return [registry.provenance(name) for name in dict.fromkeys(names)]
 
 
 def _veil_version() -> str:

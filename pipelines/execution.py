@@ -1,4 +1,5 @@
-"""What every runner shares: the fused stage chain, shard-end markers and shard commits.
+"""What every runner shares: the fused stage chain (and its split into resource-shaped
+segments), shard-end markers and shard commits.
 
 Runners differ only in *where* the chain runs (driver loop, Ray actors, Beam DoFns). The
 chain, the order of samples within a shard and the commit of a shard (data files first,
@@ -82,12 +83,23 @@ class StageChain:
     Fusing avoids shipping decoded images between processes: one Ray actor (or one Beam
     DoFn) decodes, detects, anonymizes, encodes and re-scans a batch, and only the encoded
     result travels. Each stage still sees micro-batches of its own ``batch_size``.
+
+    A chain that holds a GPU stage is split by :meth:`segments` into consecutive segments of
+    one resource shape, so the GPU stage gets its own worker pool. Only the last segment
+    (``final=True``) checks statuses and strips working fields (``_pixels``, ``_mask``): the
+    earlier segments hand them on to the next one.
     """
 
-    def __init__(self, stages: Sequence[Stage], *, threads_per_worker: int = 1) -> None:
+    def __init__(self, stages: Sequence[Stage], *, threads_per_worker: int = 1, final: bool = True) -> None:
         self.stages = list(stages)
         self.threads_per_worker = threads_per_worker
+        #: True for a whole chain or its last segment: samples leave it finished.
+        self.final = final
         self._ready = False
+
+    @property
+    def name(self) -> str:
+        return "+".join(s.name for s in self.stages)
 
     @property
     def resources(self) -> Resources:
@@ -97,8 +109,33 @@ class StageChain:
         )
 
     @property
+    def uses_gpus(self) -> bool:
+        return any(s.resources.gpus > 0 for s in self.stages)
+
+    @property
     def stateful(self) -> bool:
         return any(s.stateful for s in self.stages)
+
+    def segments(self) -> list[StageChain]:
+        """Split the chain into consecutive segments by resource shape.
+
+        CPU stages next to each other stay fused; each stage with ``resources.gpus > 0`` is a
+        segment of its own (its pool is sized by GPUs, not CPUs), e.g. [decode, detect] ->
+        [fsap] -> [encode, rescan]. Without a GPU stage the plan is ``[self]``: one fused
+        unit, exactly as before. Running the segments in order gives the same samples as
+        running the whole chain.
+        """
+        groups: list[list[Stage]] = []
+        for stage in self.stages:
+            if stage.resources.gpus > 0 or not groups or groups[-1][-1].resources.gpus > 0:
+                groups.append([stage])
+            else:
+                groups[-1].append(stage)
+        if len(groups) <= 1:
+            return [self]
+        last = len(groups) - 1
+        return [StageChain(group, threads_per_worker=self.threads_per_worker, final=self.final and i == last)
+                for i, group in enumerate(groups)]
 
     def setup(self) -> None:
         if self._ready:
@@ -113,16 +150,21 @@ class StageChain:
         state["_ready"] = False
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("final", True)  # chains pickled before segments existed
+        self.__dict__.update(state)
+
     def __call__(self, batch: list[Sample]) -> list[Sample]:
         self.setup()
         markers = {i: s for i, s in enumerate(batch) if is_end_marker(s)}
         samples = [s for s in batch if not is_end_marker(s)]
         for stage in self.stages:
             samples = _run_in_micro_batches(stage, samples)
-        for sample in samples:
-            if sample.get("status") not in RELEASED_STATUSES + (QUARANTINED,):
-                quarantine(sample, f"internal_error: sample left the pipeline with status {sample.get('status')!r}")
-            strip_working_fields(sample)
+        if self.final:
+            for sample in samples:
+                if sample.get("status") not in RELEASED_STATUSES + (QUARANTINED,):
+                    quarantine(sample, f"internal_error: sample left the pipeline with status {sample.get('status')!r}")
+                strip_working_fields(sample)
         # Put end markers back where they were so the stream order is unchanged.
         out: list[Sample] = []
         it = iter(samples)

@@ -3,19 +3,25 @@
 Each runner takes the shards still to do and returns one ``ShardResult`` per committed
 shard. Local and Ray stream processed samples back to the driver in input order and the
 driver commits shard by shard; Beam groups samples by shard and commits inside the pipeline.
+
+Ray and Beam run the chain as ``StageChain.segments()``: one worker pool (Ray) or DoFn (Beam)
+per segment, so a GPU stage gets GPU workers of its own while CPU stages stay fused. A chain
+with no GPU stage is one segment, one pool, as it always was.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from veil.config import ConfigError
 from veil.pipelines.execution import (
     ShardCommitter,
     ShardResult,
@@ -153,7 +159,72 @@ def init_ray(address: str | None) -> None:
         ray.init(num_cpus=os.cpu_count(), **kwargs)
 
 
+class GPUUnavailableError(ConfigError):
+    """A stage asks for GPUs the Ray cluster does not have. Raised before any processing:
+    Veil never falls back to CPU silently."""
+
+
+#: CPUs kept free for the read tasks: two actors with num_cpus=1 plus a read task on two cores
+#: would deadlock.
+READ_CPU_RESERVE = 0.5
+
+
+@dataclass(frozen=True)
+class RayPool:
+    """The actor pool of one chain segment: ``size`` actors, each reserving ``num_cpus`` and
+    ``num_gpus`` (0 for CPU segments)."""
+
+    segment: StageChain
+    size: int
+    num_cpus: float
+    num_gpus: float = 0.0
+
+
+def plan_ray_pools(segments: Sequence[StageChain], *, cluster: Mapping[str, float],
+                   workers: int | None) -> list[RayPool]:
+    """Size one actor pool per segment from the cluster's resources.
+
+    CPU segments get ``workers`` actors (default: one per cluster CPU). A GPU segment gets
+    ``floor(cluster GPUs / GPUs per actor)`` actors, at most ``workers`` when the user set it,
+    and fails with :class:`GPUUnavailableError` when not even one actor's share is there. The
+    cluster's CPUs (less a reserve for reads) are shared by all actors of all pools, so every
+    pool can start on a 2-core machine; one segment gets exactly the CPUs it always got.
+    """
+    total_cpus = float(cluster.get("CPU", os.cpu_count() or 1))
+    total_gpus = float(cluster.get("GPU", 0.0))
+    cpu_pool = workers or max(1, int(total_cpus))
+    sizes: list[int] = []
+    for segment in segments:
+        gpus = segment.resources.gpus
+        if gpus <= 0:
+            sizes.append(cpu_pool)
+            continue
+        fit = math.floor(total_gpus / gpus + 1e-9)
+        if fit < 1:
+            have = "none" if total_gpus <= 0 else f"only {total_gpus:g}"
+            raise GPUUnavailableError(
+                f"stage {segment.name!r} asks for {gpus:g} GPU per worker (--gpus-per-worker {gpus:g}) "
+                f"but the Ray cluster has {have}; drop --gpus-per-worker to run on CPU, or join a "
+                "cluster with GPUs via --ray-address")
+        sizes.append(min(fit, workers) if workers else fit)
+    share = (total_cpus - READ_CPU_RESERVE) / max(1, sum(sizes))
+    # One segment keeps its old floor; several pools may hold many actors on few cores.
+    share = max(0.1 if len(segments) == 1 else 0.01, share)
+    return [RayPool(segment=segment, size=size, num_cpus=min(segment.resources.cpus, share),
+                    num_gpus=segment.resources.gpus)
+            for segment, size in zip(segments, sizes, strict=True)]
+
+
 class RayRunner(Runner):
+    """Ray Data: reads as tasks, then one ``map_batches`` actor pool per chain segment.
+
+    A GPU stage's actors reserve ``resources.gpus`` each (Ray sets ``CUDA_VISIBLE_DEVICES``;
+    the stage picks its device in ``setup()``); CPU stages around it keep their fused pools.
+    Samples travel between pools as pickled dicts, working fields included; the last pool
+    strips them. ``preserve_order`` holds across all pools, so the driver commits shard by
+    shard from the ordered stream.
+    """
+
     name = "ray"
 
     def __init__(self, address: str | None = None) -> None:
@@ -168,6 +239,8 @@ class RayRunner(Runner):
         import ray
 
         init_ray(self.address)
+        # Sized (and GPU availability checked) before anything is read or processed.
+        pools = plan_ray_pools(ctx.chain.segments(), cluster=ray.cluster_resources(), workers=ctx.workers)
         data_ctx = ray.data.DataContext.get_current()
         # The driver commits shard by shard, so samples must come back in input order.
         data_ctx.execution_options.preserve_order = True
@@ -177,25 +250,19 @@ class RayRunner(Runner):
         # Small blocks keep several actors busy within one shard and memory bounded.
         data_ctx.target_max_block_size = 4 * 1024 * 1024
 
-        total_cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-        workers = ctx.workers or max(1, int(total_cpus))
-        resources = ctx.chain.resources
-        # Leave room for the read tasks: two actors with num_cpus=1 plus a read task on two
-        # cores would deadlock.
-        cpus_per_worker = min(resources.cpus, max(0.1, (total_cpus - 0.5) / workers))
-
         ds = ray.data.from_items([{"shard": pickle.dumps(s)} for s in shards],
                                  override_num_blocks=len(shards))
         ds = ds.flat_map(_ray_read_shard, fn_kwargs={"source": ctx.source}, num_cpus=0.25)
-        ds = ds.map_batches(
-            _RayChainActor,
-            fn_constructor_kwargs={"chain": ctx.chain},
-            batch_size=ctx.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            num_cpus=cpus_per_worker,
-            num_gpus=resources.gpus or None,
-        )
+        for pool in pools:
+            ds = ds.map_batches(
+                _RayChainActor,
+                fn_constructor_kwargs={"chain": pool.segment},
+                batch_size=ctx.batch_size,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=pool.size),
+                num_cpus=pool.num_cpus,
+                num_gpus=pool.num_gpus or None,
+            )
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
             for blob in batch["sample"]:
                 yield pickle.loads(blob)
@@ -214,10 +281,20 @@ def beam_pipeline_options(extra: list[str]) -> list[str]:
 
 
 class BeamRunner(Runner):
+    """Apache Beam: read, then one ``DoFn`` per chain segment, then commit grouped by shard.
+
+    Every segment's failures go to its dead-letter output, which joins the last segment's
+    output before the commit, so a sample that fails in any segment is quarantined, never lost.
+    GPU placement on Beam is per *worker*: a GPU segment's ``ParDo`` carries an ``accelerator``
+    resource hint that runners with accelerator workers honour (Dataflow, and Flink/Spark
+    workers launched with GPUs); the local direct runners ignore it and run on this machine.
+    """
+
     name = "beam"
 
-    def __init__(self, options: list[str] | None = None) -> None:
+    def __init__(self, options: list[str] | None = None, *, accelerator_type: str | None = None) -> None:
         self.options = beam_pipeline_options(options or [])
+        self.accelerator_type = accelerator_type
 
     def run(self, shards: list[Shard], ctx: RunContext) -> list[ShardResult]:
         if not shards:
@@ -227,19 +304,29 @@ class BeamRunner(Runner):
 
         from veil.pipelines import beam_transforms as bt
 
-        with beam.Pipeline(options=PipelineOptions(self.options)) as pipeline:
-            samples = (
+        options = PipelineOptions(self.options)
+        segments = ctx.chain.segments()
+        with beam.Pipeline(options=options) as pipeline:
+            stream = (
                 pipeline
                 | "Shards" >> beam.Create([pickle.dumps(s) for s in shards], reshuffle=False)
                 | "Read" >> beam.FlatMap(bt.read_shard, source=ctx.source)
-                | "Batch" >> beam.BatchElements(min_batch_size=ctx.batch_size,
-                                                max_batch_size=ctx.batch_size)
             )
-            processed = samples | "Anonymize" >> beam.ParDo(bt.ChainDoFn(ctx.chain)).with_outputs(
-                bt.DEAD_LETTER, main="ok"
-            )
+            dead_letters = []
+            for i, segment in enumerate(segments):
+                # One segment keeps the labels it always had (Dataflow update compatibility).
+                suffix = "" if len(segments) == 1 else f"{i}[{segment.name}]"
+                processed = (
+                    stream
+                    | f"Batch{suffix}" >> beam.BatchElements(min_batch_size=ctx.batch_size,
+                                                             max_batch_size=ctx.batch_size)
+                    | f"Anonymize{suffix}" >> bt.segment_pardo(segment, options=options,
+                                                               accelerator_type=self.accelerator_type)
+                )
+                stream = processed.ok
+                dead_letters.append(processed[bt.DEAD_LETTER])
             (
-                (processed.ok, processed[bt.DEAD_LETTER])
+                (stream, *dead_letters)
                 | "Merge" >> beam.Flatten()
                 | "KeyByShard" >> beam.Map(lambda s: (s["__shard__"], s))
                 | "GroupByShard" >> beam.GroupByKey()
@@ -274,11 +361,12 @@ def result_from_manifest(output: Path, shard_id: str) -> ShardResult:
                        reasons=dict(Counter(reasons)), n_faces=faces, seconds=seconds)
 
 
-def make_runner(name: str, *, ray_address: str | None = None, beam_options: list[str] | None = None) -> Runner:
+def make_runner(name: str, *, ray_address: str | None = None, beam_options: list[str] | None = None,
+                beam_accelerator_type: str | None = None) -> Runner:
     if name == "local":
         return LocalRunner()
     if name == "ray":
         return RayRunner(ray_address)
     if name == "beam":
-        return BeamRunner(beam_options)
+        return BeamRunner(beam_options, accelerator_type=beam_accelerator_type)
     raise ValueError(f"unknown runner {name!r}")

