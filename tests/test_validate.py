@@ -346,3 +346,22 @@ def test_shard_states_merge_exactly_in_any_order(blur_run):
     summary = json.loads((out / "validation" / "summary.json").read_text())
     assert {k: forward[k] for k in forward if k in summary["metrics"]} == {
         k: summary["metrics"][k] for k in forward if k in summary["metrics"]}
+
+
+def test_a_blur_release_is_reported_honestly_against_the_synthesis_gates(blur_run, tmp_path):
+    """Blur hides identities but is no synthesis: judged by the gates of `--method fsap` on its
+    real measurements, it fails the detection-rate and face-LPIPS gates (faces are gone, not
+    replaced), while the identity gates it shares with FSAP still pass."""
+    import pandas as pd
+
+    from veil.validators.gates import evaluate_gates, load_gates, overall_status
+
+    out, _ = blur_run
+    metrics = json.loads((out / "validation" / "summary.json").read_text())["metrics"]
+    tables = {name: pd.concat([pd.read_parquet(p) for p in sorted((out / "validation" / name).glob("*.parquet"))])
+              for name in ("samples", "faces")}
+    results = {r.name: r for r in evaluate_gates(load_gates(None, method="fsap"), metrics, tables, tmp_path)}
+    assert overall_status(list(results.values())) == "failed"
+    assert results["detection-rate-centerface"].status == "failed"
+    assert results["face-lpips"].status == "failed"
+    assert results["reidentification-dlib-resnet"].status == "passed"
