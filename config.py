@@ -147,15 +147,18 @@ class FSAPConfig:
     min_face: int = 32
     fallback: str = "blur"
     #: Re-optimisation rounds (each stronger) while the certifying recognizer still matches
-    #: a face to the original; after the last the sample is quarantined.
-    certify_rounds: int = 2
+    #: a face to the original; after the last the sample is quarantined. With the default
+    #: margin, 3 rounds released all 7 shared photos (2 needed the third; BENCHMARKS.md).
+    certify_rounds: int = 3
     #: Certifying recognizer(s): never the optimised one.
     certify: list[str] = field(default_factory=lambda: ["dlib-resnet"])
     #: Extra distance from the certifier's same-person threshold a face must reach (in its
-    #: score units: dlib Euclidean distance, cosine for others). 0 = the threshold itself;
-    #: larger values also defend against top-1 identification in a gallery, where the
-    #: attacker only needs the original to be the *nearest* identity (BENCHMARKS.md).
-    certify_margin: float = 0.0
+    #: score units: dlib Euclidean distance, cosine for others). 0 = the threshold itself,
+    #: which left released faces at dlib distances of 0.61-0.70, just past 0.6; 0.1 puts
+    #: them at 0.70-0.77, nearer the 0.68-0.90 of two different people, for about twice the
+    #: CPU time (BENCHMARKS.md). Larger values also work against top-1 identification in a
+    #: gallery, where an attacker only needs the original to be the *nearest* identity.
+    certify_margin: float = 0.1
     #: "auto" = cuda when the run asks for GPUs (``gpus_per_worker`` > 0), else cpu. A GPU that
     #: was asked for but is missing is an error, never a silent CPU run.
     device: str = "auto"

@@ -89,6 +89,16 @@ def build_stages(config: RunConfig) -> list[Stage]:
     ]
 
 
+def io_batch_size(config: RunConfig) -> int:
+    """Samples handed to the workers at once. FSAP on CPU takes tens of seconds per face and
+    optimises each sample's faces on their own, so big batches only hold the progress bar
+    still (16 images could be ten minutes without a tick): batches of 2 there. On GPUs the
+    configured batch feeds the GPU actors' face batches."""
+    if config.anonymize.method == "fsap" and config.gpus_per_worker == 0:
+        return min(config.batch_size, 2)
+    return config.batch_size
+
+
 def fingerprint_of(config: RunConfig) -> str:
     from veil.pipelines.manifest import run_fingerprint
 
@@ -180,7 +190,7 @@ def run(config: RunConfig) -> RunSummary:
     chain = StageChain(build_stages(config))
     runner = make_runner(config.runner, ray_address=config.ray_address, beam_options=config.beam_options)
     ctx = RunContext(source=source, chain=chain, output=output, fingerprint=fingerprint,
-                     batch_size=config.batch_size, workers=config.workers,
+                     batch_size=io_batch_size(config), workers=config.workers,
                      on_sample=progress.on_sample, on_shard=progress.on_shard)
     start = time.perf_counter()
     try:
