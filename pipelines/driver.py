@@ -75,7 +75,7 @@ def build_stages(config: RunConfig) -> list[Stage]:
 
         anonymize = FSAPStage(config.fsap, anonymize=config.anonymize, expand=config.detect.expand,
                               seed=config.seed, models=models, gpus=config.gpus_per_worker,
-                              batch_size=config.batch_size)
+                              batch_size=config.batch_size, io=config.io)
     else:
         anonymize = AnonymizeStage(config.anonymize, expand=config.detect.expand, seed=config.seed)
     return [
