@@ -54,15 +54,13 @@ def accelerator_hint(gpus: float, *, options: PipelineOptions | None = None,
     return f"type:{accelerator_type or DEFAULT_ACCELERATOR_TYPE};count:{count};install-nvidia-driver"
 
 
-def segment_pardo(segment: StageChain, *, options: PipelineOptions | None = None,
-                  accelerator_type: str | None = None) -> beam.PTransform:
+def segment_pardo(segment: StageChain, *, options: PipelineOptions | None = None) -> beam.PTransform:
     """The ``ParDo`` (main output ``ok``, plus ``DEAD_LETTER``) that runs one chain segment,
     with an ``accelerator`` resource hint when the segment needs GPUs."""
     pardo = beam.ParDo(ChainDoFn(segment))
     if segment.uses_gpus:
         pardo = pardo.with_resource_hints(
-            accelerator=accelerator_hint(segment.resources.gpus, options=options,
-                                         accelerator_type=accelerator_type))
+            accelerator=accelerator_hint(segment.resources.gpus, options=options))
     return pardo.with_outputs(DEAD_LETTER, main="ok")
 
 

@@ -150,10 +150,6 @@ class StageChain:
         state["_ready"] = False
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("final", True)  # chains pickled before segments existed
-        self.__dict__.update(state)
-
     def __call__(self, batch: list[Sample]) -> list[Sample]:
         self.setup()
         markers = {i: s for i, s in enumerate(batch) if is_end_marker(s)}

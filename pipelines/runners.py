@@ -292,9 +292,8 @@ class BeamRunner(Runner):
 
     name = "beam"
 
-    def __init__(self, options: list[str] | None = None, *, accelerator_type: str | None = None) -> None:
+    def __init__(self, options: list[str] | None = None) -> None:
         self.options = beam_pipeline_options(options or [])
-        self.accelerator_type = accelerator_type
 
     def run(self, shards: list[Shard], ctx: RunContext) -> list[ShardResult]:
         if not shards:
@@ -320,8 +319,7 @@ class BeamRunner(Runner):
                     stream
                     | f"Batch{suffix}" >> beam.BatchElements(min_batch_size=ctx.batch_size,
                                                              max_batch_size=ctx.batch_size)
-                    | f"Anonymize{suffix}" >> bt.segment_pardo(segment, options=options,
-                                                               accelerator_type=self.accelerator_type)
+                    | f"Anonymize{suffix}" >> bt.segment_pardo(segment, options=options)
                 )
                 stream = processed.ok
                 dead_letters.append(processed[bt.DEAD_LETTER])
@@ -361,12 +359,11 @@ def result_from_manifest(output: Path, shard_id: str) -> ShardResult:
                        reasons=dict(Counter(reasons)), n_faces=faces, seconds=seconds)
 
 
-def make_runner(name: str, *, ray_address: str | None = None, beam_options: list[str] | None = None,
-                beam_accelerator_type: str | None = None) -> Runner:
+def make_runner(name: str, *, ray_address: str | None = None, beam_options: list[str] | None = None) -> Runner:
     if name == "local":
         return LocalRunner()
     if name == "ray":
         return RayRunner(ray_address)
     if name == "beam":
-        return BeamRunner(beam_options, accelerator_type=beam_accelerator_type)
+        return BeamRunner(beam_options)
     raise ValueError(f"unknown runner {name!r}")

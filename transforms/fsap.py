@@ -75,25 +75,23 @@ ROUND_STEPS_FACTOR = 2
 #: so the schedule is deterministic.
 VIEWS = ((0.94, 0.03, -0.02), (1.06, -0.03, 0.02), (1.0, 0.02, 0.03), (0.97, -0.02, -0.03))
 
-#: Registry name of the LPIPS network in the attribute loss.
-LPIPS_MODEL = "lpips_alex"
-
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ----------------------------------------------------------------------------------- geometry
+
+
+def _frame_in_crop(crop_size: int) -> tuple[float, float]:
+    """(scale, offset) mapping ArcFace 112-frame coordinates into the crop: the frame fills
+    the middle ``FACE_FRACTION`` of it."""
+    return crop_size * FACE_FRACTION / 112.0, crop_size * (1.0 - FACE_FRACTION) / 2.0
 
 
 def face_crop_matrix(region: dict[str, Any], crop_size: int) -> np.ndarray:
     """2x3 similarity from image pixels to the face crop (see the module docstring)."""
     from veil.transforms.recognizers import _alignment_matrix, _region_geometry
 
-    to112 = _alignment_matrix(*_region_geometry(region), 112)
-    inner = crop_size * FACE_FRACTION
-    scale = inner / 112.0
-    offset = (crop_size - inner) / 2.0
-    out = to112 * scale
+    scale, offset = _frame_in_crop(crop_size)
+    out = _alignment_matrix(*_region_geometry(region), 112) * scale
     out[:, 2] += offset
     return out
 
@@ -101,8 +99,7 @@ def face_crop_matrix(region: dict[str, Any], crop_size: int) -> np.ndarray:
 def _face_mask(crop_size: int) -> np.ndarray:
     """Float32 (S, S) mask in the crop: 1 over the face core, smooth ramp to 0 at the ellipse."""
     cx, cy, ax, ay = FACE_ELLIPSE_112
-    scale = crop_size * FACE_FRACTION / 112.0
-    offset = (crop_size - crop_size * FACE_FRACTION) / 2.0
+    scale, offset = _frame_in_crop(crop_size)
     coords = np.arange(crop_size, dtype=np.float64) + 0.5
     xs = (coords - (cx * scale + offset)) / (ax * scale)
     ys = (coords - (cy * scale + offset)) / (ay * scale)
@@ -212,6 +209,8 @@ class FSAPOptimizer:
                  config: FSAPConfig, device: Any) -> None:
         import torch
 
+        from veil.transforms.recognizers import _IMAGENET_MEAN, _IMAGENET_STD
+
         self.latent = latent
         self.recognizer = recognizer
         self.perceptual = perceptual
@@ -260,11 +259,13 @@ class FSAPOptimizer:
             loss = loss + cfg.weight_lpips * self.perceptual(x_hat, x).view(-1)
         return loss
 
-    def optimise(self, crops: np.ndarray, *, strength: int = 0) -> OptimiseResult:
-        """Optimise (B, S, S, 3) uint8 crops; returns the change for each and a record per face."""
+    def optimise(self, crops: np.ndarray, *, strength: int = 0, steps: int | None = None) -> OptimiseResult:
+        """Optimise (B, S, S, 3) uint8 crops; returns the change for each and a record per face.
+        ``steps`` overrides the round's iteration budget (a memory probe needs one)."""
         import torch
 
-        tau, lambda_id, steps = self.schedule(strength)
+        tau, lambda_id, round_steps = self.schedule(strength)
+        steps = round_steps if steps is None else steps
         b = crops.shape[0]
         x = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
         with torch.no_grad():
@@ -333,7 +334,9 @@ def models_for_fsap(config: FSAPConfig) -> list[str]:
     names = [TAEF2_ENCODER, TAEF2_DECODER] if config.latent == "taef2" else []
     names.append(MOBILEFACENET_MODEL)
     if config.weight_lpips > 0:
-        names.append(LPIPS_MODEL)
+        from veil.transforms.perceptual import LPIPS_MODELS
+
+        names.append(LPIPS_MODELS["alex"])
     by_recognizer = {"dlib-resnet": [DLIB_RECOGNITION_MODEL, DLIB_SHAPE_MODEL],
                      "facenet-vggface2": [FACENET_MODEL], "mobilefacenet": [MOBILEFACENET_MODEL]}
     for name in config.certify:
@@ -369,6 +372,33 @@ def certifier_verdict(recognizer: Any, original: np.ndarray, released: np.ndarra
         return score, score <= recognizer.threshold + margin
     score = float(a @ b / max(1e-12, float(np.linalg.norm(a) * np.linalg.norm(b))))
     return score, score >= recognizer.threshold - margin
+
+
+def certify_faces(certifiers: list[Any], original: np.ndarray, released: np.ndarray,
+                  regions: list[dict[str, Any]], *, margin: float) -> list[dict[str, dict[str, Any]]]:
+    """Per face, each certifying recognizer's verdict on ``released`` against ``original`` at
+    the original face's geometry: ``{name: {score, metric, threshold, margin, matched}}``.
+    Used by the FSAP stage (before release) and the re-scan (on the encoded output)."""
+    out: list[dict[str, dict[str, Any]]] = [{} for _ in regions]
+    if not regions:
+        return out
+    for rec in certifiers:
+        emb_o, emb_a = rec.embed_pair(original, released, regions)
+        for i in range(len(regions)):
+            score, matched = certifier_verdict(rec, emb_o[i], emb_a[i], margin=margin)
+            out[i][rec.name] = {"score": round(score, 4), "metric": rec.metric,
+                                "threshold": rec.threshold, "margin": margin, "matched": bool(matched)}
+    return out
+
+
+def fallback_anonymizer(anonymize: AnonymizeConfig, config: FSAPConfig, *, expand: float) -> Any:
+    """The obscuring anonymizer for faces FSAP cannot replace (too small, or found only by the
+    re-scan): the run's anonymize settings with ``fsap.fallback`` as the method."""
+    from dataclasses import replace
+
+    from veil.transforms.anonymize import Anonymizer
+
+    return Anonymizer(replace(anonymize, method=config.fallback), expand=expand)
 
 
 def faces_per_batch(free_bytes: int, per_face_bytes: int, cap: int, *, headroom: float = 0.6) -> int:
@@ -419,7 +449,6 @@ class FSAPStage(Stage):
             return
         import torch
 
-        from veil.transforms.anonymize import Anonymizer
         from veil.transforms.latent import build_latent_space
         from veil.transforms.models import ModelRegistry, load_torch_state_dict
         from veil.transforms.recognizers import (
@@ -446,11 +475,9 @@ class FSAPStage(Stage):
             perceptual.eval().requires_grad_(False)
         self._optimizer = FSAPOptimizer(latent, recognizer, perceptual, self.config, self.device)
         self._certifiers = [build_recognizer(name, registry) for name in self.config.certify]
-        fallback = AnonymizeConfig(**{**self.anonymize.__dict__, "method": self.config.fallback})
-        self._fallback = Anonymizer(fallback, expand=self.expand)
+        self._fallback = fallback_anonymizer(self.anonymize, self.config, expand=self.expand)
         self._crop_mask = _face_mask(self.config.crop_size)
         self._latent_name = latent.name
-        self._latent_models = latent.models
         self._face_batch = self.config.face_batch
         if self.device.startswith("cuda"):
             self._face_batch = self._fit_batch_to_device()
@@ -465,12 +492,7 @@ class FSAPStage(Stage):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        saved = self.config.steps
-        try:
-            self.config.steps = 1
-            self._optimizer.optimise(probe)
-        finally:
-            self.config.steps = saved
+        self._optimizer.optimise(probe, steps=1)
         per_face = max(1, (torch.cuda.max_memory_allocated() - before) // 2)
         free, _total = torch.cuda.mem_get_info()
         return faces_per_batch(free, per_face, self.config.face_batch)
@@ -492,21 +514,6 @@ class FSAPStage(Stage):
             "fallback": self.config.fallback, "device": self.device,
             "face_batch": self._face_batch,
         }
-
-    def _certify(self, original: np.ndarray, released: np.ndarray, regions: list[dict[str, Any]]
-                 ) -> list[dict[str, dict[str, Any]]]:
-        """Per face: each certifying recognizer's score and whether it still matches."""
-        out: list[dict[str, dict[str, Any]]] = [{} for _ in regions]
-        if not regions:
-            return out
-        for rec in self._certifiers:
-            emb_o, emb_a = rec.embed_pair(original, released, regions)
-            for i in range(len(regions)):
-                score, match = certifier_verdict(rec, emb_o[i], emb_a[i], margin=self.config.certify_margin)
-                out[i][rec.name] = {"score": round(score, 4), "metric": rec.metric,
-                                    "threshold": rec.threshold, "margin": self.config.certify_margin,
-                                    "matched": bool(match)}
-        return out
 
     def _as_released(self, sample: Sample, mask: np.ndarray) -> np.ndarray:
         """The pixels a reader of the release will decode: encoded in the sample's format with
@@ -592,7 +599,8 @@ class FSAPStage(Stage):
         # sample afresh from these, so a re-optimised face never stacks on its earlier change.
         base_pixels = {i: batch[i]["_pixels"].copy() for i in todo if i not in failed}
         base_masks = {i: masks[i].copy() for i in todo if i not in failed}
-        changes: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        #: sample index -> region index -> (crop-space change, crop matrix)
+        changes: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
         strength = 0
         while pending:
             try:
@@ -602,7 +610,7 @@ class FSAPStage(Stage):
                     failed[f.sample] = f"fsap_error: {describe_exception(exc)}"
                 break
             for f, (change, record) in zip(pending, results, strict=True):
-                changes[(f.sample, f.region)] = (change, f.matrix)
+                changes.setdefault(f.sample, {})[f.region] = (change, f.matrix)
                 batch[f.sample]["regions"][f.region]["fsap"] = {
                     "status": "optimised", "round": strength, "iterations": record.iterations,
                     "similarity": round(record.similarity, 4), "reached_tau": record.stopped,
@@ -612,10 +620,9 @@ class FSAPStage(Stage):
             touched = sorted({f.sample for f in pending})
             for i in touched:
                 pixels, mask = base_pixels[i].copy(), base_masks[i].copy()
-                for (s_idx, _r), (change, matrix) in sorted(changes.items(), key=lambda kv: kv[0]):
-                    if s_idx == i:
-                        face_mask, _ = blend_change(pixels, change, matrix, self._crop_mask)
-                        np.maximum(mask, face_mask, out=mask)
+                for _region, (change, matrix) in sorted(changes[i].items(), key=lambda kv: kv[0]):
+                    face_mask, _ = blend_change(pixels, change, matrix, self._crop_mask)
+                    np.maximum(mask, face_mask, out=mask)
                 batch[i]["_pixels"], masks[i] = pixels, mask
             # Certify the faces just optimised on their sample's released pixels.
             retry: list[_Face] = []
@@ -623,7 +630,8 @@ class FSAPStage(Stage):
                 faces_here = [f for f in pending if f.sample == i]
                 regions = [batch[i]["regions"][f.region] for f in faces_here]
                 try:
-                    verdicts = self._certify(originals[i], self._as_released(batch[i], masks[i]), regions)
+                    verdicts = certify_faces(self._certifiers, originals[i], self._as_released(batch[i], masks[i]),
+                                             regions, margin=self.config.certify_margin)
                 except Exception as exc:  # noqa: BLE001 - failures are data
                     failed[i] = f"certify_error: {describe_exception(exc)}"
                     continue

@@ -238,15 +238,12 @@ class DiffusersAutoencoder(LatentSpace):
             raise ImportError("an AutoencoderKL latent space needs diffusers: pip install diffusers") from exc
         local = Path(id_or_path).expanduser()
         source = str(local) if local.exists() else id_or_path
-        kwargs: dict[str, Any] = {"local_files_only": not allow_download}
-        if not local.exists() and "/" in id_or_path and not (local / "config.json").exists():
-            # Full SD pipelines keep the VAE in a "vae" subfolder; a bare VAE repo does not.
-            kwargs["subfolder"] = None
+        offline = not allow_download
         try:
-            vae = AutoencoderKL.from_pretrained(source, **kwargs)
-        except Exception as first:  # noqa: BLE001 - retry as a pipeline's vae/ subfolder
+            vae = AutoencoderKL.from_pretrained(source, local_files_only=offline)
+        except Exception as first:  # noqa: BLE001 - full SD pipelines keep the VAE in vae/
             try:
-                vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **{"local_files_only": kwargs["local_files_only"]})
+                vae = AutoencoderKL.from_pretrained(source, subfolder="vae", local_files_only=offline)
             except Exception:  # noqa: BLE001 - report the first, clearer error
                 hint = ("it is not a local folder and is not in the Hugging Face cache; run once "
                         "with allow_download: true (--allow-download) on a machine with internet, "

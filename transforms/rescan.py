@@ -73,11 +73,11 @@ class RescanStage(SampleStage):
         registry = ModelRegistry(**self.models)
         self._detector = build_detector(self.detect, registry)
         if self.synthesis:
+            from veil.transforms.fsap import fallback_anonymizer
             from veil.transforms.recognizers import build_recognizer
 
             # Faces the synthesis left or missed are obscured with its fallback method.
-            fallback = AnonymizeConfig(**{**self.anonymize.__dict__, "method": self.fsap.fallback})
-            self._anonymizer = Anonymizer(fallback, expand=self.detect.expand)
+            self._anonymizer = fallback_anonymizer(self.anonymize, self.fsap, expand=self.detect.expand)
             self._certifiers = [build_recognizer(name, registry) for name in self.fsap.certify]
         else:
             self._anonymizer = Anonymizer(self.anonymize, expand=self.detect.expand)
@@ -113,7 +113,8 @@ class RescanStage(SampleStage):
             )
             found = [r.to_dict() for r in self._detector.detect(released.rgb)]
             if self.synthesis:
-                found = [r for r in found if not any(_overlaps(r["box"], s["box"]) for s in _synthesized(regions))]
+                replaced = [r["box"] for r in regions if _is_synthesized(r)]
+                found = [r for r in found if not any(_overlaps(r["box"], box) for box in replaced)]
             if not found:
                 sample["rescan_rounds"] = round_
                 if self.synthesis:
@@ -140,7 +141,7 @@ class RescanStage(SampleStage):
             regions.extend(found)
             decoded = sample["_decoded"]
             # A synthesis method's replaced faces are not obscured: only what it left or missed.
-            targets = [r for r in regions if r not in _synthesized(regions)] if self.synthesis else regions
+            targets = [r for r in regions if not _is_synthesized(r)] if self.synthesis else regions
             result = self._anonymizer.apply(
                 sample["_pixels"],
                 targets,
@@ -173,30 +174,32 @@ class RescanStage(SampleStage):
     def _certify(self, sample: Sample, released_rgb: np.ndarray, regions: list[dict[str, Any]]) -> Sample:
         """Compare every synthesized face of the *encoded output* with the original face at the
         same place under each certifying recognizer; a match quarantines the sample."""
-        from veil.transforms.fsap import certifier_verdict
+        from veil.transforms.fsap import certify_faces
 
-        faces = _synthesized(regions)
-        if not faces:
+        indices = [i for i, r in enumerate(regions) if _is_synthesized(r)]
+        if not indices:
             return sample
-        original = sample["_decoded"].rgb
+        faces = [regions[i] for i in indices]
+        margin = self.fsap.certify_margin
+        verdicts = certify_faces(self._certifiers, sample["_decoded"].rgb, released_rgb, faces, margin=margin)
+        for face, verdict in zip(faces, verdicts, strict=True):
+            face["fsap"].setdefault("released", {}).update({n: v["score"] for n, v in verdict.items()})
         for rec in self._certifiers:
-            emb_o, emb_a = rec.embed_pair(original, released_rgb, faces)
-            for i, face in enumerate(faces):
-                score, matched = certifier_verdict(rec, emb_o[i], emb_a[i], margin=self.fsap.certify_margin)
-                face.setdefault("fsap", {}).setdefault("released", {})[rec.name] = round(score, 4)
-                if matched:
+            for index, verdict in zip(indices, verdicts, strict=True):
+                v = verdict[rec.name]
+                if v["matched"]:
                     return quarantine(
                         sample,
-                        f"identity_not_removed: {rec.name} still matches face {regions.index(face)} to "
-                        f"the original in the encoded output ({rec.metric} {score:.3f}, threshold "
-                        f"{rec.threshold}, margin {self.fsap.certify_margin})",
+                        f"identity_not_removed: {rec.name} still matches face {index} to the original "
+                        f"in the encoded output ({v['metric']} {v['score']:.3f}, threshold "
+                        f"{v['threshold']}, margin {margin})",
                     )
         return sample
 
 
-def _synthesized(regions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Regions whose identity a synthesis method replaced (as opposed to obscured)."""
-    return [r for r in regions if (r.get("fsap") or {}).get("status") == "optimised"]
+def _is_synthesized(region: dict[str, Any]) -> bool:
+    """True for a region whose identity a synthesis method replaced (not obscured)."""
+    return (region.get("fsap") or {}).get("status") == "optimised"
 
 
 def _overlaps(a: list[float], b: list[float]) -> bool:

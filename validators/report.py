@@ -71,6 +71,7 @@ def compute_run_report(output: Path) -> dict[str, Any]:
     stage_times: dict[str, list[float]] = defaultdict(list)
     epsilons = []
     rescan_rounds: Counter[int] = Counter()
+    synthesized: list[dict[str, Any]] = []
     for r in rows:
         shard = per_shard[r["shard"]]
         shard[r["status"]] += 1
@@ -79,13 +80,19 @@ def compute_run_report(output: Path) -> dict[str, Any]:
         seconds_by_shard[r["shard"]] += float(r.get("seconds") or 0.0)
         if r["status"] != "quarantined" or r.get("regions"):
             faces_per_image.append(int(r.get("n_faces") or 0))
-        for region in json.loads(r.get("regions") or "[]"):
+        regions = json.loads(r.get("regions") or "[]")
+        timings = json.loads(r.get("timings") or "{}")
+        for region in regions:
             if region.get("redetected"):
                 continue
             scores.append(float(region.get("score", 0.0)))
             detectors[region.get("detector", "?")] += 1
-        for stage, t in json.loads(r.get("timings") or "{}").items():
+        for stage, t in timings.items():
             stage_times[stage].append(float(t))
+        records = [g["fsap"] for g in regions if isinstance(g.get("fsap"), dict)]
+        # The stage times a batch; its seconds are shared evenly by the sample's faces.
+        synthesized += [{"status": r["status"], "record": rec,
+                         "seconds": float(timings.get("fsap", 0.0)) / len(records)} for rec in records]
         if r.get("epsilon") is not None:
             epsilons.append(float(r["epsilon"]))
         if r.get("rescan_rounds") is not None:
@@ -123,23 +130,18 @@ def compute_run_report(output: Path) -> dict[str, Any]:
         "fingerprint": run_info.get("fingerprint"),
         "phase": run_info.get("phase"),
     }
-    report["synthesis"] = synthesis_summary(rows)
+    report["synthesis"] = synthesis_summary(synthesized)
     report["_scores"] = scores  # for plots only, not written
     report["_rows"] = rows
     return report
 
 
-def synthesis_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Per-face figures of a synthesis run (FSAP) from the manifests' region records: how many
-    faces were optimised or obscured by the fallback, iterations and rounds used, the final
-    similarity under the optimised recognizer and each certifying recognizer's score (before
-    encoding and on the released bytes), and seconds per face. None when no face has a record."""
-    faces = []
-    for r in rows:
-        regions = [g for g in json.loads(r.get("regions") or "[]") if isinstance(g.get("fsap"), dict)]
-        seconds = float((json.loads(r.get("timings") or "{}")).get("fsap", 0.0))
-        for g in regions:
-            faces.append({"status": r["status"], "record": g["fsap"], "seconds": seconds / len(regions)})
+def synthesis_summary(faces: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Per-face figures of a synthesis run (FSAP) from the manifests' region records
+    (``{status, record, seconds}`` per face): how many faces were optimised or obscured by the
+    fallback, iterations and rounds used, the final similarity under the optimised recognizer
+    and each certifying recognizer's score (before encoding and on the released bytes), and
+    seconds per face. None when no face has a record."""
     if not faces:
         return None
     optimised = [f for f in faces if f["record"].get("status") == "optimised"]

@@ -1179,7 +1179,9 @@ def models_info(config: ValidateConfig) -> tuple[list[dict[str, Any]], dict[str,
         from veil.validators.fid import fid_model_name
 
         wanted.append((fid_model_name(registry), "FID"))
-    wanted.append(("lpips_alex", "face LPIPS"))
+    from veil.transforms.perceptual import LPIPS_MODELS
+
+    wanted.append((LPIPS_MODELS["alex"], "face LPIPS"))
     rows = [{**registry.provenance(name), "used_for": used_for} for name, used_for in dict.fromkeys(wanted)]
     for what, reason in attributes.unavailable.items():
         rows.append({"name": what, "used_for": "attributes", "path": None, "sha256": None,
