@@ -1,6 +1,7 @@
 """The ``veil`` command line: parses arguments and calls the library, nothing else.
 
-Exit status: 0 success; 1 unexpected error; 2 bad usage or configuration; 3 run aborted
+Exit status: 0 success; 1 unexpected error; 2 bad usage or configuration, or the output
+folder is locked by another Veil command; 3 run aborted
 (failure ratio exceeded; finished shards are kept and a rerun resumes); 4 validation gates
 failed (the data were processed, but are not releasable: see the report).
 """
@@ -31,6 +32,7 @@ RUN_OVERRIDES = {
     "seed": "seed",
     "max_failure_ratio": "max_failure_ratio",
     "batch_size": "batch_size",
+    "batch_pixels": "batch_pixels",
     "workers": "workers",
     "gpus_per_worker": "gpus_per_worker",
     "models_dir": "models_dir",
@@ -59,6 +61,7 @@ RUN_OVERRIDES = {
     "gates": "gates",
     "jpeg_quality": "io.jpeg_quality",
     "max_pixels": "io.max_pixels",
+    "follow_symlinks": "io.follow_symlinks",
 }
 
 
@@ -69,6 +72,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output", help="output folder: data/, manifest/, report/")
     g.add_argument("--image-column", help="Parquet column holding image bytes (default: image)")
     g.add_argument("--folder-shard-size", type=int, help="files per shard for folder inputs (default: 1000)")
+    g.add_argument("--follow-symlinks", action="store_true", default=None,
+                   help="folder inputs: read symlinked files whose target stays inside the input "
+                        "folder (default: quarantine them; links leading outside are never read)")
     g = p.add_argument_group("execution")
     g.add_argument("--runner", choices=["local", "ray", "beam"], help="default: ray (embedded local Ray)")
     g.add_argument("--ray-address", help="join a Ray cluster, e.g. ray://head:10001 or auto")
@@ -78,6 +84,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus-per-worker", type=float,
                    help="GPUs per worker of the GPU stage (fsap), fractions allowed (default: 0 = CPU)")
     g.add_argument("--batch-size", type=int, help="samples per batch (default: 16)")
+    g.add_argument("--batch-pixels", type=int,
+                   help="decoded pixels a worker holds at once; larger batches run in groups "
+                        "(default: 50000000)")
     g.add_argument("--seed", type=int, help="run seed; all randomness derives from (seed, key)")
     g.add_argument("--max-failure-ratio", type=float, help="abort above this fraction of failed samples (default: 0.2)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -149,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-field", help="class labels for the train-on-anonymized protocol: cls or json:<field>")
     p.add_argument("--image-column", default="image")
     p.add_argument("--folder-shard-size", type=int, default=1000)
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="folder inputs: read symlinked files that stay inside the folder (as the run did)")
     p.add_argument("--models-dir", help="folder with model files (default: $VEIL_MODELS)")
     p.add_argument("--allow-download", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -187,9 +198,10 @@ def config_from_args(args: argparse.Namespace):
     return config
 
 
-def print_summary(summary, stream=sys.stdout) -> None:
+def print_summary(summary, stream: Any = None) -> None:
     counts = summary.counts
-    w = stream.write
+    # Looked up per call: sys.stdout may be replaced after import (pytest, notebooks).
+    w = (stream or sys.stdout).write
     w(f"\nVeil run finished: {summary.samples} images in {summary.shards_done} shard(s) "
       f"({summary.shards_skipped} already done, skipped) with the {summary.runner} runner\n")
     w(f"  anonymized   {counts.get('anonymized', 0):>8}   ({summary.faces} faces)\n")
@@ -219,8 +231,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def print_validation(result: dict[str, Any], stream=sys.stdout) -> None:
-    w = stream.write
+def print_validation(result: dict[str, Any], stream: Any = None) -> None:
+    # Looked up per call: sys.stdout may be replaced after import (pytest, notebooks).
+    w = (stream or sys.stdout).write
     passed = result["status"] == "passed"
     reused = result.get("shards_skipped", 0)
     timing = f"{result['seconds']:.1f} s" + (f"; {reused} shard(s) measured earlier, reused" if reused else "")
@@ -235,7 +248,9 @@ def print_validation(result: dict[str, Any], stream=sys.stdout) -> None:
         bound = " ".join(f"{k} {g[k]:g}" for k in ("min", "max") if g.get(k) is not None)
         value = g.get("value")
         shown = f"{value:.4g}" if isinstance(value, int | float) else str(value)
-        w(f"  {g['status']:<13} {g['name']}: {g['metric']} = {shown} ({bound})")
+        # A failed warning gate (utility, never blocking) is shown as what it is.
+        label = g.get("severity") if g["status"] == "failed" and not g.get("blocking", True) else g["status"]
+        w(f"  {label:<13} {g['name']}: {g['metric']} = {shown} ({bound})")
         if g.get("failing_keys"):
             w(f"; e.g. {', '.join(g['failing_keys'][:3])}")
         w("\n")
@@ -263,19 +278,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
                             ray_address=args.ray_address, beam_options=args.beam_option,
                             workers=args.workers, label_field=args.label_field,
                             image_column=args.image_column, folder_shard_size=args.folder_shard_size,
-                            models_dir=args.models_dir, allow_download=bool(args.allow_download),
+                            follow_symlinks=bool(args.follow_symlinks), models_dir=args.models_dir, allow_download=bool(args.allow_download),
                             progress=not args.no_progress, **kwargs)
     from dataclasses import asdict
 
-    result = asdict(validate(config))
+    from veil.pipelines.lock import OutputLock
+
+    os.makedirs(args.output, exist_ok=True)
+    with OutputLock(args.output):
+        result = asdict(validate(config))
     print_validation(result)
     return EXIT_OK if result["status"] == "passed" else EXIT_GATES_FAILED
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from veil.pipelines.lock import OutputLock
     from veil.validators.report import build_report
 
-    path = build_report(args.output)
+    with OutputLock(args.output):
+        path = build_report(args.output)
     print(f"report written: {path}")
     return EXIT_OK
 
@@ -344,6 +365,16 @@ def main(argv: list[str] | None = None) -> int:
         print("veil: interrupted; finished shards are committed, rerun to resume", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        from veil.pipelines.lock import OutputLockedError
+
+        if isinstance(exc, OutputLockedError):
+            print(f"veil: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        from veil.pipelines.sinks import OutputWriteError
+
+        if isinstance(exc, OutputWriteError):  # disk full, permissions: expected, no traceback
+            print(f"veil: {exc.strerror}", file=sys.stderr)
+            return EXIT_ERROR
         from veil.pipelines.driver import RunAborted
 
         if isinstance(exc, RunAborted):

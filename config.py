@@ -7,6 +7,11 @@ with a message that names the field.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +51,11 @@ class DetectConfig:
     min_face: int = 14
     #: Also search the image rotated by these angles (0/90/180/270); each angle costs a pass.
     rotations: list[int] = field(default_factory=lambda: [0])
-    #: Longest side of the finest detection level (larger images are searched downscaled).
+    #: Largest network input side. A pyramid level larger than this (the fine level of any
+    #: photo over ~1920 px) is searched as overlapping tiles of this side at full resolution,
+    #: never downscaled, so small faces in large photos are found with bounded memory; tiles
+    #: are at least twice their overlap (768 px). MTCNN is not tiled: it searches images
+    #: downscaled to this side (use it in a union with centerface or yunet).
     max_side: int = 1920
     #: Model file for YuNet (resolved through the model registry when not a path).
     yunet_model: str = "yunet_n_320_320"
@@ -100,7 +109,9 @@ class AnonymizeConfig:
                "anonymize.fill_color must be three integers in [0, 255]")
         _check(self.dp_cell >= 1, "anonymize.dp_cell must be >= 1")
         _check(self.dp_m >= 1, "anonymize.dp_m must be >= 1")
-        _check(self.epsilon > 0, "anonymize.epsilon must be > 0")
+        # An infinite budget adds no noise at all: that is pixelation, not differential privacy.
+        _check(math.isfinite(self.epsilon) and self.epsilon > 0,
+               "anonymize.epsilon must be a finite number > 0")
 
 
 @dataclass
@@ -216,6 +227,10 @@ class ImageIOConfig:
     max_pixels: int = 80_000_000
     #: Largest encoded image accepted, in bytes.
     max_bytes: int = 200 * 1024 * 1024
+    #: Folder inputs: read symlinked files whose target stays inside the input folder. Off by
+    #: default, such links are quarantined (``symlink_not_followed``); links that resolve
+    #: outside the folder are never read (``symlink_outside_input``), whatever this says.
+    follow_symlinks: bool = False
 
     def __post_init__(self) -> None:
         _check(1 <= self.jpeg_quality <= 100, "io.jpeg_quality must be in [1, 100]")
@@ -242,6 +257,11 @@ class RunConfig:
     min_samples_for_abort: int = 20
     #: I/O batch (samples handed to a stage at once).
     batch_size: int = 16
+    #: Decoded pixels a worker holds at once: a batch whose images together have more is run
+    #: through the stages in consecutive groups under this budget (an image larger than the
+    #: budget is a group of its own), so sixteen 48-megapixel photos do not need 19 GB.
+    #: Output bytes do not depend on it.
+    batch_pixels: int = 50_000_000
     #: Parallel workers per model stage (Ray actors / Beam threads); None = from the CPUs.
     workers: int | None = None
     #: GPUs per worker of a GPU stage (FSAP): fractions share one GPU between actors. 0 = the
@@ -270,6 +290,7 @@ class RunConfig:
         _check(self.runner in RUNNERS, f"runner: unknown runner {self.runner!r}; choose from {', '.join(RUNNERS)}")
         _check(0.0 <= self.max_failure_ratio <= 1.0, "max_failure_ratio must be in [0, 1]")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(self.batch_pixels >= 1, "batch_pixels must be >= 1")
         _check(self.folder_shard_size >= 1, "folder_shard_size must be >= 1")
         _check(self.workers is None or self.workers >= 1, "workers must be >= 1")
         _check(self.gpus_per_worker >= 0, "gpus_per_worker must be >= 0")
@@ -277,6 +298,11 @@ class RunConfig:
     def validate_paths(self) -> None:
         _check(bool(self.input), "input: give --input (a shard pattern, Parquet files or a folder)")
         _check(bool(self.output), "output: give --output (a folder for the release copy)")
+        _check("://" not in self.output,
+               f"output: {self.output!r} is a URL; the output must be a local folder (it is "
+               f"locked, written atomically and resumed there): write locally, then copy the "
+               f"release")
+        check_not_nested(self.input, self.output)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -289,21 +315,159 @@ class RunConfig:
     def from_yaml(cls, path: str | Path) -> RunConfig:
         import yaml
 
-        text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: a run file must be UTF-8 text ({exc.reason} at byte "
+                              f"{exc.start})") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        data = {} if data is None else data  # an empty file is the default config
         _check(isinstance(data, dict), f"{path}: a run file must be a YAML mapping")
         return cls.from_dict(data)
 
 
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".parquet")
+#: Files a run writes sit at least this deep in its output (``data/<shard>``,
+#: ``manifest/<shard>.parquet``): a pattern matching fewer components below a folder can never
+#: match them.
+_OUTPUT_FILE_DEPTH = 2
+
+
+def input_reach(spec: str) -> list[tuple[str, int | None]]:
+    """Where a local input spec reads, as ``(path, depth)``: ``depth`` components below
+    ``path`` (0: the file itself), or None for anything below it (a folder, which is walked,
+    or a ``**`` glob). Brace patterns are expanded; a glob counts from the folder above its
+    first patterned component (``data/*/x.tar`` -> ``("data", 2)``). Empty for non-local
+    URLs (``s3://``...), which cannot nest in a local output."""
+    if "://" in spec:
+        protocol, path = spec.split("://", 1)
+        if protocol not in ("file", "local"):
+            return []
+        spec = path
+    if "{" in spec:
+        from braceexpand import braceexpand
+
+        alternatives = list(dict.fromkeys(braceexpand(spec)))
+    else:
+        alternatives = [spec]
+    reach: dict[tuple[str, int | None], None] = {}
+    for alt in alternatives:
+        if not _GLOB_CHARS.search(alt):
+            reach[(alt, 0 if alt.lower().endswith(_SHARD_SUFFIXES) else None)] = None
+            continue
+        parts = alt.split("/")
+        first = next(i for i, part in enumerate(parts) if _GLOB_CHARS.search(part))
+        folder = "/".join(parts[:first]) or ("/" if alt.startswith("/") else ".")
+        rest = parts[first:]
+        reach[(folder, None if "**" in alt else len(rest))] = None
+    return list(reach)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or os.path.commonpath([path, folder]) == folder
+
+
+def check_not_nested(input_spec: str, output: str) -> None:
+    """Refuse an output inside the input (a rerun would read the release as input) and an
+    input inside the output (the run would write over what it reads). Paths are compared
+    after resolving symlinks and relative parts. For a pattern, an output below its folder is
+    refused only when the pattern could match the files written there (``**``, or enough
+    ``*/`` levels), so ``--input data/s-{000..009}.tar --output data/anon`` is fine."""
+    out = os.path.realpath(os.path.expanduser(output))
+    for root, depth in input_reach(input_spec):
+        real = os.path.realpath(os.path.expanduser(root))
+        if out == real:
+            raise ConfigError(f"output: {output!r} is the input folder; choose an output folder "
+                              f"outside the input")
+        if _inside(real, out):
+            raise ConfigError(f"input: {input_spec!r} is inside the output folder {output!r} "
+                              f"({out}); the run would write where it reads. Choose an output "
+                              f"folder that does not contain the input")
+        if _inside(out, real):
+            below = len(os.path.relpath(out, real).split(os.sep))
+            if depth is None or depth >= below + _OUTPUT_FILE_DEPTH:
+                raise ConfigError(
+                    f"output: {output!r} is inside the input {input_spec!r} ({real}); a rerun "
+                    f"would read the release as input. Choose an output folder outside {real}")
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
     where = f"{prefix}." if prefix else ""
+    _check(isinstance(data, dict),
+           f"{prefix or 'config'}: expected a mapping of options, got {_shown(data)}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    # str(): YAML keys may be numbers or null, which do not sort with strings.
+    unknown = sorted(str(k) for k in set(data) - known)
     _check(not unknown, f"unknown option(s) {', '.join(where + u for u in unknown)}; known: {', '.join(sorted(known))}")
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        _check(_conforms(value, hints[name]) or _conforms(value, _LENIENT.get((cls, name), None)),
+               f"{where}{name}: expected {_hint_text(hints[name])}, got {_shown(value)}")
     try:
         return cls(**data)
-    except TypeError as exc:
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # a conversion in __post_init__ (int("x"), ...)
         raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
+
+
+#: Input forms a section converts in ``__post_init__`` besides its declared type:
+#: comma-separated strings (as the CLI passes them) and YAML lists for tuples.
+_LENIENT: dict[tuple[type, str], Any] = {
+    (DetectConfig, "detectors"): str,
+    (DetectConfig, "rotations"): int | str | list[int | str],
+    (FSAPConfig, "certify"): str,
+    (AnonymizeConfig, "fill_color"): list[int],
+}
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether a value from YAML or the CLI has a field's declared type: bools are not
+    numbers, ints are floats, floats must be finite, sections may be mappings."""
+    if hint is None:
+        return False
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return (isinstance(value, int | float) and not isinstance(value, bool)
+                and math.isfinite(value))
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_conforms(v, args[0]) for v in value)
+    if origin is tuple:
+        return (isinstance(value, list | tuple) and len(value) == len(args)
+                and all(_conforms(v, a) for v, a in zip(value, args, strict=True)))
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items())
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, dict | hint)
+    return isinstance(value, hint)
+
+
+def _hint_text(hint: Any) -> str:
+    if dataclasses.is_dataclass(hint):
+        return "a mapping of options"
+    text = str(hint).replace("typing.", "")
+    return {"int": "an integer", "float": "a finite number", "str": "a string",
+            "bool": "true or false"}.get(getattr(hint, "__name__", text), text)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{text[:60]}{'...' if len(text) > 60 else ''} ({type(value).__name__})"
 
 
 def merge_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:

@@ -22,7 +22,7 @@ from veil.transforms.stage import QUARANTINED, Sample, Stage
 #: Top-level config keys that do not change output bytes (a rerun with another runner or
 #: batch size resumes instead of redoing finished shards).
 NON_OUTPUT_KEYS = ("input", "output", "runner", "ray_address", "beam_options", "workers",
-                   "batch_size", "progress", "max_failure_ratio", "min_samples_for_abort",
+                   "batch_size", "batch_pixels", "progress", "max_failure_ratio", "min_samples_for_abort",
                    "models", "models_dir", "allow_download", "gates")
 
 RUN_INFO_FILE = "run.json"
@@ -159,18 +159,30 @@ class Progress:
 
 
 def run(config: RunConfig) -> RunSummary:
-    """Anonymize ``config.input`` into ``config.output``; resume where a previous run stopped."""
+    """Anonymize ``config.input`` into ``config.output``; resume where a previous run stopped.
+
+    The output's lock (``OUT/.veil.lock``) is held for the whole run, gates included, and
+    released however the run ends; a second run on the same output raises
+    ``OutputLockedError`` before touching anything."""
+    from veil.pipelines.lock import OutputLock
+
+    config.validate_paths()
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    with OutputLock(output):
+        return _run_locked(config, output)
+
+
+def _run_locked(config: RunConfig, output: Path) -> RunSummary:
     from veil.pipelines.execution import shard_fingerprint
     from veil.pipelines.manifest import is_shard_complete
     from veil.pipelines.runners import RunContext, make_runner
     from veil.pipelines.sinks import remove_stale_temps
     from veil.pipelines.sources import open_source
 
-    config.validate_paths()
-    output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
     source = open_source(config.input, image_column=config.image_column,
-                         folder_shard_size=config.folder_shard_size, max_member_bytes=config.io.max_bytes)
+                         folder_shard_size=config.folder_shard_size, max_member_bytes=config.io.max_bytes,
+                         follow_symlinks=config.io.follow_symlinks)
     shards = source.list_shards()
     if not shards:
         raise FileNotFoundError(f"no shards found for input {config.input!r}: check the path or pattern")
@@ -187,7 +199,7 @@ def run(config: RunConfig) -> RunSummary:
     models = models_info(config)  # resolved and checksummed once per run
     write_run_info(output, config, fingerprint, models, phase="started")
     progress = Progress(config, total_shards=len(todo), total_samples=total_samples)
-    chain = StageChain(build_stages(config))
+    chain = StageChain(build_stages(config), pixel_budget=config.batch_pixels)
     runner = make_runner(config.runner, ray_address=config.ray_address, beam_options=config.beam_options)
     ctx = RunContext(source=source, chain=chain, output=output, fingerprint=fingerprint,
                      batch_size=io_batch_size(config), workers=config.workers,
@@ -227,7 +239,8 @@ def run_gates(config: RunConfig) -> dict[str, Any]:
         runner=config.runner, ray_address=config.ray_address, beam_options=list(config.beam_options),
         workers=config.workers, image_column=config.image_column,
         folder_shard_size=config.folder_shard_size, max_pixels=config.io.max_pixels,
-        max_bytes=config.io.max_bytes, models=dict(config.models), models_dir=config.models_dir,
+        max_bytes=config.io.max_bytes, follow_symlinks=config.io.follow_symlinks,
+        models=dict(config.models), models_dir=config.models_dir,
         allow_download=config.allow_download, progress=config.progress))
     return asdict(result)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from veil.pipelines.faults import fault_point
 from veil.pipelines.sources import Shard, Source
 from veil.transforms.stage import (
     ANONYMIZED,
@@ -50,6 +51,7 @@ def read_with_end_marker(source: Source, shard: Shard) -> Iterator[Sample]:
     try:
         for sample in source.read_shard(shard):
             n += 1
+            fault_point("read")
             yield sample
     except Exception as exc:  # noqa: BLE001 - fail closed, keep the run going
         from veil.transforms.stage import describe_exception
@@ -90,9 +92,13 @@ class StageChain:
     earlier segments hand them on to the next one.
     """
 
-    def __init__(self, stages: Sequence[Stage], *, threads_per_worker: int = 1, final: bool = True) -> None:
+    def __init__(self, stages: Sequence[Stage], *, threads_per_worker: int = 1, final: bool = True,
+                 pixel_budget: int | None = None) -> None:
         self.stages = list(stages)
         self.threads_per_worker = threads_per_worker
+        #: Decoded pixels one pass through the stages may hold (None: no limit); see
+        #: :func:`pixel_groups`.
+        self.pixel_budget = pixel_budget
         #: True for a whole chain or its last segment: samples leave it finished.
         self.final = final
         self._ready = False
@@ -134,7 +140,8 @@ class StageChain:
         if len(groups) <= 1:
             return [self]
         last = len(groups) - 1
-        return [StageChain(group, threads_per_worker=self.threads_per_worker, final=self.final and i == last)
+        return [StageChain(group, threads_per_worker=self.threads_per_worker,
+                           final=self.final and i == last, pixel_budget=self.pixel_budget)
                 for i, group in enumerate(groups)]
 
     def setup(self) -> None:
@@ -153,9 +160,11 @@ class StageChain:
     def __call__(self, batch: list[Sample]) -> list[Sample]:
         self.setup()
         markers = {i: s for i, s in enumerate(batch) if is_end_marker(s)}
-        samples = [s for s in batch if not is_end_marker(s)]
-        for stage in self.stages:
-            samples = _run_in_micro_batches(stage, samples)
+        samples: list[Sample] = []
+        for group in pixel_groups([s for s in batch if not is_end_marker(s)], self.pixel_budget):
+            for stage in self.stages:
+                group = _run_in_micro_batches(stage, group)
+            samples.extend(group)
         if self.final:
             for sample in samples:
                 if sample.get("status") not in RELEASED_STATUSES + (QUARANTINED,):
@@ -169,11 +178,59 @@ class StageChain:
         return out
 
 
+def sample_pixels(sample: Sample) -> int:
+    """Decoded size of a sample's image: from its working pixels once decoded, else from the
+    image header (no pixel is decoded). 0 when unknown (not an image, unreadable header): the
+    decoder's own ``max_pixels`` guard bounds those."""
+    pixels = sample.get("_pixels")
+    if pixels is not None:
+        return int(pixels.shape[0]) * int(pixels.shape[1])
+    field = sample.get("__image__")
+    data = sample.get(field) if isinstance(field, str) else None
+    if not isinstance(data, bytes | bytearray):
+        return 0
+    import io
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bomb warnings: the decoder decides, not this estimate
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+    except Exception:  # noqa: BLE001 - any unreadable header is the decoder's to report
+        return 0
+    return int(width) * int(height)
+
+
+def pixel_groups(samples: list[Sample], budget: int | None) -> list[list[Sample]]:
+    """Split a batch into consecutive groups whose images hold at most ``budget`` pixels
+    together, so a worker's memory is bounded by the budget rather than by the batch size
+    times the largest image. An image over the budget is a group of its own. Every stage
+    treats samples independently, so the groups give the same output as one batch."""
+    if budget is None or len(samples) <= 1:
+        return [samples] if samples else []
+    groups: list[list[Sample]] = []
+    current: list[Sample] = []
+    held = 0
+    for sample in samples:
+        size = sample_pixels(sample)
+        if current and held + size > budget:
+            groups.append(current)
+            current, held = [], 0
+        current.append(sample)
+        held += size
+    groups.append(current)
+    return groups
+
+
 def _run_in_micro_batches(stage: Stage, samples: list[Sample]) -> list[Sample]:
     size = max(1, stage.batch_size)
     out: list[Sample] = []
     for start in range(0, len(samples), size):
         chunk = samples[start:start + size]
+        fault_point(f"stage:{stage.name}")
         result = stage.process_batch(chunk)
         if len(result) != len(chunk):
             raise RuntimeError(f"stage {stage.name} returned {len(result)} samples for {len(chunk)}")
@@ -220,17 +277,26 @@ class ShardResult:
 
 
 class ShardCommitter:
-    """Streams one shard's processed samples to its writer, then commits: data files are
-    renamed into place first, the manifest is written last, so a manifest on disk always
-    means the shard's release files are complete."""
+    """Streams one shard's processed samples to its writer, then commits: the shard's old
+    manifest (if any) is withdrawn, data files are renamed into place, and the manifest is
+    written last, so a manifest on disk always means the shard's release files are complete
+    and are the ones it describes. A kill at any point leaves at worst a shard without a
+    manifest (redone on resume) and temp files (removed on resume).
+
+    A write that fails (disk full, permission denied) stops the run with
+    :class:`~veil.pipelines.sinks.OutputWriteError`: the shard is aborted, and data renamed
+    before its manifest failed are taken back, so only committed shards remain."""
 
     def __init__(self, shard: Shard, source: Source, output_root: str | Path, fingerprint: str) -> None:
-        from veil.pipelines.sinks import open_writer
+        from veil.pipelines.sinks import DATA_DIR, open_writer, output_error
 
         self.shard = shard
         self.output_root = Path(output_root)
         self.fingerprint = shard_fingerprint(fingerprint, shard)
-        self._writer = open_writer(shard, self.output_root, source=source)
+        try:
+            self._writer = open_writer(shard, self.output_root, source=source)
+        except OSError as exc:
+            raise output_error(exc, self.output_root / DATA_DIR / shard.id) from exc
         self._rows: list[dict[str, Any]] = []
         self._keys: set[str] = set()
         self._statuses: Counter[str] = Counter()
@@ -254,6 +320,11 @@ class ShardCommitter:
         if sample.get("status") in RELEASED_STATUSES:
             try:
                 self._writer.write(sample)
+            except OSError as exc:
+                # The output's fault, not the sample's, and the shard file may be torn: stop.
+                from veil.pipelines.sinks import DATA_DIR, output_error
+
+                raise output_error(exc, self.output_root / DATA_DIR / self.shard.id) from exc
             except Exception as exc:  # noqa: BLE001 - a sample the sink rejects is not released
                 from veil.transforms.stage import describe_exception
 
@@ -266,12 +337,22 @@ class ShardCommitter:
         self._faces += int(row.get("n_faces") or 0)
 
     def commit(self) -> ShardResult:
-        from veil.pipelines.manifest import write_manifest
+        from veil.pipelines.manifest import remove_manifest, write_manifest
+        from veil.pipelines.sinks import DATA_DIR, output_error
 
-        outputs = self._writer.commit()
+        remove_manifest(self.output_root, self.shard.id)
+        try:
+            outputs = self._writer.commit()
+        except OSError as exc:
+            raise output_error(exc, self.output_root / DATA_DIR / self.shard.id) from exc
         self._rows.sort(key=lambda r: (r["index"], r["key"]))
-        write_manifest(self.output_root, self.shard.id, self._rows, run_fingerprint=self.fingerprint,
-                       extra={"outputs": ",".join(outputs)})
+        try:
+            write_manifest(self.output_root, self.shard.id, self._rows, run_fingerprint=self.fingerprint,
+                           extra={"outputs": ",".join(outputs)})
+        except BaseException:
+            for relative in outputs:  # never leave released data that no manifest describes
+                (self.output_root / relative).unlink(missing_ok=True)
+            raise
         return ShardResult(
             shard_id=self.shard.id,
             n_samples=len(self._rows),

@@ -22,7 +22,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from veil.pipelines.sinks import RELEASABLE_STATUSES, TEMP_MARKER, fsync_dir, temp_path
+from veil.pipelines.faults import fault_point
+from veil.pipelines.sinks import (
+    RELEASABLE_STATUSES,
+    TEMP_MARKER,
+    fsync_dir,
+    output_error,
+    temp_path,
+)
 from veil.transforms.stage import PENDING, Sample
 
 MANIFEST_VERSION = "1"
@@ -179,19 +186,37 @@ def write_manifest(output_root: str | Path, shard_id: str, rows: Iterable[Mappin
     table = table.replace_schema_metadata(metadata)
 
     final = manifest_path(output_root, shard_id)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(final)
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
             pq.write_table(table, fh, compression="zstd")
             fh.flush()
             os.fsync(fh.fileno())
+        fault_point("manifest:tmp")
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise output_error(exc, final) from exc
         raise
     fsync_dir(final.parent)
+    fault_point("manifest:done")
     return final
+
+
+def remove_manifest(output_root: str | Path, shard_id: str) -> None:
+    """Withdraw a shard's manifest before its data are replaced, durably, so that at every
+    moment a manifest on disk describes the data next to it (a kill between the data rename
+    and the new manifest leaves no manifest, and the shard is redone)."""
+    path = manifest_path(output_root, shard_id)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise output_error(exc, path) from exc
+    fsync_dir(path.parent)
 
 
 def read_manifest(path: str | Path) -> pa.Table:
@@ -227,19 +252,23 @@ def read_manifests(output_root: str | Path) -> pa.Table:
 
 def is_shard_complete(output_root: str | Path, shard_id: str, run_fingerprint: str) -> bool:
     """True when the shard's manifest exists, reads, is marked complete, has the expected row
-    count and was written by a run with this fingerprint. Never raises for a bad file: a
-    damaged manifest just means the shard is redone."""
+    count, was written by a run with this fingerprint, and the released files it lists are
+    there. Never raises for a bad file: a damaged manifest just means the shard is redone."""
     path = manifest_path(output_root, shard_id)
     if not path.is_file():
         return False
     try:
         meta = pq.read_metadata(path)
         kv = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items()}
+        # A manifest without its data (deleted, or lost with a crashed disk cache) does not
+        # make a shard committed.
+        outputs = [o for o in kv.get("outputs", "").split(",") if o]
         return (
             kv.get("complete") == "true"
             and kv.get("run_fingerprint") == run_fingerprint
             and kv.get("shard_id") == shard_id
             and kv.get("n_rows") == str(meta.num_rows)
+            and all((Path(output_root) / o).is_file() for o in outputs)
         )
     except Exception:  # noqa: BLE001 - unreadable means incomplete
         return False

@@ -5,7 +5,9 @@ to a temporary name first, are fsynced, then renamed into place, and the directo
 A crash therefore leaves either the previous state or the complete shard, never half a file;
 the driver writes the shard's manifest after the commit, so a shard without a manifest is
 simply redone on resume. Temporary names contain :data:`TEMP_MARKER`;
-:func:`remove_stale_temps` clears those a killed run left behind.
+:func:`remove_stale_temps` clears those a killed run left behind. A failed write (disk full,
+file too large, permission denied) raises :class:`OutputWriteError`, which names the file and
+what to do; the shard being written leaves nothing behind.
 
 Writers are the last line of defence: they refuse any sample that is not ``anonymized`` or
 ``clean`` (a quarantined or never-processed sample must not be released), and they write only
@@ -23,11 +25,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
+from veil.pipelines.faults import fault_point
 from veil.pipelines.sources import (
     PIPELINE_FIELDS,
     ParquetSource,
     Shard,
     Source,
+    check_release_name,
     is_image_field,
     split_key,
 )
@@ -38,12 +42,14 @@ __all__ = [
     "RELEASABLE_STATUSES",
     "TEMP_MARKER",
     "FolderShardWriter",
+    "OutputWriteError",
     "ParquetShardWriter",
     "ShardWriter",
     "TarShardWriter",
     "atomic_write_bytes",
     "fsync_dir",
     "open_writer",
+    "output_error",
     "output_fields",
     "read_released_image",
     "remove_stale_temps",
@@ -54,6 +60,22 @@ __all__ = [
 RELEASABLE_STATUSES: frozenset[str] = frozenset({ANONYMIZED, CLEAN})
 TEMP_MARKER = ".veil-tmp-"
 DATA_DIR = "data"
+
+
+class OutputWriteError(OSError):
+    """The output could not be written (disk full, file too large, permission denied, read-only
+    file system). The run stops: a sample is never quarantined for it, since the fault is the
+    output's, and a shard whose file failed part-way must not be committed. Keeps ``errno``."""
+
+
+def output_error(exc: OSError, target: str | Path) -> OutputWriteError:
+    """``exc`` as an :class:`OutputWriteError` that names ``target`` and says how to resume."""
+    if isinstance(exc, OutputWriteError):
+        return exc
+    reason = exc.strerror or str(exc)
+    return OutputWriteError(exc.errno, f"cannot write {target}: {reason}. Shards already committed "
+                                       "are kept; free disk space or fix the output folder's "
+                                       "permissions, then rerun the same command to resume")
 
 
 def temp_path(final: Path) -> Path:
@@ -86,16 +108,19 @@ def _fsync_and_close(handle: BinaryIO) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the whole new one."""
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(final)
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        fault_point(f"write:{final.name}")
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise output_error(exc, final) from exc
         raise
     fsync_dir(final.parent)
 
@@ -154,6 +179,7 @@ class ShardWriter(ABC):
             raise ValueError(f"shard {self.shard.id}: writer is {self._state}")
         fields = output_fields(sample)
         self._write(sample, fields)
+        fault_point("shard:sample")
 
     @abstractmethod
     def _write(self, sample: Sample, fields: tuple[str, ...]) -> None: ...
@@ -231,9 +257,14 @@ class TarShardWriter(ShardWriter):
     def _write(self, sample: Sample, fields: tuple[str, ...]) -> None:
         key = sample["__key__"]
         paths = sample.get("__paths__") or {}
+        members = {name: paths.get(name) or f"{key}.{name}" for name in fields}
+        for member in members.values():
+            # Defence in depth, before any member of the sample is written: a release must
+            # never hold a name that escapes the folder it is extracted into.
+            check_release_name(member)
         for name in fields:
             data = bytes(sample[name])
-            info = tarfile.TarInfo(paths.get(name) or f"{key}.{name}")
+            info = tarfile.TarInfo(members[name])
             info.size = len(data)
             info.mtime = 0
             info.mode = 0o644
@@ -248,7 +279,9 @@ class TarShardWriter(ShardWriter):
         if self._gz is not None:
             self._gz.close()
         _fsync_and_close(self._file)
+        fault_point("shard:fsynced")
         os.replace(self.tmp, self.final)
+        fault_point("shard:renamed")
         fsync_dir(self.final.parent)
         return [self._rel(self.final)]
 
@@ -324,7 +357,9 @@ class ParquetShardWriter(ShardWriter):
         self._flush()
         self._writer.close()
         _fsync_and_close(self._file)
+        fault_point("shard:fsynced")
         os.replace(self.tmp, self.final)
+        fault_point("shard:renamed")
         fsync_dir(self.final.parent)
         return [self._rel(self.final)]
 
@@ -355,9 +390,10 @@ class FolderShardWriter(ShardWriter):
     """Mirrors the input tree: each file of a sample goes to ``OUT/data/<its relative path>``.
 
     Files are written and fsynced under temporary names as samples arrive and renamed into
-    place on commit, so before commit no final file of the shard exists. A crash during the
-    renames can leave part of the shard in place without a manifest; the shard is then redone
-    on resume and identical bytes overwrite those files.
+    place on commit, so before commit no final file of the shard exists. A rename that fails
+    takes back the files already renamed; a kill during the renames can leave part of the
+    shard in place without a manifest, and the shard is then redone on resume with identical
+    bytes overwriting those files.
     """
 
     def __init__(self, shard: Shard, output_root: str | Path) -> None:
@@ -367,6 +403,8 @@ class FolderShardWriter(ShardWriter):
     def _write(self, sample: Sample, fields: tuple[str, ...]) -> None:
         paths = sample.get("__paths__") or {}
         image_rel = None
+        for name in fields:  # defence in depth, before any file of the sample is created
+            check_release_name(paths.get(name) or f"{sample['__key__']}.{name}")
         for name in fields:
             relative = paths.get(name) or f"{sample['__key__']}.{name}"
             final = self._final_path(relative)
@@ -384,10 +422,19 @@ class FolderShardWriter(ShardWriter):
     def _commit(self) -> list[str]:
         dirs = set()
         written = []
-        for tmp, final in self._pending:
-            os.replace(tmp, final)
-            dirs.add(final.parent)
-            written.append(self._rel(final))
+        fault_point("shard:fsynced")
+        try:
+            for tmp, final in self._pending:
+                os.replace(tmp, final)
+                fault_point("shard:renamed")
+                dirs.add(final.parent)
+                written.append(self._rel(final))
+        except BaseException:
+            # Half a shard must not stay in place without its manifest: take back the files
+            # already renamed (the shard is redone anyway), the rest are removed by abort.
+            for relative in written:
+                (self.output_root / relative).unlink(missing_ok=True)
+            raise
         for directory in sorted(dirs):
             fsync_dir(directory)
         self._pending = []

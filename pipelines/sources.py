@@ -14,6 +14,8 @@ archive, a sample without an image or with several images, a duplicated key... e
 *quarantined* sample with a machine-readable reason, so the run carries on, the manifest lists
 the problem, and none of the problem's bytes reach the release copy (fail closed). Exceptions
 are kept for programming and configuration errors (an input spec that names nothing, say).
+Names in the data are untrusted too: they are normalised or the sample is quarantined
+(:func:`safe_relative_name`), and shown only escaped (:func:`escape_name`).
 
 Every sample carries, besides the contract of ``veil.transforms.stage``:
 
@@ -36,6 +38,7 @@ import posixpath
 import re
 import stat
 import tarfile
+import unicodedata
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -76,6 +79,93 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 # because importing webdataset pulls in torch, which costs seconds in every worker.
 _KEY_FIELD = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _READ_CHUNK = 1 << 20
+
+#: Limits on names taken from input data (tar member names, folder paths). 255 bytes is the
+#: per-component limit of Linux, macOS and Windows filesystems; 1024 bytes is macOS's
+#: PATH_MAX, so every released name can be extracted on common systems.
+MAX_NAME_COMPONENT_BYTES = 255
+MAX_NAME_BYTES = 1024
+_DRIVE_LETTER = re.compile(r"^[A-Za-z]:")
+# Bidirectional overrides reorder how a name is shown ("gpj.exe" shown as "exe.jpg"), a
+# classic spoof in terminals and HTML; they have no business in a file name.
+_BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                           "\u2066\u2067\u2068\u2069")
+
+
+def name_problem(name: str, *, path: bool = True) -> str | None:
+    """Why ``name`` is not safe to show or to release as-is, or None.
+
+    Text-level rules, shared by every name and key read from data: not valid UTF-8, control
+    characters (NUL, escape sequences, newlines, line/paragraph separators), bidirectional
+    overrides, and, for names that become paths (``path``), backslashes (a path separator on
+    Windows).
+    """
+    if not name:
+        return "empty name"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "not valid UTF-8"
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in _BIDI_CONTROLS for c in name):
+        return "control or bidirectional-override character"
+    if path and "\\" in name:
+        return "backslash (a Windows path separator)"
+    return None
+
+
+def safe_relative_name(name: str) -> str:
+    """``name`` as a safe relative posix path: ``.`` components and repeated slashes dropped
+    (``a/./b.jpg`` -> ``a/b.jpg``). Raises :class:`UnsafeNameError` for a name that could
+    escape the folder it is extracted into or misbehave where it is shown: absolute paths,
+    ``..`` components, Windows drive letters, the text rules of :func:`name_problem`, a
+    component over :data:`MAX_NAME_COMPONENT_BYTES` or a name over :data:`MAX_NAME_BYTES`.
+    """
+    problem = name_problem(name)
+    if problem:
+        raise UnsafeNameError(problem)
+    if name.startswith("/"):
+        raise UnsafeNameError("absolute path")
+    if _DRIVE_LETTER.match(name):
+        raise UnsafeNameError("Windows drive letter")
+    parts = name.split("/")
+    if ".." in parts:
+        raise UnsafeNameError("'..' component")
+    normalised = "/".join(p for p in parts if p not in ("", "."))
+    if not normalised:
+        raise UnsafeNameError("empty after normalisation")
+    if len(normalised.encode("utf-8")) > MAX_NAME_BYTES:
+        raise UnsafeNameError(f"longer than {MAX_NAME_BYTES} bytes")
+    if any(len(p.encode("utf-8")) > MAX_NAME_COMPONENT_BYTES for p in normalised.split("/")):
+        raise UnsafeNameError(f"a component is longer than {MAX_NAME_COMPONENT_BYTES} bytes")
+    return normalised
+
+
+def check_release_name(name: str) -> None:
+    """Raise ValueError unless ``name`` is already a safe, normalised relative name: what a
+    writer checks before it puts a member or file into the release copy."""
+    try:
+        if safe_relative_name(name) == name:
+            return
+        problem = "not normalised"
+    except UnsafeNameError as exc:
+        problem = str(exc)
+    raise ValueError(f"refusing to release a member named {escape_name(name)}: {problem}; a "
+                     f"release never holds a name that escapes or misbehaves on extraction")
+
+
+def escape_name(name: str, *, max_chars: int | None = 300) -> str:
+    """``name`` quoted and escaped (``repr``) so that it can be shown in a manifest, a report
+    or a terminal without acting on it: control characters, surrogates and overrides become
+    visible ``\\x..``/``\\u..`` escapes. Cut to ``max_chars`` (None: never, for keys, which
+    must stay unique)."""
+    text = repr(name)
+    if max_chars is None or len(text) <= max_chars:
+        return text
+    return text[:max_chars - 3] + "..."
+
+
+class UnsafeNameError(ValueError):
+    """A name taken from input data is not a safe relative path (see :func:`safe_relative_name`)."""
 
 
 def split_key(name: str) -> tuple[str, str] | None:
@@ -279,14 +369,15 @@ def _expand(spec: str) -> list[str]:
 
 
 def open_source(spec: str, *, image_column: str = "image", folder_shard_size: int = 1000,
-                max_member_bytes: int | None = None) -> Source:
+                max_member_bytes: int | None = None, follow_symlinks: bool = False) -> Source:
     """Open an input spec as a :class:`Source`.
 
     ``spec`` is a tar/Parquet path or URL, a brace pattern or glob of them, or a directory. A
     local directory holding image files is a folder input; one holding only ``.parquet`` (or
     only tar) files is read as those shards (HuggingFace datasets keep Parquet under
     ``data/``). ``max_member_bytes`` quarantines files larger than it without reading them
-    (pass ``io.max_bytes``); None reads everything.
+    (pass ``io.max_bytes``); None reads everything. ``follow_symlinks`` lets a folder input
+    read symlinked files whose targets stay inside the folder (``io.follow_symlinks``).
     """
     import fsspec
 
@@ -322,7 +413,7 @@ def open_source(spec: str, *, image_column: str = "image", folder_shard_size: in
         kind = _classify_local_dir(local)
         if kind == "folder":
             return FolderSource(local, shard_size=folder_shard_size,
-                                max_member_bytes=max_member_bytes)
+                                max_member_bytes=max_member_bytes, follow_symlinks=follow_symlinks)
         found = sorted(
             os.path.join(d, f) for d, _dirs, files in os.walk(local) for f in files
             if _suffix_kind(f) == kind
@@ -423,8 +514,20 @@ class _Group:
     base: str = ""  # the member key this group collects
     fields: dict[str, bytes] = field(default_factory=dict)
     paths: dict[str, str] = field(default_factory=dict)
+    raw_names: dict[str, str] = field(default_factory=dict)  # as in the archive, for reasons
     order: list[str] = field(default_factory=list)
     problem: str | None = None
+
+
+def _member_kind(info: tarfile.TarInfo) -> str:
+    """What a non-regular tar member is, for reasons and skip lists (link targets escaped)."""
+    if info.issym():
+        return f"symbolic link to {escape_name(info.linkname, max_chars=120)}"
+    if info.islnk():
+        return f"hard link to {escape_name(info.linkname, max_chars=120)}"
+    kinds = {tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device",
+             tarfile.FIFOTYPE: "FIFO"}
+    return kinds.get(info.type, f"member of type {info.type!r}")
 
 
 class TarSource(Source):
@@ -433,8 +536,17 @@ class TarSource(Source):
     Members are grouped into samples by the WebDataset convention (key = member path up to the
     first dot of its basename, field = the rest, lower-cased); a key must form one contiguous
     run of members. Hidden members (``._x.jpg`` resource forks, ``.DS_Store``), members without
-    an extension, ``__meta__`` members and non-regular members are not samples (WebDataset
-    ignores most of them too); they are reported by :meth:`skipped` and not released.
+    an extension and ``__meta__`` members are not samples (WebDataset ignores most of them
+    too); they are reported by :meth:`skipped` and not released.
+
+    Archives are untrusted. Member names are normalised (``./a.jpg`` -> ``a.jpg``,
+    ``a/./b.jpg`` -> ``a/b.jpg``) and the release uses the normalised names; a sample with a
+    name that could escape the extraction folder or misbehave where it is shown (see
+    :func:`safe_relative_name`) is quarantined as ``unsafe_name`` under its escaped key
+    (``repr``), and two members naming the same file after normalisation quarantine their
+    sample. Symbolic and hard links, devices and FIFOs are never followed nor released: one
+    named like a sample field quarantines that sample (``link_member``/``special_member``),
+    any other is listed by :meth:`skipped`.
 
     Damaged shards, exactly: every sample proven complete before the damage is yielded
     normally. A sample is proven complete when a member of another key (or the end-of-archive
@@ -501,35 +613,59 @@ class TarSource(Source):
                 failure = self._end_failure(shard, rec, tf.offset)
                 break
             tf.members = []  # stream mode appends every member; keep memory flat
-            name = info.name
+            raw = info.name
             if info.isdir():
                 continue
-            if not info.isreg():
-                self._skip(shard, name, "not a regular file")
-                continue
+            # Names come from the archive's author: normalise them, and never let one that
+            # could escape the extraction folder (or act on a terminal) through, nor show it
+            # unescaped. Such a sample is quarantined under its escaped key.
+            try:
+                name, unsafe = safe_relative_name(raw), None
+            except UnsafeNameError as exc:
+                name, unsafe = raw, str(exc)
+            shown = escape_name(raw) if unsafe else raw
             if "/" not in name and name.startswith("__") and name.endswith("__"):
-                self._skip(shard, name, "webdataset metadata member")
+                self._skip(shard, shown, "webdataset metadata member" if info.isreg()
+                           else f"not a regular file: {_member_kind(info)}")
                 continue
             parts = split_key(name)
             if parts is None:
-                self._skip(shard, name, "hidden member or no extension: not a sample field")
+                self._skip(shard, shown, "hidden member or no extension: not a sample field"
+                           if info.isreg() else f"not a regular file: {_member_kind(info)}")
                 continue
             key, fname = parts
+            if unsafe:
+                key = escape_name(key, max_chars=None)
             if group is None or key != group.base:
                 if group is not None:
                     yield self._finish(shard, group, next(counter))
-                group = _Group(key=key, first_member=name, base=key)
+                group = _Group(key=key, first_member=shown, base=key)
                 if key in seen:
                     # Yield every key once: the repeat gets a derived key and is quarantined.
                     repeats[key] = repeats.get(key, 0) + 1
                     group.key = f"{key}#duplicate-{repeats[key]}"
                     group.problem = (f"duplicate_key: key {key!r} appears again after other "
-                                     f"samples (member {name!r})")
+                                     f"samples (member {escape_name(raw)})")
                 seen.add(key)
+            if unsafe:
+                group.problem = group.problem or (
+                    f"unsafe_name: member {escape_name(raw)}: {unsafe}")
+            elif not info.isreg():
+                # Links and devices are never followed or released; the sample they belong
+                # to would be incomplete, so it is quarantined as a whole.
+                code = "link_member" if info.issym() or info.islnk() else "special_member"
+                group.problem = group.problem or (
+                    f"{code}: member {escape_name(raw)} is a {_member_kind(info)}; links and "
+                    f"special files are never followed or released")
             if fname in group.order:
-                group.problem = group.problem or f"duplicate_field: member {name!r} appears twice"
+                first = group.raw_names.get(fname, raw)
+                group.problem = group.problem or (
+                    f"duplicate_field: member {escape_name(raw)} appears twice" if first == raw
+                    else f"duplicate_field: members {escape_name(first)} and "
+                         f"{escape_name(raw)} both name {name!r} after normalisation")
             group.order.append(fname)
             group.paths[fname] = name
+            group.raw_names.setdefault(fname, raw)
             if self.max_member_bytes is not None and info.size > self.max_member_bytes:
                 group.problem = group.problem or (
                     f"file_too_large: member {name!r} is {info.size} bytes "
@@ -762,9 +898,16 @@ class ParquetSource(Source):
         if col not in schema.names:
             return f"no_image_column: column {col!r} not in file (columns: {', '.join(schema.names)})"
         typ = schema.field(col).type
-        if pa.types.is_binary(typ) or pa.types.is_large_binary(typ):
+
+        def is_bytes(t: Any) -> bool:
+            return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+        if is_bytes(typ):
             return None
-        if pa.types.is_struct(typ) and typ.get_field_index("bytes") >= 0:
+        # A struct's "bytes" must itself be binary: a string or number there would fail
+        # mid-file and be reported as a corrupt shard, hiding every row after it.
+        if pa.types.is_struct(typ) and typ.get_field_index("bytes") >= 0 and is_bytes(
+                typ.field(typ.get_field_index("bytes")).type):
             return None
         return f"unsupported_image_column: column {col!r} has type {typ}, expected bytes or a struct with 'bytes'"
 
@@ -774,10 +917,19 @@ class ParquetSource(Source):
         raw_key = values.get(key_col) if key_col else None
         key = str(raw_key) if raw_key is not None and str(raw_key) != "" else f"{stem}-{row:08d}"
         source = f"row {row}"
+        # Keys here are identifiers, never file names (the writer writes rows back), so only
+        # the text rules apply: a key must not act on whatever shows the manifest.
+        unsafe = name_problem(key, path=False) or (f"longer than {MAX_NAME_BYTES} bytes"
+                                       if len(key.encode("utf-8")) > MAX_NAME_BYTES else None)
+        if unsafe:
+            problem = f"unsafe_name: key {escape_name(key)} at row {row}: {unsafe}"
+            key = escape_name(key, max_chars=None)
         if key in seen:
             return self._quarantined(shard, index, f"{key}#duplicate-row{row}", source,
                                      f"duplicate_key: key {key!r} appears again at row {row}")
         seen.add(key)
+        if unsafe:
+            return self._quarantined(shard, index, key, source, problem)
         if col_problem:
             return self._quarantined(shard, index, key, source, col_problem)
         image = values.get(self.image_column)
@@ -821,8 +973,15 @@ class FolderSource(Source):
     anonymize, which is then quarantined so it shows in the manifest); several images under one
     key (``b.jpg`` + ``b.png``) are quarantined as ``multiple_image_fields``. Files in no such
     group (``notes.txt``, ``.DS_Store``, files without extension) may hold personal data, so
-    they are never copied: :meth:`skipped` lists them for the driver to log. Symlinked
-    directories are not followed (no loops); symlinked files are read through.
+    they are never copied: :meth:`skipped` lists them for the driver to log.
+
+    Trees are untrusted. Symlinked directories are not followed (no loops, no escape). A
+    symlinked file whose target resolves outside the input folder is never read
+    (``symlink_outside_input``); one that stays inside is read only with ``follow_symlinks``
+    (``--follow-symlinks``), otherwise quarantined as ``symlink_not_followed``. FIFOs,
+    sockets and devices are quarantined without being opened. A file whose relative path is
+    not a safe name (:func:`safe_relative_name`: control characters, backslashes, too long)
+    is quarantined as ``unsafe_name`` under its escaped key. Hard links are plain files.
 
     Shards are the sorted samples chunked by ``shard_size``, ids ``folder-00000``...; members
     are every file of those samples, sample by sample.
@@ -831,13 +990,14 @@ class FolderSource(Source):
     kind = "folder"
 
     def __init__(self, root: str | Path, *, shard_size: int = 1000,
-                 max_member_bytes: int | None = None) -> None:
+                 max_member_bytes: int | None = None, follow_symlinks: bool = False) -> None:
         super().__init__()
         if shard_size < 1:
             raise ValueError("folder_shard_size must be >= 1")
         self.root = os.path.abspath(os.fspath(root))
         self.shard_size = shard_size
         self.max_member_bytes = max_member_bytes
+        self.follow_symlinks = follow_symlinks
         self._shards: list[Shard] | None = None
 
     @staticmethod
@@ -855,7 +1015,7 @@ class FolderSource(Source):
             for d in dirnames:
                 if os.path.islink(os.path.join(dirpath, d)):
                     rel = d if rel_dir == "." else posixpath.join(rel_dir.replace(os.sep, "/"), d)
-                    self._skipped.append(Skipped("", rel, "symlinked directory not followed"))
+                    self._skipped.append(Skipped("", _shown(rel), "symlinked directory not followed"))
             for name in sorted(filenames):
                 yield name if rel_dir == "." else posixpath.join(rel_dir.replace(os.sep, "/"), name)
 
@@ -866,7 +1026,7 @@ class FolderSource(Source):
         for rel in self._walk():
             parts = self._key_field(rel)
             if parts is None:
-                self._skipped.append(Skipped("", rel, "hidden file or no extension"))
+                self._skipped.append(Skipped("", _shown(rel), "hidden file or no extension"))
                 continue
             groups.setdefault(parts[0], []).append(rel)
         samples: list[tuple[str, list[str]]] = []
@@ -876,7 +1036,8 @@ class FolderSource(Source):
             if formats & (IMAGE_EXTENSIONS | UNSUPPORTED_VISUAL_EXTENSIONS):
                 samples.append((key, files))
             else:
-                self._skipped.extend(Skipped("", r, "no image file with the same name") for r in files)
+                self._skipped.extend(Skipped("", _shown(r), "no image file with the same name")
+                                     for r in files)
         shards = []
         for i in range(0, len(samples), self.shard_size):
             chunk = samples[i:i + self.shard_size]
@@ -890,6 +1051,8 @@ class FolderSource(Source):
         return len({self._key_field(m)[0] for m in shard.members})  # type: ignore[index]
 
     def _groups(self, shard: Shard) -> Iterable[tuple[str, list[tuple[str, str]]]]:
+        """(key, [(field, relative path)]) of the shard's samples; keys that are not safe
+        names are escaped (``repr``), exactly as :meth:`read_shard` yields them."""
         grouped: dict[str, list[tuple[str, str]]] = {}
         for rel in shard.members:
             parts = self._key_field(rel)
@@ -897,21 +1060,25 @@ class FolderSource(Source):
                 grouped.setdefault(rel, []).append(("", rel))
                 continue
             grouped.setdefault(parts[0], []).append((parts[1], rel))
-        return grouped.items()
+        return [(_shown(key, max_chars=None), files) for key, files in grouped.items()]
 
     def read_shard(self, shard: Shard) -> Iterator[Sample]:
         root = shard.url or self.root
         for index, (key, files) in enumerate(self._groups(shard)):
             fields = [f for f, _rel in files]
             image, problem = _check_fields(fields)
-            source = next((rel for f, rel in files if f == image), files[0][1])
+            source = _shown(next((rel for f, rel in files if f == image), files[0][1]))
+            unsafe = [(rel, _rel_problem(rel)) for _f, rel in files if _rel_problem(rel)]
+            if unsafe:
+                rel, why = unsafe[0]
+                problem = f"unsafe_name: file {escape_name(rel)}: {why}"
             if problem:
                 yield self._quarantined(shard, index, key, source, problem, fields)
                 continue
             data: dict[str, bytes] = {}
             for fname, rel in files:
                 try:
-                    data[fname] = self._read_file(os.path.join(root, rel))
+                    data[fname] = self._read_file(root, rel)
                 except _Unreadable as exc:
                     problem = f"{exc.kind}: {rel}: {exc}"
                     break
@@ -925,18 +1092,56 @@ class FolderSource(Source):
             sample.update(data)
             yield sample
 
-    def _read_file(self, path: str) -> bytes:
+    def _read_file(self, root: str, rel: str) -> bytes:
+        path = os.path.join(root, rel)
         try:
-            st = os.stat(path)  # follows symlinks: a dangling one fails here
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                path = self._link_target(root, path)
+                st = os.stat(path)  # a dangling link inside the folder fails here
             if not stat.S_ISREG(st.st_mode):
-                raise _Unreadable("unreadable_path", "not a regular file")  # FIFOs would block
+                # FIFOs would block, and opening a device can act on hardware.
+                raise _Unreadable("unreadable_path", "not a regular file")
             if self.max_member_bytes is not None and st.st_size > self.max_member_bytes:
                 raise _Unreadable("file_too_large",
                                   f"{st.st_size} bytes (limit {self.max_member_bytes})")
-            with open(path, "rb") as fh:
+            # O_NOFOLLOW + O_NONBLOCK: a file swapped for a link or a FIFO since the check is
+            # refused rather than followed or waited on.
+            flags = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                     | getattr(os, "O_CLOEXEC", 0))
+            with open(os.open(path, flags), "rb") as fh:
+                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                    raise _Unreadable("unreadable_path", "not a regular file")
                 return fh.read()
         except OSError as exc:
             raise _Unreadable("unreadable_path", _describe(exc)) from exc
+
+    def _link_target(self, root: str, path: str) -> str:
+        """The resolved target of the symlink ``path``, if it may be read. The target itself
+        is never named in the reason: it is a path on this machine, not in the dataset."""
+        target = os.path.realpath(path)
+        real_root = os.path.realpath(root)
+        if os.path.commonpath([target, real_root]) != real_root:
+            raise _Unreadable("symlink_outside_input", "symbolic link whose target resolves "
+                              "outside the input folder; it is never read")
+        if not self.follow_symlinks:
+            raise _Unreadable("symlink_not_followed", "symbolic link to a file inside the "
+                              "input folder; pass --follow-symlinks (io.follow_symlinks) to "
+                              "read such links")
+        return target
+
+
+def _rel_problem(rel: str) -> str | None:
+    """Why a folder input's relative path is not a safe release name, or None."""
+    try:
+        return None if safe_relative_name(rel) == rel else "not a normalised relative path"
+    except UnsafeNameError as exc:
+        return str(exc)
+
+
+def _shown(name: str, *, max_chars: int | None = 300) -> str:
+    """``name`` itself when it is safe, else escaped (for keys, sources and skip lists)."""
+    return escape_name(name, max_chars=max_chars) if name_problem(name) else name
 
 
 class _Unreadable(Exception):

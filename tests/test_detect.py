@@ -205,6 +205,11 @@ def test_pyramid_covers_small_faces_and_close_ups():
     assert 4000 * scales[-1] <= 240
     # Thumbnails need no coarse level.
     assert len(pyramid_scales(150, 200, min_face=16, native_min_face=14)) == 1
+    # Without a cap (how the detectors call it: larger levels are tiled), a 48 MP photo keeps
+    # its fine level at native resolution, so a 14 px face stays 14 px.
+    scales = pyramid_scales(6000, 8000, min_face=14, native_min_face=14)
+    assert scales[0] == pytest.approx(1.0)
+    assert all(a / b <= 8.0 + 1e-9 for a, b in zip(scales, scales[1:], strict=False))
 
 
 # --------------------------------------------------------------------------- CenterFace

@@ -467,7 +467,7 @@ def test_write_results_and_gates_table(tmp_path):
     assert [g["status"] for g in payload["gates"]] == ["passed", "not_evaluated", "passed"]
     assert set(payload["gates"][0]) == {
         "name", "description", "table", "metric", "min", "max", "mostly", "required",
-        "value", "status", "margin", "failing_keys", "reason",
+        "value", "status", "margin", "failing_keys", "reason", "severity", "category", "blocking",
     }  # fmt: skip
     rows = gates_table(results)
     assert [r["gate"] for r in rows] == ["reid", "age", "residual"]

@@ -3,7 +3,9 @@ only anonymized regions in its picture grid."""
 
 from __future__ import annotations
 
+import html
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -35,6 +37,10 @@ def run_output(tmp_path_factory, faces_dir) -> Path:
 def test_report_json_counts_match_manifests(run_output):
     report = json.loads((run_output / "report" / "report.json").read_text())
     assert report["samples"] == 3
+    assert report["keys"] == {"manifest_rows": 3, "distinct": 3, "duplicated": []}
+    assert report["verdict"]["status"] == "not_validated" and "veil validate" in report["verdict"]["why"]
+    assert report["method"]["name"] == "blur" and report["method"]["kind"] == "obscuring"
+    assert report["method"]["params"].startswith("Gaussian blur, sigma = 0.2")
     assert report["counts"] == {"anonymized": 1, "clean": 1, "quarantined": 1}
     assert report["quarantine_reasons"] == {"not_an_image": 1}
     assert report["quarantined"][0]["key"] == "broken"
@@ -54,15 +60,20 @@ def test_report_grid_shows_only_anonymized_samples(run_output):
 def test_report_renders_in_headless_chromium(run_output, tmp_path):
     shot = tmp_path / "report.png"
     dom = _chromium_dom((run_output / "report" / "index.html").as_uri(), tmp_path, shot)
-    for section in ("summary", "quarantine", "shards", "detections", "throughput", "grid", "models", "config"):
+    for section in ("verdict", "overview", "details", "summary", "quarantine", "shards", "detections",
+                    "throughput", "grid", "models", "config"):
         assert f'id="{section}"' in dom, section
-    for plot in ("status", "faces_per_image", "scores", "stages"):
-        assert f'data-plot="{plot}"' in dom, plot
+    # No validation: nothing failed or was skipped, and nothing claims the release is cleared.
+    assert 'id="failing"' not in dom and 'id="not-evaluated"' not in dom
+    assert 'class="verdict not_validated"' in dom and "NOT VALIDATED" in dom
+    # One sample of each status, one image with a face and one without, one detector score:
+    # bars of equal height and a histogram of a single value are not drawn.
+    assert re.findall(r'data-plot="([^"]+)"', dom) == ["stages"]
     from PIL import Image
 
     with Image.open(shot) as img:
-        assert img.size == (1200, 2000)
-        # A rendered page, not a blank one: plots and tables put many colours on screen.
+        assert img.size == (1280, 800)
+        # A rendered page, not a blank one: text, tables and the band put many colours on screen.
         assert len(img.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 50
 
 
@@ -85,9 +96,10 @@ def _gate(name: str, metric: str, status: str, *, table: str = "dataset", lo=Non
 
 
 def write_validation(root: Path, *, failing: bool, inception: bool = True, tables: bool = True,
-                     attributes: bool = True) -> dict:
+                     attributes: bool = True, method: str = "blur", expression: bool = True) -> dict:
     """A validation folder as the engine writes it: summary.json and two shards' samples/faces
-    Parquet tables (made-up but self-consistent numbers)."""
+    Parquet tables (made-up but self-consistent numbers). Some metrics are NaN or None, as
+    unmeasured ones are; without ``expression`` the expression classifier measured nothing."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -141,10 +153,13 @@ def write_validation(root: Path, *, failing: bool, inception: bool = True, table
         "background.ssim_mean": 0.95, "background.ssim_min": 0.9,
         "leakage.nmi_mean": 0.12, "leakage.sim.mobilefacenet": 0.05,
         "residual.faces": 2 if failing else 0, "residual.samples": 2 if failing else 0,
-        "utility.accuracy_drop": None,
+        "utility.accuracy_drop": None, "face.ssim_mean": float("nan"),
+        "orientation.agreement": 1.0,
     }
+    if not expression:
+        metrics["attributes.expression_agreement"] = float("nan")
     if inception:
-        metrics |= {"fid.inception": None, "kid.inception": None}
+        metrics |= {"fid.inception": 88.0, "kid.inception": None}
     gates = [
         _gate("no-reidentification", "identity.mobilefacenet.verification_rate", "failed" if failing else "passed",
               hi=0.05, value=metrics["identity.mobilefacenet.verification_rate"], margin=0.09 if failing else 0.0,
@@ -158,6 +173,11 @@ def write_validation(root: Path, *, failing: bool, inception: bool = True, table
         _gate("attributes-kept", "attributes.gender_agreement", "passed", lo=0.8, value=0.89),
         _gate("vggface2-anonymity", "identity.facenet-vggface2.verification_rate", "not_evaluated",
               hi=0.05, required=False, reason="recognizer facenet-vggface2 not available"),
+        # A gate this report has never heard of: it must show up as any other.
+        _gate("orientation", "orientation.agreement", "passed", lo=0.95, value=1.0),
+        # A warning (Great Expectations severity): reported when it fails, never decides.
+        _gate("photos-upright", "orientation_changed", "failed", table="samples", hi=0, mostly=1.0, value=0.9)
+        | {"severity": "warning", "category": "utility", "blocking": False},
     ]
     details = {"identity": {}, "fd": {"mobilenetv2": {"name": "FD-MobileNetV2", "value": 12.5}},
                "detection": {"centerface": {"original": 14, "redetected": 13}},
@@ -167,16 +187,20 @@ def write_validation(root: Path, *, failing: bool, inception: bool = True, table
             "age_mae": 4.1,
             "gender_confusion": {"labels": ["female", "male"], "matrix": [[5, 1], [0, 8]]},
             "expression_confusion": {"labels": ["happy", "neutral", "sad"],
-                                     "matrix": [[3, 2, 0], [1, 6, 0], [0, 1, 1]]},
+                                     "matrix": [[3, 2, 0], [1, 6, 0], [0, 1, 1]] if expression else
+                                     [[0, 0, 0], [0, 0, 0], [0, 0, 0]]},
         }
     summary = {
-        "status": "failed" if failing else "passed", "method": "blur", "original": "in/{000..001}.tar",
+        "status": "failed" if failing else "passed", "method": method, "original": "in/{000..001}.tar",
         "anonymized": "out/data", "gates_file": "default", "metrics": metrics, "details": details,
         "gates": gates,
         "models": [{"name": "mobilefacenet_ms1m", "path": "/models/mobilefacenet.pt", "sha256": SHA,
                     "license": "MIT", "source": "foamliu/MobileFaceNet", "used_for": "recognizer mobilefacenet"}],
         "recognizers": RECOGNIZERS,
-        "per_shard": {s: {"pairs": 5} for s in shards},
+        # Shard 0 holds the re-identified faces of a failing validation.
+        "per_shard": {s: {"pairs": 5, "identity.mobilefacenet.verification_rate": (0.25 if i == 0 else 0.04)
+                          if failing else 0.0, "residual.faces": int(failing)}
+                      for i, s in enumerate(shards)},
         "seconds": 3.5, "images_per_second": 2.9,
     }
     folder.mkdir(parents=True, exist_ok=True)
@@ -186,12 +210,20 @@ def write_validation(root: Path, *, failing: bool, inception: bool = True, table
     return summary
 
 
-def _validation_section(page: str, *, text_only: bool = False) -> str:
-    start = page.index('<section id="validation">') if '<section id="validation">' in page else \
-        page.index("<section id='validation'>")
-    section = page[start:page.index("</section>", start)]
-    # The plots' base64 can spell anything: drop it where the words on the page are checked.
-    return re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", section) if text_only else section
+
+
+def _text(page: str) -> str:
+    """The words on a page: no tags, no style, no embedded images (base64 can spell anything)."""
+    page = re.sub(r"data:image/(png|jpeg);base64,[A-Za-z0-9+/=]+", "", page)
+    page = re.sub(r"<style>.*?</style>", " ", page, flags=re.S)
+    return html.unescape(re.sub(r"<[^>]+>", " ", page))
+
+
+def _section(page: str, section_id: str) -> str:
+    """One (non-nested) section of a page, as written or as Chromium serialises it."""
+    match = re.search(rf"<section id=[\"']{re.escape(section_id)}[\"']", page)
+    assert match, section_id
+    return page[match.start():page.index("</section>", match.start())]
 
 
 def test_validation_only_folder_gets_a_report_of_the_validation_alone(tmp_path):
@@ -205,20 +237,25 @@ def test_validation_only_folder_gets_a_report_of_the_validation_alone(tmp_path):
     v = report["validation"]
     assert v["status"] == "passed" and v["method"] == "blur"
     assert v["release_file"] == str(tmp_path / "RELEASE.json")
-    assert [g["status"] for g in v["gates"]] == ["passed"] * 5 + ["not_evaluated"]
+    assert [g["status"] for g in v["gates"]] == ["passed"] * 5 + ["not_evaluated", "passed", "failed"]
     assert v["pairing"] == {"pairs": 10, "missing_anonymized": 1, "missing_original": 0, "not_released": 1,
                             "errors": 0, "faces_original": 14}
+    assert v["statuses"] == {"missing_anonymized": 1, "not_released": 1, "paired": 10}
     assert v["tables"] == {"samples": {"files": 2, "rows": 12}, "faces": {"files": 2, "rows": 14}}
     assert "per_shard" not in v and v["per_shard_count"] == 2  # bulky parts stay in summary.json
     assert v["details"]["big"] == {"omitted": "list of 1000 items, see validation/summary.json"}
     assert v["details"]["attributes"]["gender_confusion"]["matrix"] == [[5, 1], [0, 8]]
-    assert v["metrics"]["fd.mobilenetv2"] == 12.5 and v["metrics"]["fid.inception"] is None
+    assert v["metrics"]["fd.mobilenetv2"] == 12.5 and v["metrics"]["fid.inception"] == 88.0
+    assert v["metrics"]["face.ssim_mean"] is None  # NaN in the summary
     assert v["recognizers"]["facenet-vggface2"]["available"] is False
+    assert report["verdict"] == {"status": "released", "label": "RELEASED",
+                                 "why": "Validation PASSED: all 6 evaluated gates passed; RELEASE.json was written."
+                                        " 1 warning gate failed (reported, not blocking)."}
+    assert report["method"] == {"name": "blur", "kind": "obscuring", "params": None, "detection": None}
 
     page = page_path.read_text()
     assert "id='summary'" not in page and "id='grid'" not in page and "<figure" not in page
-    section = _validation_section(page)
-    assert "<strong>PASSED</strong>" in section and "RELEASE.json was written" in section
+    assert "class='verdict released'" in page and "validated as given" in _section(page, "overview")
 
 
 def test_failing_validation_lists_the_failing_keys_and_no_pictures(tmp_path):
@@ -228,16 +265,23 @@ def test_failing_validation_lists_the_failing_keys_and_no_pictures(tmp_path):
     page = build_report(tmp_path).read_text()
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["validation"]["status"] == "failed" and report["validation"]["release_file"] is None
-    failed = [g["name"] for g in report["validation"]["gates"] if g["status"] == "failed"]
-    assert failed == ["no-reidentification", "background-kept", "no-residual-faces"]
-    section = _validation_section(page)
-    assert "<strong>FAILED</strong>" in section and "RELEASE.json was not written" in section
+    assert report["verdict"]["status"] == "withheld" and "Validation FAILED: 3 gates failed" in report["verdict"]["why"]
+    gates = {g["name"]: g for g in report["validation"]["gates"]}
+    assert [n for n, g in gates.items() if g["status"] == "failed"] == [
+        "no-reidentification", "background-kept", "no-residual-faces", "photos-upright"]
+    # Evidence: the shard over the bound on its own (in-001.tar is under it), the shard with rows out.
+    assert gates["no-reidentification"]["worst_shards"] == [{"shard": "in-000.tar", "value": 0.25}]
+    assert gates["no-residual-faces"]["worst_shards"] == [{"shard": "in-000.tar", "value": 1},
+                                                          {"shard": "in-001.tar", "value": 1}]
+    assert [s["shard"] for s in gates["background-kept"]["worst_shards"]] == ["in-001.tar"]
+    assert "worst_shards" not in gates["distribution"]  # only failed gates carry evidence
+    failing = _section(page, "failing")
     for key in ("s000#0", "s100#0", "s003", "s101"):
-        assert f"<code>{key}</code>" in section, key
-    assert "no single sample drove it" in section  # the dataset-level residual gate
-    imgs = re.findall(r"<img[^>]*>", section)
+        assert f"<code>{key}</code>" in failing, key
+    assert "no single sample drove it" in failing  # the dataset-level residual gate
+    imgs = re.findall(r"<img[^>]*>", page)
     assert imgs and all("data-plot=" in img and "data:image/png;base64," in img for img in imgs)
-    assert "data:image/jpeg" not in section
+    assert "data:image/jpeg" not in page
 
 
 def test_fd_mobilenetv2_is_never_called_fid(tmp_path):
@@ -250,12 +294,12 @@ def test_fd_mobilenetv2_is_never_called_fid(tmp_path):
     assert metric_family("pairs") == "pairing" and metric_family("leakage.sim.mobilefacenet") == "leakage"
 
     write_validation(tmp_path, failing=False, inception=False)
-    section = _validation_section(build_report(tmp_path).read_text(), text_only=True)
-    assert "FD-MobileNetV2" in section and "FID" not in section
+    text = _text(build_report(tmp_path).read_text())
+    assert "FD-MobileNetV2" in text and "FID" not in text
     with_inception = tmp_path / "with-inception"
     write_validation(with_inception, failing=False, inception=True)
-    section = _validation_section(build_report(with_inception).read_text(), text_only=True)
-    rows = [row for row in re.findall(r"<tr.*?</tr>", section) if "FID" in row]
+    page = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", build_report(with_inception).read_text())
+    rows = [row for row in re.findall(r"<tr.*?</tr>", page) if "FID" in row]
     assert rows and all("fid.inception" in row for row in rows)
 
 
@@ -263,8 +307,8 @@ def test_validation_plots_are_skipped_cleanly_without_their_data(tmp_path):
     from veil.validators.report import build_report
 
     write_validation(tmp_path, failing=True, tables=False, attributes=False)
-    section = _validation_section(build_report(tmp_path).read_text())
-    plots = re.findall(r"data-plot='([^']+)'", section)
+    page = build_report(tmp_path).read_text()
+    plots = re.findall(r"data-plot='([^']+)'", page)
     assert plots == ["detection-rate"]  # no tables: no histograms, no box plots; no confusion matrices
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["validation"]["tables"]["samples"]["rows"] == 0
@@ -280,6 +324,30 @@ def test_box_plots_keep_the_worst_shards_in_the_metric_direction():
         worst_by_median(stats, worse="up", limit=2)
 
 
+def test_verdict_needs_both_a_passed_validation_and_its_release_file():
+    from veil.validators.report import verdict
+
+    passed = [_gate("a", "m", "passed", hi=1.0, value=0.5)]
+    warning = [_gate("w", "m", "failed", hi=0.1, value=0.5) | {"severity": "warning"}]
+    optional = [_gate("opt", "n", "not_evaluated", hi=1.0, required=False, reason="model missing")]
+    required = [_gate("req", "r", "not_evaluated", hi=1.0, reason="model missing")]
+
+    def v(status, gates, release):
+        return verdict({"validation": {"status": status, "gates": gates,
+                                       "release_file": "OUT/RELEASE.json" if release else None}})
+
+    assert v("passed", passed + optional, True)["status"] == "released"
+    assert "1 warning gate failed" in v("passed", passed + warning, True)["why"]
+    assert "(a)" in v("failed", [passed[0] | {"status": "failed"}] + warning, False)["why"]
+    changed = v("passed", passed, False)
+    assert changed["status"] == "withheld" and "RELEASE.json is missing" in changed["why"]
+    stale = v("failed", passed + required, True)
+    assert stale["status"] == "withheld" and "1 required gate could not be evaluated (req)" in stale["why"]
+    assert "delete it" in stale["why"] and "opt" not in stale["why"]
+    assert v("not_gated", [], False)["status"] == "not_validated"
+    assert verdict({})["label"] == "NOT VALIDATED"
+
+
 def test_unreadable_summary_and_empty_folder(tmp_path):
     from veil.validators.report import build_report
 
@@ -287,72 +355,129 @@ def test_unreadable_summary_and_empty_folder(tmp_path):
         build_report(tmp_path)
     (tmp_path / "validation").mkdir()
     (tmp_path / "validation" / "summary.json").write_text("{not json")
-    section = _validation_section(build_report(tmp_path).read_text())
-    assert "<strong>UNKNOWN</strong>" in section and "could not be read" in section
+    page = build_report(tmp_path).read_text()
+    assert "class='verdict not_validated'" in page and "could not be read" in _text(page)
 
 
 def _chromium_dom(url: str, tmp_path: Path, screenshot: Path | None = None) -> str:
+    """The page as Chromium parsed it; with ``screenshot``, also a PNG of its first screen at
+    1280x800 (the size a reviewer's laptop shows without scrolling)."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium not installed (Debian package 'chromium')")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}"]
+             "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True,
                          timeout=120).stdout
     if screenshot is not None:
-        subprocess.run([chromium, *flags, "--window-size=1200,2000", f"--screenshot={screenshot}", url],
+        subprocess.run([chromium, *flags, "--window-size=1280,800", f"--screenshot={screenshot}", url],
                        capture_output=True, timeout=120)
     return dom
 
 
-def test_failing_validation_renders_in_headless_chromium(tmp_path):
+# ---------------------------------------------------------------------- layout in a browser
+
+#: The verdict band's colours (report_html._CSS) and the rule that closes the first screen.
+VERDICT_RGB = {"released": (0x1B, 0x7F, 0x3B), "withheld": (0xB4, 0x23, 0x18), "not_validated": (0x5B, 0x62, 0x70)}
+RULE_RGB = (0x1F, 0x4E, 0x79)
+
+
+@pytest.fixture(scope="module")
+def three_reports(run_output, tmp_path_factory) -> dict[str, Path]:
+    """A blur run whose gates passed, the same run with failing gates, and a failing
+    ``veil validate`` of another tool's output (attributes measured, expression not)."""
     from veil.validators.report import build_report
 
-    out = tmp_path / "audit"
-    write_validation(out, failing=True)
-    shot = tmp_path / "validation.png"
-    dom = _chromium_dom(build_report(out).as_uri(), tmp_path, shot)
-    section = _validation_section(dom)
-    for part in ("validation-gates", "validation-failing", "validation-pairing", "validation-metrics",
-                 "validation-plots", "validation-recognizers", "validation-models"):
-        assert f'id="{part}"' in section, part
-    assert 'id="summary"' not in dom and 'id="grid"' not in dom
-    assert 'class="banner failed" data-status="failed"' in section
-    gates = dict(re.findall(r'<tr class="gate" data-gate="([^"]+)" data-status="([^"]+)"', section))
-    assert gates == {"no-reidentification": "failed", "background-kept": "failed", "no-residual-faces": "failed",
-                     "distribution": "passed", "attributes-kept": "passed", "vggface2-anonymity": "not_evaluated"}
-    plots = re.findall(r'data-plot="([^"]+)"', section)
-    assert set(plots) == {"verification-mobilefacenet", "verification-dlib-resnet", "confusion-gender",
-                          "confusion-expression", "shards-background_psnr", "shards-residual_faces",
-                          "shards-max_score_mobilefacenet", "shards-max_score_dlib-resnet", "detection-rate"}
-    imgs = re.findall(r"<img[^>]*>", section)
-    assert len(imgs) == len(plots)  # no picture other than the plots
-    for key in ("s000#0", "s100#0", "s003", "s101"):
-        assert f"<code>{key}</code>" in section, key
-    for family in ("identity", "distribution", "attributes", "detection", "background", "leakage", "residual"):
-        assert f'data-family="{family}"' in section, family
-    assert f'title="{SHA}"' in section and SHA[:12] in section
-    assert "model file 'facenet_vggface2.pt' not found" in section
+    root = tmp_path_factory.mktemp("three")
+    folders = {"pass": root / "pass", "fail": root / "fail", "validate": root / "validate"}
+    for name in ("pass", "fail"):
+        shutil.copytree(run_output, folders[name])
+        write_validation(folders[name], failing=name == "fail")
+    write_validation(folders["validate"], failing=True, method="unknown", expression=False)
+    for folder in folders.values():
+        build_report(folder)
+    return folders
+
+
+def _first_screen_shows(shot: Path, status: str) -> None:
+    """The verdict's colour band spans the top of a 1280x800 screenshot, and the rule under
+    the summary (verdict, release counts, method, deciding gates) is on it too."""
+    import numpy as np
     from PIL import Image
 
     with Image.open(shot) as img:
-        assert len(img.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 50
+        pixels = np.asarray(img.convert("RGB"))
+    assert pixels.shape[:2] == (800, 1280)
+    band = np.flatnonzero((pixels == VERDICT_RGB[status]).all(-1).sum(1) > 640)
+    assert band.size >= 60 and band.min() == 0 and band.max() < 200, band
+    for other, rgb in VERDICT_RGB.items():
+        if other != status:
+            assert not ((pixels == rgb).all(-1).sum(1) > 640).any(), other
+    rule = np.flatnonzero((pixels == RULE_RGB).all(-1).sum(1) > 640)
+    assert rule.size >= 3 and band.max() < rule.min(), "the summary does not fit the first screen"
 
 
-def test_run_output_with_validation_puts_the_gates_near_the_top(run_output, tmp_path):
-    from veil.validators.report import build_report
+EXPECTED = {
+    "pass": ("released", set()),
+    "fail": ("withheld", {"no-reidentification", "background-kept", "no-residual-faces"}),
+    "validate": ("withheld", {"no-reidentification", "background-kept", "no-residual-faces"}),
+}
+WARNING_GATE = "photos-upright"
 
-    out = tmp_path / "out"
-    shutil.copytree(run_output, out)
-    write_validation(out, failing=False)
-    dom = _chromium_dom(build_report(out).as_uri(), tmp_path)
-    report = json.loads((out / "report" / "report.json").read_text())
-    assert report["contents"] == ["run", "validation"]
-    assert report["samples"] == 3 and report["validation"]["status"] == "passed"
-    assert dom.index('id="validation"') < dom.index('id="summary"') < dom.index('id="grid"')
-    section = _validation_section(dom)
-    assert 'data-status="passed"' in section
-    assert len(re.findall(r"<img[^>]*>", section)) == len(re.findall(r'data-plot="', section))
-    captions = [part.split("</figcaption>")[0] for part in dom.split("<figcaption>")[1:]]
-    assert captions == ["face"]  # the run's picture grid is unchanged, outside the validation section
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_report_layout_in_headless_chromium(three_reports, name, tmp_path):
+    status, failed = EXPECTED[name]
+    out = three_reports[name]
+    shot = tmp_path / f"{name}.png"
+    dom = _chromium_dom((out / "report" / "index.html").as_uri(), tmp_path, shot)
+    if os.environ.get("VEIL_REPORT_SHOTS"):  # for a person to look at
+        Path(os.environ["VEIL_REPORT_SHOTS"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(os.environ["VEIL_REPORT_SHOTS"]) / f"{name}.png")
+    _first_screen_shows(shot, status)
+
+    # The verdict is the first thing in the page; then failures, skipped gates, details, pictures.
+    assert re.search(r"<body>\s*<header id=\"verdict\" class=\"verdict " + status, dom)
+    order = ["verdict", "overview", "failing", "not-evaluated", "details"] + (["grid"] if name != "validate" else [])
+    positions = [dom.index(f'id="{part}"') for part in order]
+    assert positions == sorted(positions), order
+    summary = json.loads((out / "validation" / "summary.json").read_text())
+    gates = {g["name"]: g for g in summary["gates"]}
+
+    # First screen: every gate that decided the release, none of the optional skipped ones;
+    # a gate the report does not know (orientation) is listed like the others.
+    overview = _section(dom, "overview")
+    deciding = set(re.findall(r'<tr class="gate" data-gate="([^"]+)"', overview))
+    assert deciding == set(gates) - {"vggface2-anonymity", WARNING_GATE} and "orientation" in deciding
+    # Failing gates are only those that failed, the warning apart after them; the optional
+    # gate that was not evaluated is listed apart, with its reason, never as a failure.
+    failing = _section(dom, "failing")
+    listed = re.findall(r'data-failing-gate="([^"]+)"', failing)
+    assert set(listed[:-1]) == failed and listed[-1] == WARNING_GATE
+    assert failing.index('id="failing-warnings"') < failing.index(f'data-failing-gate="{WARNING_GATE}"')
+    assert "vggface2-anonymity" not in failing
+    skipped = _section(dom, "not-evaluated")
+    assert 'data-not-evaluated="vggface2-anonymity"' in skipped
+    assert "not evaluated: recognizer facenet-vggface2 not available" in _text(skipped)
+
+    text = _text(dom)
+    assert not re.search(r"\bnan\b", text, re.IGNORECASE), re.findall(r".{40}\bnan\b.{40}", text, re.I)
+    plots = re.findall(r'data-plot="([^"]+)"', dom)
+    assert len(plots) == len(set(plots))  # an evidence plot is not drawn twice
+    assert len(re.findall(r"<img[^>]*>", dom)) == len(plots) + dom.count("data:image/jpeg")
+    # Residual faces are all zero when the gates pass: no row of flat boxes.
+    assert ("shards-residual_faces" in plots) == (name != "pass")
+    if name == "validate":  # another tool's output: attributes measured are shown, if measured
+        assert "confusion-gender" in plots and "confusion-expression" not in plots
+        assert "attributes.gender_agreement" in text and "attributes.expression_agreement" not in text
+        assert "Veil validation report" in text and "<figure" not in dom
+    else:  # blur: attributes read off a blurred face mean nothing
+        assert not any(p.startswith("confusion-") for p in plots)
+        assert 'data-family="attributes"' not in dom and "gender_agreement" not in _section(dom, "details-utility")
+        captions = [part.split("</figcaption>")[0] for part in dom.split("<figcaption>")[1:]]
+        assert captions == ["face"] and dom.count("data:image/jpeg") == 1  # only the released crop
+    if name == "fail":
+        evidence = dom[dom.index('data-failing-gate="no-reidentification"'):]
+        evidence = evidence[:evidence.index("</article>")]
+        assert 'data-plot="verification-mobilefacenet"' in evidence and "in-000.tar" in evidence

@@ -139,6 +139,7 @@ def test_blur_run_passes_the_default_gates_and_is_released(blur_run, dataset):
     assert m["identity.facenet-vggface2.verification_rate"] is None  # no weights offline
     assert summary_json["recognizers"]["facenet-vggface2"]["available"] is False
     assert m["residual.faces"] == 0
+    assert m["geometry.orientation_changed"] == m["geometry.resized"] == m["no_image_released"] == 0
     assert m["fd.mobilenetv2"] is not None and m["fd.mobilenetv2"] > 0
     # FID is computed by default for synthesis methods and audits only (no blur gate reads
     # it, and Inception costs more than the rest); the FSAP tests check the real FID.
@@ -297,6 +298,10 @@ def test_demo_validates_its_release_with_out_of_the_box_models(tmp_path, monkeyp
     assert summary["recognizers"]["dlib-resnet"]["available"] is True
     assert summary["recognizers"]["mobilefacenet"]["available"] is False
     assert summary["metrics"]["not_released"] == 1
+    # The sideways photo (a square stored with EXIF orientation 8) is released upright: Veil's
+    # own release keeps every photo's orientation and size.
+    assert summary["metrics"]["geometry.orientation_changed"] == 0
+    assert summary["metrics"]["geometry.resized"] == 0
 
 
 def test_a_sample_that_cannot_be_measured_is_an_error_that_fails_the_release(blur_run, dataset, tmp_path,

@@ -102,6 +102,13 @@ _DECODE_FORMATS: Final[tuple[str, ...]] = ("JPEG", "PNG", "WEBP", "TIFF", "BMP",
 
 #: Formats whose extra frames are auxiliary images rather than content (see module docs).
 _AUXILIARY_FRAME_FORMATS: Final[frozenset[str]] = frozenset({"MPO"})
+#: Formats whose frame count Pillow finds by walking every frame, and the file size up to
+#: which a refused multi-frame file still has its frames counted for the message.
+_WALKED_FRAME_FORMATS: Final[frozenset[str]] = frozenset({"GIF", "TIFF"})
+_FRAME_COUNT_BYTES: Final = 1 << 16
+#: Most scans a JPEG may have (libjpeg-turbo's fuzzers use the same limit); see
+#: ``_check_jpeg_scans``.
+_MAX_JPEG_SCANS: Final = 500
 
 #: EXIF orientation -> the transpose that makes the pixels upright (as in ImageOps.exif_transpose).
 _ORIENTATION_TRANSPOSE: Final[dict[int, Image.Transpose]] = {
@@ -128,6 +135,8 @@ _NATIVE_OUTPUT: Final[dict[str, tuple[frozenset[str], str]]] = {
     "CMYK": (frozenset({"JPEG", "TIFF"}), "CMYK"),
 }
 _ALPHA_FORMATS: Final[frozenset[str]] = frozenset({"PNG", "TIFF", "WEBP"})
+#: Longest side an output format can be written with (libwebp; libjpeg's JPEG_MAX_DIMENSION).
+_MAX_OUTPUT_SIDE: Final[dict[str, int]] = {"WEBP": 16383, "JPEG": 65500}
 
 #: PNG/TIFF/WebP encoder settings. Fixed values make output bytes a function of the pixels.
 _PNG_COMPRESS_LEVEL: Final = 6
@@ -283,7 +292,41 @@ def decode_image(
         raise _classify_failure(exc, data, sniffed) from exc
 
     with img:
+        if ext is not None:
+            _check_writable_size(img.size, image_format_for_ext(ext))
         return _decode_opened(img, data, max_pixels=max_pixels)
+
+
+def _check_writable_size(size: tuple[int, int], out_format: str) -> None:
+    """Refuse an image the output format cannot hold (found by fuzzing: a 16384x1 JPEG
+    stored as .webp decoded, then failed in the encoder), before any pixel is decoded."""
+    limit = _MAX_OUTPUT_SIDE.get(out_format)
+    if limit is not None and max(size) > limit:
+        raise ImageDecodeError(
+            "unsupported_image",
+            f"the image is {size[0]}x{size[1]}; {out_format} cannot be written with a side "
+            f"over {limit} pixels, so it could not be released in its format",
+        )
+
+
+def _check_jpeg_scans(data: bytes) -> None:
+    """Refuse a JPEG with more scans than any encoder writes, before decoding it.
+
+    Each scan of a progressive JPEG is a pass over the whole image, so scans cost time
+    without costing bytes: 3,000 empty scans over a 4000x4000 image are a 96 KB file that
+    took 17.5 s to decode (measured, Pillow 12 / libjpeg-turbo), and ``max_bytes`` allows
+    millions. libjpeg-turbo leaves the limit to the caller (TurboJPEG's scan limit,
+    ``djpeg -maxscans``) and Pillow does not set one. Entropy-coded data stuff every 0xFF
+    byte, so ``FF DA`` occurs only as a start-of-scan marker (or inside metadata, which can
+    only over-count).
+    """
+    scans = data.count(b"\xff\xda")
+    if scans > _MAX_JPEG_SCANS:
+        raise ImageDecodeError(
+            "too_large",
+            f"the JPEG has {scans} scans, over the limit of {_MAX_JPEG_SCANS} (encoders write "
+            "about 10; each scan is a pass over the whole image); it was not decoded",
+        )
 
 
 def _decode_opened(img: Image.Image, data: bytes, *, max_pixels: int) -> DecodedImage:
@@ -301,16 +344,26 @@ def _decode_opened(img: Image.Image, data: bytes, *, max_pixels: int) -> Decoded
         )
 
     try:
-        n_frames = int(getattr(img, "n_frames", 1))
-    except Exception as exc:  # noqa: BLE001 - counting frames walks the file and can fail
+        # is_animated looks for a second frame only; n_frames walks every frame of a GIF or
+        # TIFF (0.35 ms per TIFF page: a 200 MB file of tiny pages would take minutes).
+        multi_frame = bool(getattr(img, "is_animated", False))
+        n_frames = (
+            int(getattr(img, "n_frames", 1))
+            if multi_frame and (fmt not in _WALKED_FRAME_FORMATS or len(data) <= _FRAME_COUNT_BYTES)
+            else None
+        )
+    except Exception as exc:  # noqa: BLE001 - reading frame headers can fail
         raise _classify_failure(exc, data, fmt) from exc
-    if n_frames > 1 and fmt not in _AUXILIARY_FRAME_FORMATS:
+    if multi_frame and fmt not in _AUXILIARY_FRAME_FORMATS:
         kind = "multi-page" if fmt == "TIFF" else "animated"
+        count = f"{n_frames} frames" if n_frames else "more than one frame"
         raise ImageDecodeError(
             "unsupported_image",
-            f"{kind} {fmt} with {n_frames} frames: only single-frame images can be anonymized "
+            f"{kind} {fmt} with {count}: only single-frame images can be anonymized "
             "(decoding the first frame would silently drop the others)",
         )
+    if fmt in ("JPEG", "MPO"):
+        _check_jpeg_scans(data)
 
     try:
         img.load()

@@ -14,6 +14,8 @@ Gates file format (YAML; the shipped defaults are ``gates.yaml`` next to this mo
         max: 0.02                               # min: and/or max: (inclusive), at least one
         required: true                          # default true, see "Missing values" below
         methods: [all]                          # default [all]; or a list of method names
+        category: privacy                       # optional label: integrity, privacy, utility
+        severity: critical                      # default critical; warning / info never block
         evidence:                               # optional, dataset gates only: which rows
           table: faces                          #   to list as failing_keys (the rows that
           where: {reidentified_dlib-resnet: true}   # count against the gate), sorted by
@@ -54,11 +56,17 @@ Semantics:
   verdict is the gate's verdict. ``nulls: ignore`` leaves them out of the count instead (for
   columns where null means "nothing to measure", such as ``background_psnr`` of an image that
   is all PII).
+* **Severity** is Great Expectations' own (``FailureSeverity``), set on the gate's
+  expectation. A ``critical`` gate (the default) decides the release; a ``warning`` or
+  ``info`` gate is evaluated and reported the same way (status ``failed`` when outside its
+  bounds) but never blocks: utility findings, such as photos released sideways, belong to
+  the people using the data, not to the privacy verdict. ``category`` only labels a gate for
+  the report (``integrity``, ``privacy`` or ``utility``; none when not given).
 * **Missing values.** A dataset metric that is absent, None or NaN, a missing table or column,
   or a table with no row to check makes the gate ``not_evaluated`` with a reason. That blocks
   the release only when the gate is ``required``: :func:`overall_status` is ``"failed"`` if
-  any gate failed or any required gate was not evaluated, and ``"passed"`` only when at least
-  one gate was evaluated.
+  any critical gate failed or any required critical gate was not evaluated, and ``"passed"``
+  only when at least one critical gate passed.
 
 GX is imported lazily (it costs about 2 s); each :func:`evaluate_gates` call builds one
 ephemeral context and validates at most three batches, and the validation results are written
@@ -86,6 +94,8 @@ __all__ = [
     "KNOWN_METHODS",
     "TABLE_KEYS",
     "MAX_FAILING_KEYS",
+    "SEVERITIES",
+    "CATEGORIES",
     "GateConfigError",
     "Evidence",
     "Gate",
@@ -114,7 +124,12 @@ MAX_FAILING_KEYS = 50
 DATASET = "dataset"
 _ALL = "all"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_COMMON_FIELDS = {"name", "description", "min", "max", "required", "methods"}
+_COMMON_FIELDS = {"name", "description", "min", "max", "required", "methods", "category", "severity"}
+#: Great Expectations' failure severities; only ``critical`` gates block a release.
+SEVERITIES = ("critical", "warning", "info")
+CRITICAL = "critical"
+#: Labels a gate may carry for the report.
+CATEGORIES = ("integrity", "privacy", "utility")
 _DATASET_FIELDS = _COMMON_FIELDS | {"metric", "table", "evidence"}
 _TABLE_FIELDS = _COMMON_FIELDS | {"table", "column", "mostly", "where", "nulls"}
 _EVIDENCE_FIELDS = {"table", "where", "order_by", "descending"}
@@ -163,6 +178,12 @@ class Gate:
     where: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # table gates only
     nulls: str = "fail"  # table gates only: "fail" or "ignore"
     evidence: Evidence | None = None  # dataset gates only
+    severity: str = CRITICAL  # GX FailureSeverity; only critical gates block a release
+    category: str | None = None  # integrity | privacy | utility, for the report
+
+    @property
+    def blocking(self) -> bool:
+        return self.severity == CRITICAL
 
     def applies_to(self, method: str) -> bool:
         return _ALL in self.methods or method in self.methods
@@ -193,6 +214,13 @@ class GateResult:
     margin: float | None
     failing_keys: list[str] = field(default_factory=list)
     reason: str | None = None
+    severity: str = CRITICAL
+    category: str | None = None
+
+    @property
+    def blocking(self) -> bool:
+        """Whether this gate can withhold the release (critical severity)."""
+        return self.severity == CRITICAL
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -209,6 +237,9 @@ class GateResult:
             "margin": self.margin,
             "failing_keys": list(self.failing_keys),
             "reason": self.reason,
+            "severity": self.severity,
+            "category": self.category,
+            "blocking": self.blocking,
         }
 
 
@@ -307,6 +338,12 @@ def _parse_gate(entry: Any, *, index: int, source: str) -> Gate:
     if not isinstance(required, bool):
         raise fail("required", "must be true or false")
     methods = _methods(entry.get("methods", [_ALL]), fail)
+    severity = entry.get("severity", CRITICAL)
+    if severity not in SEVERITIES:
+        raise fail("severity", f"must be one of {list(SEVERITIES)}, got {severity!r}")
+    category = entry.get("category")
+    if category is not None and category not in CATEGORIES:
+        raise fail("category", f"must be one of {list(CATEGORIES)}, got {category!r}")
 
     mostly = None
     where: dict[str, tuple[Any, ...]] = {}
@@ -341,6 +378,8 @@ def _parse_gate(entry: Any, *, index: int, source: str) -> Gate:
         where=where,
         nulls=nulls,
         evidence=evidence,
+        severity=severity,
+        category=category,
     )
 
 
@@ -441,11 +480,13 @@ def evaluate_gates(
 
 
 def overall_status(results: list[GateResult]) -> str:
-    """``"failed"`` if a gate failed or a required one was not evaluated; ``"passed"`` only
-    when at least one gate was evaluated and none of that happened."""
-    if any(r.status == "failed" or (r.status == "not_evaluated" and r.required) for r in results):
+    """``"failed"`` if a critical gate failed or a required critical one was not evaluated;
+    ``"passed"`` only when at least one critical gate passed and none of that happened.
+    Warning and info gates are reported and never decide."""
+    deciding = [r for r in results if r.blocking]
+    if any(r.status == "failed" or (r.status == "not_evaluated" and r.required) for r in deciding):
         return "failed"
-    return "passed" if any(r.status == "passed" for r in results) else "failed"
+    return "passed" if any(r.status == "passed" for r in deciding) else "failed"
 
 
 def gates_table(results: list[GateResult]) -> list[dict[str, Any]]:
@@ -465,6 +506,8 @@ def gates_table(results: list[GateResult]) -> list[dict[str, Any]]:
                 "failing": len(r.failing_keys),
                 "reason": r.reason or "",
                 "description": r.description,
+                "severity": r.severity,
+                "category": r.category or "",
             }
         )
     return rows
@@ -587,11 +630,16 @@ def _result(gate: Gate, *, value, status, margin, keys, reason) -> GateResult:
         margin=margin,
         failing_keys=keys,
         reason=reason,
+        severity=gate.severity,
+        category=gate.category,
     )
 
 
 def _not_evaluated(gate: Gate, why: str) -> GateResult:
-    consequence = "required: blocks the release" if gate.required else "optional: does not block"
+    if not gate.blocking:
+        consequence = f"{gate.severity}: does not block"
+    else:
+        consequence = "required: blocks the release" if gate.required else "optional: does not block"
     return _result(
         gate,
         value=None,
@@ -693,7 +741,9 @@ def _run_suite(context: Any, plan: _SuitePlan) -> Any:
             "column": plan.columns[gate.name],
             "min_value": gate.min,
             "max_value": gate.max,
-            "meta": {"gate": gate.name, "metric": gate.metric, "required": gate.required},
+            "meta": {"gate": gate.name, "metric": gate.metric, "required": gate.required,
+                     "category": gate.category},
+            "severity": gate.severity,
         }
         if gate.table != DATASET:
             kwargs["mostly"] = gate.mostly

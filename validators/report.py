@@ -6,20 +6,21 @@ report at any time:
 * a ``veil run`` output: the manifests (and ``OUT/run.json`` for the configuration and
   environment);
 * validation (``veil validate`` or ``veil run --gates``): ``OUT/validation/summary.json`` and the
-  per-sample / per-face Parquet tables beside it. Its "Validation gates" section goes near the
-  top of the page; a folder written by ``veil validate --output AUDIT`` alone (no manifests)
-  gets a report with only that section.
+  per-sample / per-face Parquet tables beside it; a folder written by ``veil validate --output
+  AUDIT`` alone (no manifests) gets a report of the validation alone.
+
+This module computes the numbers (report.json) and the plots, and decides the verdict
+(RELEASED / WITHHELD / NOT VALIDATED); :mod:`veil.validators.report_html` lays out the page.
 
 The report never shows an un-anonymized face: its picture grid is cut from the *released*
-files only, and only around regions that were anonymized and passed the re-scan. The
-validation section shows no pictures at all, only plots: the anonymized faces of a failed
-validation may well be recognisable.
+files only, and only around regions that were anonymized and passed the re-scan. Validation
+adds no pictures at all, only plots: the anonymized faces of a failed validation may well be
+recognisable.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import math
@@ -54,7 +55,132 @@ def compute_report(output: str | Path) -> dict[str, Any]:
         report["validation"] = validation
     report["contents"] = [name for name, present in (("run", has_run), ("validation", validation is not None))
                           if present]
+    report["method"] = method_summary(report)
+    report["verdict"] = verdict(report)
     return report
+
+
+def method_kind(method: str | None) -> str:
+    """"synthesis" (faces replaced by other realistic faces), "obscuring" (blurred, pixelated,
+    filled, or left as they are), or "unknown" (another tool's output)."""
+    from veil.config import SYNTHESIS_METHODS
+    from veil.validators.validate import FID_METHODS
+
+    if not method or method == "unknown":
+        return "unknown"
+    # FID_METHODS names the synthesis methods validation knows beyond Veil's own (diffusion).
+    return "synthesis" if method in SYNTHESIS_METHODS or method in FID_METHODS else "obscuring"
+
+
+def method_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The anonymization method, its kind, and its parameters in one line (a run's, from its
+    configuration; a validated dataset made elsewhere has none recorded)."""
+    config = report.get("config") or {}
+    anonymize = config.get("anonymize") or {}
+    validation = report.get("validation") or {}
+    name = anonymize.get("method") or validation.get("method") or "unknown"
+    return {"name": name, "kind": method_kind(name), "params": _method_params(name, config),
+            "detection": _detection_params(config)}
+
+
+def _method_params(name: str, config: dict[str, Any]) -> str | None:
+    a, f = config.get("anonymize") or {}, config.get("fsap") or {}
+    if not a:
+        return None
+    mask = f"{a.get('mask')} mask, feather {a.get('feather')}"
+    if name == "blur":
+        return f"Gaussian blur, sigma = {a.get('blur_strength')} x face size; {mask}"
+    if name == "pixelate":
+        return f"{a.get('pixel_blocks')} blocks across the face; {mask}"
+    if name == "fill":
+        return f"filled with rgb{tuple(a.get('fill_color') or ())}; {mask}"
+    if name == "dp-pixelate":
+        return f"DP-Pix epsilon {a.get('epsilon')}, cell {a.get('dp_cell')} px, m {a.get('dp_m')}; {mask}"
+    if name == "none":
+        return "faces detected and left unchanged"
+    if name == "fsap" and f:
+        certify = ", ".join(f.get("certify") or [])
+        return (f"latent {f.get('latent')}, recognizer {f.get('recognizer')}, certifier {certify} "
+                f"(margin {f.get('certify_margin')}, {f.get('certify_rounds')} rounds), tau {f.get('tau')}, "
+                f"{f.get('steps')} steps; faces under {f.get('min_face')} px: {f.get('fallback')}")
+    return None
+
+
+def _detection_params(config: dict[str, Any]) -> str | None:
+    detect, rescan = config.get("detect") or {}, config.get("rescan") or {}
+    if not detect:
+        return None
+    line = f"detectors {', '.join(detect.get('detectors') or [])}, min face {detect.get('min_face')} px"
+    if rescan:
+        line += (f"; re-scan: {rescan.get('policy')}, up to {rescan.get('max_rounds')} rounds"
+                 if rescan.get("enabled") else "; re-scan off")
+    return line
+
+
+#: The verdict's three states: label and the CSS class of its colour band.
+VERDICTS = {"released": "RELEASED", "withheld": "WITHHELD", "not_validated": "NOT VALIDATED"}
+
+
+def verdict(report: dict[str, Any]) -> dict[str, Any]:
+    """RELEASED, WITHHELD or NOT VALIDATED, with why in one line. RELEASED needs both a passed
+    validation and its RELEASE.json: either alone means the folder changed after validation."""
+    validation = report.get("validation")
+
+    def result(status: str, why: str) -> dict[str, Any]:
+        return {"status": status, "label": VERDICTS[status], "why": why}
+
+    if validation is None:
+        return result("not_validated", "No validation gates were run on this output, so nothing here clears "
+                      "it for release: run 'veil validate' or 'veil run --gates'.")
+    status = validation.get("status")
+    release = validation.get("release_file")
+    gates = validation.get("gates") or []
+    if status == "unreadable":
+        return result("not_validated", f"The validation summary could not be read ({validation.get('error')}); "
+                      "run 'veil validate' again.")
+    if status == "not_gated":
+        return result("not_validated", "Metrics were measured but no gates were applied; RELEASE.json was not "
+                      "written.")
+    stale = " A RELEASE.json is present although validation did not pass: delete it." if release else ""
+    warnings = sum(1 for g in gates if g.get("status") == "failed" and not gate_blocks(g))
+    note = f" {warnings} warning gate{'s' if warnings > 1 else ''} failed (reported, not blocking)." if warnings else ""
+    gates = [g for g in gates if gate_blocks(g)]
+    if status == "passed":
+        passed = sum(1 for g in gates if g.get("status") == "passed")
+        if release:
+            return result("released", f"Validation PASSED: all {passed} evaluated gates passed; RELEASE.json "
+                          "was written." + note)
+        return result("withheld", "Validation passed but RELEASE.json is missing: the folder changed after "
+                      "validation; run 'veil validate' again.")
+    if status == "error":
+        return result("withheld", "Validation FAILED (error): it stopped before the gates could decide; "
+                      "RELEASE.json was not written." + stale)
+    failed = [str(g.get("name")) for g in gates if g.get("status") == "failed"]
+    missing = [str(g.get("name")) for g in gates if g.get("status") == "not_evaluated" and g.get("required")]
+    why = []
+    if failed:
+        why.append(f"{len(failed)} gate{'s' if len(failed) > 1 else ''} failed ({_names(failed)})")
+    if missing:
+        why.append(f"{len(missing)} required gate{'s' if len(missing) > 1 else ''} could not be evaluated "
+                   f"({_names(missing)})")
+    if not why:
+        why.append("no gate was evaluated")
+    return result("withheld", f"Validation FAILED: {'; '.join(why)}. RELEASE.json was not written." + stale + note)
+
+
+def _names(names: list[str], limit: int = 3) -> str:
+    """A list short enough for one line: the first ``limit`` names and how many more."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def gate_blocks(gate: dict[str, Any]) -> bool:
+    """Whether a gate can withhold the release: critical severity (Great Expectations'; the
+    default, and all there was before gates had severities); warning and info gates are
+    reported and never decide."""
+    if "blocking" in gate:
+        return bool(gate["blocking"])
+    return (gate.get("severity") or "critical") == "critical"
 
 
 def compute_run_report(output: Path) -> dict[str, Any]:
@@ -98,11 +224,15 @@ def compute_run_report(output: Path) -> dict[str, Any]:
         if r.get("rescan_rounds") is not None:
             rescan_rounds[int(r["rescan_rounds"])] += 1
     summary = run_info.get("summary") or {}
+    keys = Counter((r["shard"], r["key"]) for r in rows)
     report = {
         "output": str(output),
         "samples": len(rows),
         "counts": dict(statuses),
         "quarantine_reasons": dict(reasons.most_common()),
+        # Every input key must be in the manifests exactly once (fail closed: none dropped).
+        "keys": {"manifest_rows": len(rows), "distinct": len(keys),
+                 "duplicated": sorted(f"{shard}/{key}" for (shard, key), n in keys.items() if n > 1)[:50]},
         "faces": sum(faces_per_image),
         "faces_per_image": dict(sorted(Counter(faces_per_image).items())),
         "detections_by_detector": dict(detectors),
@@ -182,6 +312,7 @@ def build_report(output: str | Path) -> Path:
     ``output`` is a ``veil run`` output (``manifest/``), a validation output
     (``validation/summary.json``), or both."""
     from veil.pipelines.sinks import atomic_write_bytes
+    from veil.validators.report_html import render_page
 
     output = Path(output)
     has_run = (output / "manifest").is_dir()
@@ -197,45 +328,15 @@ def build_report(output: str | Path) -> Path:
     folder = output / "report"
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(folder / "report.json", json.dumps(report, indent=2, sort_keys=True, default=str).encode())
-    section = "" if validation is None else _validation_html(validation, _validation_plots(validation, scan))
-    if has_run:
-        page = _html(report, _plots(report, scores), _grid(output, rows), validation_section=section)
-    else:
-        page = _validation_page(report, section)
+    plots = _plots(report, scores) if has_run else {}
+    if validation is not None:
+        plots |= _validation_plots(validation, scan, kind=report["method"]["kind"])
+    page = render_page(report, plots, _grid(output, rows) if has_run else [])
     atomic_write_bytes(folder / "index.html", page.encode())
     return folder / "index.html"
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-
-def _synthesis_html(syn: dict[str, Any]) -> str:
-    """The FSAP section: what was done to each face and how the identity changed (numbers
-    only: the faces themselves appear in the grid, cut from the released files)."""
-    def d(stats: dict[str, Any] | None, fmt: str = "{:.3f}") -> str:
-        if not stats:
-            return "-"
-        return f"median {fmt.format(stats['median'])} (min {fmt.format(stats['min'])}, max {fmt.format(stats['max'])})"
-
-    rows = [
-        ["faces with a synthesis record", syn["faces"]],
-        ["identity replaced (FSAP)", syn["optimised"]],
-        ["too small for a recognizer: obscured by the fallback", syn["fallback"]],
-        ["faces in quarantined samples (not released)", syn["in_quarantined_samples"]],
-        ["latent space / optimised recognizer", f"{syn.get('latent')} / {syn.get('recognizer')}"],
-        ["iterations per face", d(syn["iterations"], "{:.0f}")],
-        ["rounds (0 = first optimisation passed)", ", ".join(f"{k}: {v}" for k, v in syn["rounds"].items()) or "-"],
-        [f"final similarity under {syn.get('recognizer')} (1 = same face)", d(syn["similarity"])],
-        ["seconds per face", d(syn["seconds_per_face"], "{:.1f}")],
-    ]
-    for name, cert in syn["certifiers"].items():
-        rule = f"same person if {'<=' if cert['metric'] == 'euclidean' else '>='} {cert['threshold']}"
-        rows.append([f"{name} (certifying) score before encoding, {rule}", d(cert["score"])])
-        rows.append([f"{name} score on the released bytes", d(cert["released"])])
-    return ("<h2 id='synthesis'>Identity replacement (FSAP)</h2>"
-            "<p>Each face was moved away from its identity in a latent space, against one recognizer, "
-            "and certified by another on the released image; a face still matched is optimised again "
-            "more strongly, then its sample is quarantined.</p>" + _table(["", "value"], rows))
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -250,6 +351,14 @@ def _describe(values: list[float]) -> dict[str, float] | None:
         return None
     return {"min": min(values), "median": statistics.median(values), "max": max(values),
             "mean": statistics.fmean(values), "n": len(values)}
+
+
+def _varies(values: Any) -> bool:
+    """Whether a plot of ``values`` would show anything: at least two finite values, not all
+    equal (empty, constant and all-zero data are not drawn)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]
+    return values.size >= 2 and bool(values.min() != values.max())
 
 
 def _png_b64(fig) -> str:
@@ -269,21 +378,22 @@ def _plots(report: dict[str, Any], scores: list[float]) -> dict[str, str]:
 
     plots = {}
     counts = report["counts"]
-    fig, ax = plt.subplots(figsize=(4.5, 2.6))
     names = ["anonymized", "clean", "quarantined"]
-    ax.bar(names, [counts.get(n, 0) for n in names], color=["#3a7", "#58c", "#c54"])
-    ax.set_title("samples by status")
-    plots["status"] = _png_b64(fig)
+    if _varies([counts.get(n, 0) for n in names]):
+        fig, ax = plt.subplots(figsize=(4.5, 2.6))
+        ax.bar(names, [counts.get(n, 0) for n in names], color=["#3a7", "#58c", "#c54"])
+        ax.set_title("samples by status")
+        plots["status"] = _png_b64(fig)
 
     fpi = report["faces_per_image"]
-    if fpi:
+    if _varies(list(fpi.values())):
         fig, ax = plt.subplots(figsize=(4.5, 2.6))
         ax.bar([str(k) for k in fpi], list(fpi.values()), color="#58c")
         ax.set_xlabel("faces detected in the image")
         ax.set_ylabel("images")
         ax.set_title("detections per image")
         plots["faces_per_image"] = _png_b64(fig)
-    if scores:
+    if _varies(scores):
         fig, ax = plt.subplots(figsize=(4.5, 2.6))
         ax.hist(scores, bins=20, range=(0, 1), color="#3a7")
         thr = ((report.get("config") or {}).get("detect") or {}).get("score_threshold")
@@ -296,7 +406,7 @@ def _plots(report: dict[str, Any], scores: list[float]) -> dict[str, str]:
     synthesis = report.get("synthesis") or {}
     for name, cert in (synthesis.get("certifiers") or {}).items():
         values = cert.get("values") or []
-        if not values:
+        if not _varies(values):
             continue
         fig, ax = plt.subplots(figsize=(4.5, 2.6))
         ax.hist(values, bins=20, color="#3a7")
@@ -351,132 +461,20 @@ def _grid(output: Path, rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     return tiles
 
 
-class _Markup(str):
-    """Table cell content that is already HTML (escaped where it holds data)."""
-
-
-def _cell(value: Any) -> str:
-    return value if isinstance(value, _Markup) else html.escape(str(value))
-
-
-def _table(headers: list[str], rows: list[list[Any]], *, row_attrs: list[str] | None = None) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    attrs = row_attrs or [""] * len(rows)
-    body = "".join(f"<tr{a}>" + "".join(f"<td>{_cell(c)}</td>" for c in row) + "</tr>"
-                   for a, row in zip(attrs, rows, strict=True))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-_CSS = (
-    "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}"
-    "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
-    "text-align:left;font-size:14px}th{background:#f3f3f3}.plots img{margin:4px}"
-    ".grid{display:flex;flex-wrap:wrap;gap:6px}.grid figure{margin:0;font-size:11px}"
-    ".bad{color:#b22}.ok{color:#272}pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}"
-    ".banner{padding:.8em 1.2em;margin:1em 0;border-radius:4px;font-size:16px;border:2px solid}"
-    ".banner strong{font-size:22px;margin-right:.6em}"
-    ".banner.passed{background:#e8f6ec;border-color:#3a7}.banner.failed{background:#fbeaea;border-color:#c54}"
-    ".banner.not_gated{background:#f4f4f4;border-color:#999}"
-    ".st-passed{color:#272;font-weight:bold}.st-failed{color:#b22;font-weight:bold}"
-    ".st-not_evaluated{color:#a60;font-weight:bold}.keys{columns:3;font-size:12px}.muted{color:#777}"
-    "#validation{border-bottom:1px solid #ccc;margin-bottom:2em}</style>"
-)
-
-
-def _head(title: str) -> str:
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{_CSS}</head><body>"
-
-
-def _html(report: dict[str, Any], plots: dict[str, str], grid: list[dict[str, str]], *,
-          validation_section: str = "") -> str:
-    esc = html.escape
-    counts = report["counts"]
-    t = report["throughput"]
-    ips = t.get("images_per_second")
-    parts = [
-        _head("Veil audit report"),
-        "<h1>Veil audit report</h1>",
-        f"<p>Output: <code>{esc(report['output'])}</code> &middot; run phase: {esc(str(report.get('phase')))}"
-        f" &middot; fingerprint <code>{esc(str(report.get('fingerprint')))[:16]}</code></p>",
-        validation_section,
-        "<h2 id='summary'>Summary</h2>",
-        _table(["samples", "anonymized", "clean", "quarantined", "faces anonymized", "images/s", "runner"],
-               [[report["samples"], counts.get("anonymized", 0), counts.get("clean", 0),
-                 counts.get("quarantined", 0), report["faces"],
-                 f"{ips:.2f}" if ips else "-", t.get("runner") or "-"]]),
-        "<div class='plots'>" + "".join(
-            f"<img alt='{esc(name)}' data-plot='{esc(name)}' src='data:image/png;base64,{b64}'>"
-            for name, b64 in plots.items()) + "</div>",
-    ]
-    parts.append("<h2 id='quarantine'>Quarantined samples</h2>")
-    if report["quarantined"]:
-        parts.append("<p class='bad'>These samples were not released.</p>")
-        parts.append(_table(["reason", "count"], [[k, v] for k, v in report["quarantine_reasons"].items()]))
-        parts.append(_table(["key", "shard", "reason"],
-                            [[q["key"], q["shard"], q["reason"]] for q in report["quarantined"][:500]]))
-    else:
-        parts.append("<p class='ok'>None.</p>")
-    parts.append("<h2 id='shards'>Shards</h2>")
-    parts.append(_table(["shard", "samples", "anonymized", "clean", "quarantined", "faces", "CPU s"],
-                        [[s["shard"], s["samples"], s["anonymized"], s["clean"], s["quarantined"],
-                          s["faces"], s["cpu_seconds"]] for s in report["shards"]]))
-    parts.append("<h2 id='detections'>Detections</h2>")
-    parts.append(_table(["detector", "regions"], [[k, v] for k, v in report["detections_by_detector"].items()]))
-    if report["score_summary"]:
-        s = report["score_summary"]
-        parts.append(f"<p>Scores: min {s['min']:.2f}, median {s['median']:.2f}, max {s['max']:.2f}.</p>")
-    parts.append(_table(["re-scan strengthening rounds", "samples"], [[k, v] for k, v in report["rescan_rounds"].items()]))
-    if report.get("synthesis"):
-        parts.append(_synthesis_html(report["synthesis"]))
-    if report["epsilon"]:
-        e = report["epsilon"]
-        parts.append("<h2 id='dp'>Differential privacy</h2>")
-        parts.append(f"<p>DP pixelization on {e['samples']} samples; per-region epsilon min {e['min']:.3g}, "
-                     f"median {e['median']:.3g}, max {e['max']:.3g}.</p>")
-    parts.append("<h2 id='throughput'>Throughput</h2>")
-    parts.append(_table(["stage", "median ms / image"],
-                        [[k, f"{v * 1000:.1f}"] for k, v in t["median_stage_seconds"].items()]))
-    parts.append("<h2 id='grid'>Anonymized regions (from the released files)</h2><div class='grid'>")
-    parts.extend(f"<figure><img alt='{esc(g['key'])}' src='data:image/jpeg;base64,{g['b64']}'>"
-                 f"<figcaption>{esc(g['key'])}</figcaption></figure>" for g in grid)
-    parts.append("</div>")
-    parts.append("<h2 id='models'>Models</h2>")
-    parts.append(_table(["name", "sha256", "license", "path / error"],
-                        [[m.get("name"), m.get("sha256") or "-", m.get("license") or "-",
-                          m.get("path") or m.get("error") or "-"] for m in report["models"]]))
-    env = report.get("environment") or {}
-    parts.append("<h2 id='environment'>Environment</h2>")
-    parts.append(_table(["package", "version"], [[k, v] for k, v in (env.get("packages") or {}).items()]))
-    parts.append("<h2 id='config'>Run configuration</h2>")
-    parts.append(f"<pre>{esc(json.dumps(report.get('config'), indent=2, default=str))}</pre>")
-    parts.append("</body></html>")
-    return "".join(parts)
-
-
 # ------------------------------------------------------------------------------- validation
 
 VALIDATION_SUMMARY = Path("validation") / "summary.json"
 RELEASE_FILE = "RELEASE.json"
 MAX_FAILING_KEYS = 50
+#: Shards listed as the evidence of a failed gate.
+MAX_WORST_SHARDS = 5
 #: Box plots by shard show at most this many shards (the worst by median) to stay legible.
 MAX_BOX_SHARDS = 30
 #: Lists in ``details`` longer than this are left out of report.json (they stay in summary.json).
 MAX_DETAIL_LIST = 64
 #: Per-sample columns drawn as box plots by shard, with the direction in which values are worse.
-SHARD_COLUMNS = {"background_psnr": "low", "residual_faces": "high"}
+SHARD_COLUMNS = {"background_psnr": "low", "background_ssim": "low", "residual_faces": "high"}
 
-_BANNERS = {
-    "passed": ("passed", "PASSED", "Every gate passed. RELEASE.json was written: the anonymized dataset "
-               "is cleared for release."),
-    "failed": ("failed", "FAILED", "At least one required gate failed or could not be evaluated. "
-               "RELEASE.json was not written (a stale one is removed): do not release this dataset."),
-    "error": ("failed", "FAILED (validation error)", "Validation stopped before the gates could decide. "
-              "RELEASE.json was not written: do not release this dataset."),
-    "not_gated": ("not_gated", "NOT GATED", "Metrics were measured but no gates were applied. "
-                  "RELEASE.json was not written: nothing here clears the dataset for release."),
-}
-
-#: Counts shown in the pairing table: metric name -> (label, status in the samples table).
 _PAIRING = {
     "pairs": ("paired", "paired"),
     "missing_anonymized": ("missing in the anonymized dataset", "missing_anonymized"),
@@ -568,7 +566,9 @@ def metric_label(name: str) -> str:
 @dataclass
 class _TableScan:
     """What the plots and counts need from the validation tables, read one file at a time and
-    only the columns needed (float32 copies of the plotted columns)."""
+    only the columns needed (float32 copies of the plotted columns). ``by_shard`` holds
+    per-sample columns by shard (box plots, and the worst shards of table gates); ``face_by_shard``
+    the face-table columns that gates read (worst shards only)."""
 
     sample_files: int = 0
     sample_rows: int = 0
@@ -576,10 +576,12 @@ class _TableScan:
     face_rows: int = 0
     statuses: Counter = field(default_factory=Counter)
     by_shard: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=lambda: defaultdict(dict))
+    face_by_shard: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=lambda: defaultdict(dict))
     scores: dict[str, list[np.ndarray]] = field(default_factory=lambda: defaultdict(list))
 
-    def values(self, column: str, shard: str) -> np.ndarray:
-        parts = self.by_shard[column].get(shard) or []
+    def values(self, column: str, shard: str, *, table: str = "samples") -> np.ndarray:
+        source = self.face_by_shard if table == "faces" else self.by_shard
+        parts = source[column].get(shard) or []
         return np.concatenate(parts) if parts else np.empty(0, np.float32)
 
     def all_scores(self, recognizer: str) -> np.ndarray:
@@ -592,33 +594,53 @@ def _finite(column: Any) -> np.ndarray:
     return values[np.isfinite(values)].astype(np.float32)
 
 
-def _scan_tables(folder: Path) -> _TableScan:
+def _numeric(field_type: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_integer(field_type) or pa.types.is_floating(field_type) or pa.types.is_boolean(field_type)
+
+
+def _read_by_shard(path: Path, columns: set[str], into: dict[str, dict[str, list[np.ndarray]]],
+                   scan: _TableScan | None = None) -> Any:
+    """Read ``columns`` (the numeric ones present) of one Parquet file, split by its ``shard``
+    column, into ``into[column][shard]``; with ``scan``, also count its statuses. Returns the
+    file's metadata."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    pf = pq.ParquetFile(path)
+    schema = pf.schema_arrow
+    wanted = [c for c in schema.names if c in columns and _numeric(schema.field(c).type)]
+    extra = [c for c in ("shard", "status") if c in schema.names]
+    table = pf.read(columns=wanted + extra)
+    if scan is not None and "status" in schema.names:
+        scan.statuses.update(v for v in table.column("status").to_pylist() if v is not None)
+    shards = list(dict.fromkeys(table.column("shard").to_pylist())) if "shard" in schema.names else [path.stem]
+    for shard in shards:
+        if len(shards) == 1:  # the usual case: one file per shard
+            rows = table
+        elif shard is None:
+            rows = table.filter(pc.is_null(table.column("shard")))
+        else:
+            rows = table.filter(pc.equal(table.column("shard"), shard))
+        for column in wanted:
+            into[column].setdefault(str(shard), []).append(_finite(rows.column(column)))
+    return pf.metadata
+
+
+def _scan_tables(folder: Path, gate_columns: dict[str, set[str]] | None = None) -> _TableScan:
+    """Scan the samples and faces tables: the plotted columns (:data:`SHARD_COLUMNS`, each
+    recognizer's ``max_score_*`` and ``score_*``) and the columns that table gates read."""
+    import pyarrow.parquet as pq
+
+    gate_columns = gate_columns or {}
     scan = _TableScan()
     for path in sorted((folder / "samples").glob("*.parquet")):
-        pf = pq.ParquetFile(path)
-        names = pf.schema_arrow.names
-        wanted = [c for c in names if c in ("shard", "status") or c in SHARD_COLUMNS or c.startswith("max_score_")]
-        table = pf.read(columns=wanted)
+        names = pq.ParquetFile(path).schema_arrow.names
+        columns = {c for c in names if c in SHARD_COLUMNS or c.startswith("max_score_")}
+        meta = _read_by_shard(path, columns | gate_columns.get("samples", set()), scan.by_shard, scan)
         scan.sample_files += 1
-        scan.sample_rows += table.num_rows
-        if "status" in names:
-            scan.statuses.update(v for v in table.column("status").to_pylist() if v is not None)
-        shards = list(dict.fromkeys(table.column("shard").to_pylist())) if "shard" in names else [path.stem]
-        for shard in shards:
-            if len(shards) == 1:  # the usual case: one file per shard
-                rows = table
-            elif shard is None:
-                rows = table.filter(pc.is_null(table.column("shard")))
-            else:
-                rows = table.filter(pc.equal(table.column("shard"), shard))
-            for column in wanted:
-                if column in ("shard", "status"):
-                    continue
-                values = _finite(rows.column(column))
-                scan.by_shard[column].setdefault(str(shard), []).append(values)
+        scan.sample_rows += meta.num_rows
     for path in sorted((folder / "faces").glob("*.parquet")):
         pf = pq.ParquetFile(path)
         columns = [c for c in pf.schema_arrow.names if c.startswith("score_")]
@@ -628,13 +650,53 @@ def _scan_tables(folder: Path) -> _TableScan:
             table = pf.read(columns=columns)
             for column in columns:
                 scan.scores[column.removeprefix("score_")].append(_finite(table.column(column)))
+        if gate_columns.get("faces"):
+            _read_by_shard(path, gate_columns["faces"], scan.face_by_shard)
     return scan
+
+
+def _outside(values: np.ndarray, lo: float | None, hi: float | None) -> np.ndarray:
+    out = np.zeros(values.shape, dtype=bool)
+    if lo is not None:
+        out |= values < lo
+    if hi is not None:
+        out |= values > hi
+    return out
+
+
+def worst_shards(gate: dict[str, Any], per_shard: dict[str, dict[str, Any]], scan: _TableScan,
+                 *, limit: int = MAX_WORST_SHARDS) -> list[dict[str, Any]]:
+    """The shards that drove a failed gate, worst first: for a dataset gate, the shards whose
+    own value of the metric is outside the bounds (by distance from them); for a table gate,
+    the shards with rows outside the bounds (by their count). Empty when no shard is."""
+    lo, hi = gate.get("min"), gate.get("max")
+    metric = str(gate.get("metric") or "")
+    table = gate.get("table") or "dataset"
+    found = []
+    if table == "dataset":
+        for shard, metrics in per_shard.items():
+            value = (metrics or {}).get(metric)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                continue
+            distance = max((lo - value) if lo is not None else 0.0, (value - hi) if hi is not None else 0.0)
+            if distance > 0:
+                found.append(({"shard": shard, "value": value}, distance))
+    else:
+        source = scan.face_by_shard if table == "faces" else scan.by_shard
+        for shard in source.get(metric, {}):
+            values = scan.values(metric, shard, table=table)
+            outside = int(np.count_nonzero(_outside(values, lo, hi)))
+            if outside:
+                found.append(({"shard": shard, "rows_outside": outside, "rows": int(values.size)}, outside))
+    found.sort(key=lambda item: -item[1])  # stable: ties keep the shards' order
+    return [entry for entry, _ in found[:limit]]
 
 
 def compute_validation(output: str | Path) -> dict[str, Any] | None:
     """The validation section's numbers from ``OUT/validation/summary.json`` and its tables, or
     None without a summary. The summary is copied minus its bulky parts (``per_shard`` and long
-    lists inside ``details``, which stay in summary.json); ``_scan`` is for the plots only."""
+    lists inside ``details``, which stay in summary.json); each failed gate gets its
+    ``worst_shards``; ``_scan`` is for the plots only."""
     output = Path(output)
     path = output / VALIDATION_SUMMARY
     if not path.is_file():
@@ -647,7 +709,12 @@ def compute_validation(output: str | Path) -> dict[str, Any] | None:
     except (OSError, ValueError) as exc:
         return {"status": "unreadable", "error": f"{path}: {exc}", "gates": [], "metrics": {},
                 "release_file": str(release) if release.is_file() else None, "_scan": _TableScan()}
-    scan = _scan_tables(output / "validation")
+    gates = [g for g in summary.get("gates") or [] if isinstance(g, dict)]
+    gate_columns: dict[str, set[str]] = defaultdict(set)
+    for g in gates:
+        if g.get("table") in ("samples", "faces") and g.get("metric"):
+            gate_columns[g["table"]].add(str(g["metric"]))
+    scan = _scan_tables(output / "validation", gate_columns)
     metrics = json_safe(summary.get("metrics") or {})
     pairing: dict[str, Any] = {}
     for name, (_, status) in _PAIRING.items():
@@ -655,12 +722,17 @@ def compute_validation(output: str | Path) -> dict[str, Any] | None:
         if value is None and status is not None and scan.sample_files:
             value = scan.statuses.get(status, 0)
         pairing[name] = value
+    per_shard = summary.get("per_shard") if isinstance(summary.get("per_shard"), dict) else {}
     validation = {k: json_safe(v) for k, v in summary.items() if k not in ("per_shard", "details", "metrics")}
+    validation["gates"] = [json_safe({**g, "worst_shards": worst_shards(g, per_shard, scan)})
+                           if g.get("status") == "failed" else json_safe(g) for g in gates]
     validation.update(
         metrics=metrics,
         details=json_safe(summary.get("details") or {}, MAX_DETAIL_LIST, see=str(VALIDATION_SUMMARY)),
-        per_shard_count=len(summary.get("per_shard") or {}),
+        per_shard_count=len(per_shard),
         pairing=pairing,
+        # Every status of the samples table, counted (one row per key of either dataset).
+        statuses=dict(sorted(scan.statuses.items())),
         tables={"samples": {"files": scan.sample_files, "rows": scan.sample_rows},
                 "faces": {"files": scan.face_files, "rows": scan.face_rows}},
         summary_file=str(VALIDATION_SUMMARY),
@@ -686,9 +758,11 @@ def _same_person(values: np.ndarray, metric: str, threshold: float) -> np.ndarra
     return values >= threshold if metric == "cosine" else values <= threshold
 
 
-def _validation_plots(validation: dict[str, Any], scan: _TableScan | None) -> dict[str, str]:
-    """Plots of the validation section (never a picture of a face); each is skipped when its data
-    are absent."""
+def _validation_plots(validation: dict[str, Any], scan: _TableScan | None, *,
+                      kind: str = "unknown") -> dict[str, str]:
+    """Plots of the validation section (never a picture of a face). A plot is skipped when its
+    data are absent, empty, constant or all zero, and attribute confusions are skipped for
+    obscuring methods (``kind``): attributes read off a blurred face say nothing."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -701,7 +775,7 @@ def _validation_plots(validation: dict[str, Any], scan: _TableScan | None) -> di
 
     for rec in sorted(scan.scores):
         values = scan.all_scores(rec)
-        if values.size == 0:
+        if not _varies(values):
             continue
         metric, threshold = _recognizer_rule(recognizers.get(rec))
         lo, hi = float(values.min()), float(values.max())
@@ -734,10 +808,10 @@ def _validation_plots(validation: dict[str, Any], scan: _TableScan | None) -> di
         plots[f"verification-{rec}"] = _png_b64(fig)
 
     attributes = (validation.get("details") or {}).get("attributes") or {}
-    for name in ("gender", "expression"):
+    for name in ("gender", "expression") if kind != "obscuring" else ():
         confusion = attributes.get(f"{name}_confusion") if isinstance(attributes, dict) else None
         matrix, labels = _confusion(confusion)
-        if matrix is None:
+        if matrix is None or not matrix.sum():
             continue
         side = 1.2 + 0.55 * len(labels)
         fig, ax = plt.subplots(figsize=(side + 1.0, side))
@@ -751,18 +825,25 @@ def _validation_plots(validation: dict[str, Any], scan: _TableScan | None) -> di
             ax.text(j, i, f"{count:g}", ha="center", va="center", fontsize=8,
                     color="white" if top and count > top / 2 else "#222")
         fig.colorbar(image, ax=ax, fraction=0.046)
-        agreement = np.trace(matrix) / matrix.sum() if matrix.sum() else float("nan")
+        agreement = np.trace(matrix) / matrix.sum()
         ax.set_title(f"{name}: original vs anonymized (agreement {agreement:.0%})", fontsize=10)
         plots[f"confusion-{name}"] = _png_b64(fig)
 
     directions = dict(SHARD_COLUMNS)
+    for gate in validation.get("gates") or []:
+        if gate.get("table") == "samples" and gate.get("metric") not in directions:
+            # A bound from below means low values are the bad ones.
+            directions[str(gate.get("metric"))] = "low" if gate.get("min") is not None else "high"
     for column in scan.by_shard:
         if column.startswith("max_score_"):
             metric, _ = _recognizer_rule(recognizers.get(column.removeprefix("max_score_")))
             directions[column] = "low" if metric == "euclidean" else "high"
     for column in sorted(scan.by_shard, key=lambda c: (c not in SHARD_COLUMNS, c)):
+        shards = sorted(scan.by_shard[column])
+        if not _varies(np.concatenate([scan.values(column, shard) for shard in shards] or [np.empty(0)])):
+            continue  # e.g. residual faces all zero: a row of flat boxes
         stats = []
-        for shard in sorted(scan.by_shard[column]):
+        for shard in shards:
             values = scan.values(column, shard)
             if values.size:
                 stat = cbook.boxplot_stats(values.astype(np.float64), labels=[shard])[0]
@@ -786,8 +867,9 @@ def _validation_plots(validation: dict[str, Any], scan: _TableScan | None) -> di
     metrics = validation.get("metrics") or {}
     rates = {name.split(".")[1]: float(v) for name, v in sorted(metrics.items())
              if name.startswith("detection.") and name.endswith(".rate") and name.count(".") == 2
-             and isinstance(v, int | float) and not isinstance(v, bool)}
-    if rates:
+             and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+    # On a fixed 0-1 scale equal bars still say something; all zero says nothing.
+    if any(rates.values()):
         fig, ax = plt.subplots(figsize=(4.5, 2.6))
         bars = ax.bar(list(rates), list(rates.values()), color="#3a7")
         ax.bar_label(bars, labels=[f"{v:.0%}" for v in rates.values()], fontsize=8)
@@ -819,178 +901,3 @@ def _confusion(confusion: Any) -> tuple[np.ndarray | None, list[str]]:
     if not labels or matrix.shape != (len(labels), len(labels)) or not np.isfinite(matrix).all():
         return None, []
     return matrix, labels
-
-
-# ---------------------------------------------------------------------------- validation page
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return "n/a" if not math.isfinite(value) else f"{value:.4g}"
-    return str(value)
-
-
-def _bounds(gate: dict[str, Any]) -> str:
-    lo, hi = gate.get("min"), gate.get("max")
-    if lo is not None and hi is not None:
-        return f"{_fmt(lo)} <= x <= {_fmt(hi)}"
-    if lo is not None:
-        return f">= {_fmt(lo)}"
-    if hi is not None:
-        return f"<= {_fmt(hi)}"
-    return "-"
-
-
-def _gate_metric(gate: dict[str, Any]) -> _Markup:
-    metric = str(gate.get("metric") or "")
-    table = gate.get("table") or "dataset"
-    if table == "dataset":
-        return _Markup(f"{html.escape(metric_label(metric))}<br><code>{html.escape(metric)}</code>")
-    return _Markup(f"column <code>{html.escape(metric)}</code> of each {html.escape(table)} row")
-
-
-def _gate_value(gate: dict[str, Any]) -> str:
-    value = gate.get("value")
-    if (gate.get("table") or "dataset") != "dataset" and isinstance(value, int | float):
-        return f"{value:.1%} of rows within bounds"
-    return _fmt(value)
-
-
-def _sha_cell(sha: Any) -> _Markup:
-    if not sha:
-        return _Markup("-")
-    sha = html.escape(str(sha))
-    return _Markup(f"<code title='{sha}'>{sha[:12]}</code>")
-
-
-def _validation_html(validation: dict[str, Any], plots: dict[str, str]) -> str:
-    """The "Validation gates" section: banner, gates, failing keys, pairing, metrics by family,
-    plots, recognizers and models. No pictures other than the plots."""
-    esc = html.escape
-    status = str(validation.get("status"))
-    parts = ["<section id='validation'>", "<h2 id='validation-gates'>Validation gates</h2>"]
-    if status == "unreadable":
-        parts.append(f"<div class='banner failed' data-status='unreadable'><strong>UNKNOWN</strong>"
-                     f"The validation summary could not be read: {esc(str(validation.get('error')))}. "
-                     "Nothing here clears the dataset for release.</div></section>")
-        return "".join(parts)
-    css, label, meaning = _BANNERS.get(status, ("failed", status.upper(), "Unknown validation status."))
-    release = validation.get("release_file")
-    release_note = (f"RELEASE.json present: <code>{esc(release)}</code>." if release else "No RELEASE.json present.")
-    if (status == "passed") != bool(release):
-        release_note += " <span class='bad'>This does not match the status: the folder was changed "
-        release_note += "after validation.</span>"
-    parts.append(f"<div class='banner {css}' data-status='{esc(status)}'><strong>{esc(label)}</strong>"
-                 f"{esc(meaning)}<br><small>{release_note}</small></div>")
-    seconds, ips = validation.get("seconds"), validation.get("images_per_second")
-    parts.append(
-        f"<p>Method <b>{esc(_fmt(validation.get('method')))}</b> &middot; originals "
-        f"<code>{esc(_fmt(validation.get('original')))}</code> &middot; anonymized "
-        f"<code>{esc(_fmt(validation.get('anonymized')))}</code> &middot; gates "
-        f"{esc(_fmt(validation.get('gates_file')))} &middot; "
-        f"{esc(_fmt(seconds))} s, {esc(_fmt(ips))} images/s</p>")
-
-    gates = validation.get("gates") or []
-    if gates:
-        rows, attrs = [], []
-        for g in gates:
-            st = str(g.get("status"))
-            name = _Markup(f"<b>{esc(str(g.get('name')))}</b><br><span class='muted'>"
-                           f"{esc(str(g.get('description') or ''))}</span>")
-            status_cell = _Markup(f"<span class='st-{esc(st)}'>{esc(st.replace('_', ' '))}</span>")
-            rows.append([name, _gate_metric(g), _gate_value(g), _bounds(g), _fmt(g.get("mostly")),
-                         status_cell, _fmt(g.get("margin")), _fmt(bool(g.get("required"))),
-                         g.get("reason") or ""])
-            attrs.append(f" class='gate' data-gate='{esc(str(g.get('name')))}' data-status='{esc(st)}'")
-        parts.append(_table(["gate", "metric", "value", "bound(s)", "mostly", "status", "margin", "required",
-                             "reason"], rows, row_attrs=attrs))
-    else:
-        parts.append("<p class='muted'>No gates were evaluated.</p>")
-
-    failing = [g for g in gates if g.get("status") != "passed"]
-    if failing:
-        parts.append("<h3 id='validation-failing'>What failed</h3>")
-        for g in failing:
-            keys = [str(k) for k in (g.get("failing_keys") or [])][:MAX_FAILING_KEYS]
-            what = "required" if g.get("required") else "not required"
-            parts.append(f"<h4 data-failing-gate='{esc(str(g.get('name')))}'>{esc(str(g.get('name')))} "
-                         f"({esc(str(g.get('status')).replace('_', ' '))}, {what})</h4>")
-            if g.get("reason"):
-                parts.append(f"<p>{esc(str(g['reason']))}</p>")
-            if keys:
-                table = g.get("table") or "dataset"
-                noun = "faces" if table == "faces" else "samples"
-                parts.append(f"<p>{len(keys)} {noun} that drove it, worst first:</p><ul class='keys'>"
-                             + "".join(f"<li><code>{esc(k)}</code></li>" for k in keys) + "</ul>")
-            elif g.get("status") == "failed":
-                parts.append("<p class='muted'>A dataset-level metric: no single sample drove it.</p>")
-
-    parts.append("<h3 id='validation-pairing'>Pairing</h3>")
-    pairing = validation.get("pairing") or {}
-    tables = validation.get("tables") or {}
-    parts.append(_table([_PAIRING[k][0] for k in _PAIRING], [[_fmt(pairing.get(k)) for k in _PAIRING]]))
-    parts.append(f"<p class='muted'>Tables: {_fmt((tables.get('samples') or {}).get('rows'))} sample rows, "
-                 f"{_fmt((tables.get('faces') or {}).get('rows'))} face rows, "
-                 f"{_fmt(validation.get('per_shard_count'))} shards.</p>")
-
-    parts.append("<h3 id='validation-metrics'>Dataset metrics</h3>")
-    by_family: dict[str, list[str]] = defaultdict(list)
-    for name in sorted(validation.get("metrics") or {}):
-        family = metric_family(name)
-        if family != "pairing":
-            by_family[family].append(name)
-    metrics = validation.get("metrics") or {}
-    for family, title in _FAMILIES.items():
-        names = by_family.get(family)
-        if not names:
-            continue
-        parts.append(f"<h4 data-family='{family}'>{esc(title)}</h4>")
-        parts.append(_table(["metric", "name", "value"],
-                            [[metric_label(n), _Markup(f"<code>{esc(n)}</code>"), _fmt(metrics[n])] for n in names]))
-
-    if plots:
-        parts.append("<h3 id='validation-plots'>Plots</h3><div class='plots'>" + "".join(
-            f"<img alt='{esc(name)}' data-plot='{esc(name)}' src='data:image/png;base64,{b64}'>"
-            for name, b64 in plots.items()) + "</div>")
-
-    parts.append("<h3 id='validation-recognizers'>Recognizers</h3>")
-    recognizers = validation.get("recognizers") or {}
-    rec_rows = []
-    for name, info in sorted(recognizers.items()):
-        info = info or {}
-        metric, threshold = info.get("metric"), info.get("threshold")
-        rule = "-"
-        if metric in ("cosine", "euclidean") and threshold is not None:
-            rule = f"{'cosine similarity >=' if metric == 'cosine' else 'distance <='} {_fmt(threshold)}"
-        rec_rows.append([name, "available" if info.get("available") else "not available",
-                         info.get("reason") or "", metric or "-", _fmt(threshold), rule])
-    parts.append(_table(["recognizer", "available", "why not", "metric", "threshold", "same person if"], rec_rows)
-                 if rec_rows else "<p class='muted'>No recognizer was configured.</p>")
-
-    parts.append("<h3 id='validation-models'>Models used</h3>")
-    models = validation.get("models") or []
-    parts.append(_table(["name", "sha256", "license", "source", "used for", "path / error"],
-                        [[m.get("name") or "-", _sha_cell(m.get("sha256")), m.get("license") or "-",
-                          m.get("source") or "-", m.get("used_for") or "-",
-                          m.get("path") or m.get("error") or "-"] for m in models])
-                 if models else "<p class='muted'>No model files were recorded.</p>")
-    parts.append("</section>")
-    return "".join(parts)
-
-
-def _validation_page(report: dict[str, Any], section: str) -> str:
-    """The page of a validation-only folder: the validation section alone."""
-    return "".join([
-        _head("Veil validation report"),
-        "<h1>Veil validation report</h1>",
-        f"<p>Output: <code>{html.escape(report['output'])}</code> &middot; no Veil run here "
-        "(no manifest/): the anonymized dataset was validated as given.</p>",
-        section,
-        "</body></html>",
-    ])

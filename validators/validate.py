@@ -8,7 +8,11 @@
    worker): faces are found in the *original* image, and each face is compared with the
    anonymized pixels at the same place: re-identification by every available recognizer,
    attributes, mutual information; whole images give Frechet-distance features, background
-   fidelity outside the PII regions and residual faces. A shard writes three files under
+   fidelity outside the PII regions and residual faces. A release written in another EXIF
+   orientation (stored pixels without their tag) or uniformly resized is aligned first
+   (:func:`~veil.validators.pairing.match_geometry`): it is turned upright, the original is
+   scaled to its size and the original's faces are mapped by the scale; the change is
+   recorded per sample and reported by the utility gates. A shard writes three files under
    ``OUT/validation/``: ``samples/<shard>.parquet`` (one row per key), ``faces/<shard>.parquet``
    (one row per original face) and ``state/<shard>.json``: mergeable metric state written
    last, so a finished shard is skipped when validation is run again with the same settings.
@@ -43,13 +47,20 @@ import numpy as np
 from veil.validators.pairing import (
     MISSING_ANONYMIZED,
     MISSING_ORIGINAL,
+    NO_IMAGE_RELEASED,
     NOT_RELEASED,
     PAIRED,
+    Geometry,
+    GeometryMismatch,
     Pairing,
     ShardPair,
     VeilOutput,
     is_unreadable,
+    map_regions,
+    match_geometry,
     open_pairing,
+    released_without_image,
+    resize_to,
 )
 
 log = logging.getLogger(__name__)
@@ -58,7 +69,10 @@ VALIDATION_DIR = "validation"
 SUMMARY_FILE = "summary.json"
 RELEASE_FILE = "RELEASE.json"
 ERROR = "error"
-STATE_VERSION = "2"  # 2: per-face SSIM and LPIPS columns and means
+#: 2: per-face SSIM and LPIPS columns and means; 3: geometry (orientation, scale) of each
+#: pair, which measures rotated and resized releases that earlier versions counted as errors,
+#: and the no_image_released status.
+STATE_VERSION = "3"
 
 #: Recognizers tried by default; those whose weights are missing are reported unavailable.
 DEFAULT_RECOGNIZERS = ("dlib-resnet", "mobilefacenet", "facenet-vggface2")
@@ -115,6 +129,9 @@ class ValidateConfig:
     folder_shard_size: int = 1000
     max_pixels: int = 80_000_000
     max_bytes: int = 200 * 1024 * 1024
+    #: Folder inputs: read symlinked files that stay inside the folder, as the run did with
+    #: ``io.follow_symlinks`` (links leading outside are never read).
+    follow_symlinks: bool = False
     models: dict[str, str] = field(default_factory=dict)
     models_dir: str | None = None
     allow_download: bool = False
@@ -128,7 +145,8 @@ class ValidateConfig:
 
         keep = {k: v for k, v in asdict(self).items()
                 if k in ("recognizers", "detectors", "features", "identity_min_face", "sdr_min_face",
-                         "pii_expand", "label_field", "max_pixels", "max_bytes", "models")}
+                         "pii_expand", "label_field", "max_pixels", "max_bytes", "models",
+                         "follow_symlinks")}
         keep["veil"] = __version__
         keep["state"] = STATE_VERSION
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
@@ -494,7 +512,8 @@ class ShardEvaluator:
 
     # ----------------------------------------------------------------------------- samples
 
-    def _decode(self, sample: dict[str, Any]) -> tuple[np.ndarray, str]:
+    def _decode(self, sample: dict[str, Any]) -> tuple[np.ndarray, str, int]:
+        """(RGB pixels as displayed, sha256 of the bytes, EXIF orientation that was applied)."""
         from veil.transforms.imageio import decode_image, sha256_hex
 
         field_name = sample.get("__image__")
@@ -504,7 +523,7 @@ class ShardEvaluator:
         data = bytes(data)
         decoded = decode_image(data, ext=field_name, max_pixels=self.config.max_pixels,
                                max_bytes=self.config.max_bytes)
-        return np.ascontiguousarray(decoded.rgb), sha256_hex(data)
+        return np.ascontiguousarray(decoded.rgb), sha256_hex(data), decoded.orientation
 
     def _sample(self, shard_id: str, key: str, original: dict[str, Any] | None,
                 anonymized: dict[str, Any] | None, state: ValidationState,
@@ -512,48 +531,80 @@ class ShardEvaluator:
         row: dict[str, Any] = {"key": key, "shard": shard_id, "status": PAIRED, "error": None}
         if anonymized is None:
             released = self.veil_output.statuses.get(key) if self.veil_output else None
-            row["status"] = NOT_RELEASED if released == "quarantined" else MISSING_ANONYMIZED
+            if released == "quarantined":
+                row["status"] = NOT_RELEASED
+            elif key in self.pairing.metadata_only:
+                row["status"] = NO_IMAGE_RELEASED
+            else:
+                row["status"] = MISSING_ANONYMIZED
             state.counts[row["status"]] += 1
+            return row, None
+        if released_without_image(anonymized):
+            # Metadata without an image publishes no face: counted, shown, never an error.
+            row["status"] = NO_IMAGE_RELEASED
+            state.counts[NO_IMAGE_RELEASED] += 1
             return row, None
         if is_unreadable(anonymized):
             row["status"], row["error"] = ERROR, f"anonymized: {anonymized.get('reason')}"
             state.counts[ERROR] += 1
             return row, None
         try:
-            anon, anon_sha = self._decode(anonymized)
+            anon, anon_sha, _ = self._decode(anonymized)
         except Exception as exc:  # noqa: BLE001 - a released file that cannot be read fails closed
             row["status"], row["error"] = ERROR, f"anonymized: {exc}"
             state.counts[ERROR] += 1
             return row, None
         row["anonymized_sha256"] = anon_sha
         row["height"], row["width"] = int(anon.shape[0]), int(anon.shape[1])
+        orig: np.ndarray | None = None
+        problem: str | None = None
+        geometry: Geometry | None = None
+        if original is None:
+            problem = MISSING_ORIGINAL
+        elif is_unreadable(original):
+            problem = f"original: {original.get('reason')}"
+        else:
+            try:
+                orig, _, orientation = self._decode(original)
+            except Exception as exc:  # noqa: BLE001
+                problem = f"original: {exc}"
+            else:
+                try:
+                    geometry = match_geometry(orig, anon, exif_orientation=orientation)
+                except GeometryMismatch as exc:
+                    problem = str(exc)
+        # Residual faces are searched in the released pixels at their own size, turned upright
+        # when the release is rotated (losslessly, as any viewer would): detectors miss
+        # sideways faces, and a face missed that way would be a leak counted as none.
+        view = geometry.upright(anon) if geometry is not None else anon
         with _Clock(state)("detect_anonymized"):
-            residual = self._detect(self.reference_detector, anon)
+            residual = self._detect(self.reference_detector, view)
         row["residual_faces"] = len(residual)
         state.counts["residual_faces"] += len(residual)
         state.counts["residual_samples"] += bool(residual)
-        if original is None or is_unreadable(original):
+        if problem == MISSING_ORIGINAL:
             # Released, but nothing to compare it with: residual faces are all we can say.
-            row["status"] = MISSING_ORIGINAL if original is None else ERROR
-            if original is not None:
-                row["error"] = f"original: {original.get('reason')}"
-            state.counts[row["status"]] += 1
+            row["status"] = MISSING_ORIGINAL
+            state.counts[MISSING_ORIGINAL] += 1
             return row, None
-        try:
-            orig, _ = self._decode(original)
-        except Exception as exc:  # noqa: BLE001
-            row["status"], row["error"] = ERROR, f"original: {exc}"
+        if problem is not None or orig is None or geometry is None:
+            row["status"], row["error"] = ERROR, problem
             state.counts[ERROR] += 1
             return row, None
-        if orig.shape != anon.shape:
-            row["status"] = ERROR
-            row["error"] = (f"sizes differ: original {orig.shape[1]}x{orig.shape[0]}, anonymized "
-                            f"{anon.shape[1]}x{anon.shape[0]}; faces cannot be compared in place")
-            state.counts[ERROR] += 1
-            return row, None
+        row["original_height"], row["original_width"] = int(orig.shape[0]), int(orig.shape[1])
+        row["orientation"] = geometry.orientation
+        row["orientation_changed"] = geometry.orientation_changed
+        row["scale_x"], row["scale_y"] = geometry.scale
+        row["resized"] = geometry.resized
+        # Everything is compared in the released frame: the original scaled to the release's
+        # size, and its faces (found at full size) mapped by the scale. Re-identification is
+        # then judged on the released pixels as published, against an original of the same
+        # resolution, so an unchanged face still matches itself exactly.
+        orig_view = resize_to(orig, view.shape[1], view.shape[0])
         n_face_rows = len(face_rows)
         try:
-            self._compare(shard_id, key, orig, anon, residual, row, state, face_rows)
+            self._compare(shard_id, key, orig_view, view, residual, row, state, face_rows,
+                          full_original=orig, scale=geometry.scale)
         except Exception as exc:  # noqa: BLE001 - one bad sample must not stop the audit
             # Counted as an error, which fails the release (gate validation-errors); metrics
             # it had already added stay, as they would for any sample that was measured.
@@ -564,8 +615,10 @@ class ShardEvaluator:
             state.counts[ERROR] += 1
             return row, None
         state.counts[PAIRED] += 1
+        state.counts["orientation_changed"] += geometry.orientation_changed
+        state.counts["resized"] += geometry.resized
         label = _label(original, self.config.label_field)
-        return row, _Pending(key, orig, anon, label)
+        return row, _Pending(key, orig_view, view, label)
 
     @property
     def reference_detector(self) -> Any:
@@ -577,7 +630,10 @@ class ShardEvaluator:
 
     def _compare(self, shard_id: str, key: str, orig: np.ndarray, anon: np.ndarray,
                  residual: list[dict[str, Any]], row: dict[str, Any], state: ValidationState,
-                 face_rows: list[dict[str, Any]]) -> None:
+                 face_rows: list[dict[str, Any]], *, full_original: np.ndarray | None = None,
+                 scale: tuple[float, float] = (1.0, 1.0)) -> None:
+        """Measure one pair in place. ``orig`` and ``anon`` have the same size; when the
+        release was resized, faces are found in ``full_original`` and mapped by ``scale``."""
         from veil.validators.identity import face_key
         from veil.validators.quality import (
             background_fidelity,
@@ -589,11 +645,17 @@ class ShardEvaluator:
         )
 
         clock = _Clock(state)
+        source = orig if full_original is None else full_original
+
+        def detect_original(detector: Any) -> list[dict[str, Any]]:
+            return map_regions(self._detect(detector, source), scale)
+
         with clock("detect_original"):
             if self.reuse_run_detections and key in self.veil_output.statuses:
-                faces = [r for r in self.veil_output.regions.get(key, []) if "rescan_round" not in r]
+                faces = map_regions([r for r in self.veil_output.regions.get(key, [])
+                                     if "rescan_round" not in r], scale)
             else:
-                faces = self._detect(self.reference_detector, orig)
+                faces = detect_original(self.reference_detector)
         row["faces_original"] = len(faces)
         state.counts["faces_original"] += len(faces)
         rows = [{"face_key": face_key(key, i), "key": key, "shard": shard_id,
@@ -603,7 +665,7 @@ class ShardEvaluator:
         pii_boxes = [f["box"] for f in faces]
         for name, detector in self.detectors.items():
             with clock(f"detect_{name}"):
-                found_orig = faces if name == self.config.detectors[0] else self._detect(detector, orig)
+                found_orig = faces if name == self.config.detectors[0] else detect_original(detector)
                 found_anon = residual if name == self.config.detectors[0] else self._detect(detector, anon)
             if name != self.config.detectors[0]:
                 pii_boxes += [f["box"] for f in found_orig]
@@ -646,7 +708,7 @@ class ShardEvaluator:
             mask = pii_mask(orig.shape[0], orig.shape[1], pii_boxes, expand=self.config.pii_expand)
             if self.veil_output is not None and self.veil_output.regions.get(key):
                 mask |= pii_mask(orig.shape[0], orig.shape[1],
-                                 [r["box"] for r in self.veil_output.regions[key]],
+                                 [r["box"] for r in map_regions(self.veil_output.regions[key], scale)],
                                  expand=self.veil_output.mask_expand)
             fidelity = background_fidelity(orig, anon, mask)
         row["background_psnr"], row["background_ssim"] = fidelity["psnr"], fidelity["ssim"]
@@ -836,7 +898,10 @@ def _table(rows: list[dict[str, Any]], kind: str, recognizers: list[str], detect
     if kind == "samples":
         fields = [("key", string), ("shard", string), ("status", string), ("error", string),
                   ("width", i64), ("height", i64), ("faces_original", i64), ("residual_faces", i64),
-                  ("background_psnr", f64), ("background_ssim", f64), ("anonymized_sha256", string)]
+                  ("background_psnr", f64), ("background_ssim", f64), ("anonymized_sha256", string),
+                  ("original_width", i64), ("original_height", i64), ("orientation", string),
+                  ("orientation_changed", boolean), ("scale_x", f64), ("scale_y", f64),
+                  ("resized", boolean)]
         for r in recognizers:
             fields += [(f"max_score_{r}", f64), (f"reidentified_{r}", i64)]
     else:
@@ -909,7 +974,8 @@ def _run_beam(pairs: list[ShardPair], evaluator: ShardEvaluator, config: Validat
     for pair in pairs:
         data = json.loads(shard_file(evaluator.output, "state", pair.id, ".json").read_text())
         yield ShardOutcome(pair.id, sum(data["state"]["counts"].get(s, 0) for s in
-                                        (PAIRED, ERROR, MISSING_ORIGINAL, MISSING_ANONYMIZED, NOT_RELEASED)),
+                                        (PAIRED, ERROR, MISSING_ORIGINAL, MISSING_ANONYMIZED, NOT_RELEASED,
+                                         NO_IMAGE_RELEASED)),
                            float(data["state"]["seconds"]))
 
 
@@ -951,10 +1017,17 @@ def dataset_metrics(state: ValidationState, recognizers: Sequence[str], detector
     m: dict[str, Any] = {
         "pairs": c[PAIRED], "missing_anonymized": c[MISSING_ANONYMIZED],
         "missing_original": c[MISSING_ORIGINAL], "not_released": c[NOT_RELEASED], "errors": c[ERROR],
+        "no_image_released": c[NO_IMAGE_RELEASED],
         "faces_original": c["faces_original"], "faces_identity": c["faces_identity"],
         "faces_too_small": c["faces_too_small"], "faces_unconfirmed": c["faces_unconfirmed"],
         "residual.faces": c["residual_faces"], "residual.samples": c["residual_samples"],
     }
+    # Geometry of the measured pairs: releases shown in another orientation than the original
+    # (a tool wrote the stored pixels without their EXIF tag) and resized ones. Utility
+    # findings: the faces were measured either way.
+    for name in ("orientation_changed", "resized"):
+        m[f"geometry.{name}"] = c[name]
+        m[f"geometry.{name}_share"] = c[name] / c[PAIRED] if c[PAIRED] else None
     details: dict[str, Any] = {"identity": {}, "fd": {}, "detection": {}, "attributes": None, "utility": None}
     for name in recognizers:
         v, ident = state.verification.get(name), state.identification.get(name)
@@ -1038,7 +1111,8 @@ def validate(config: ValidateConfig) -> ValidationResult:
     remove_stale_temps(output)
     pairing, veil_out = open_pairing(config.original, config.anonymized, image_column=config.image_column,
                                      folder_shard_size=config.folder_shard_size,
-                                     max_member_bytes=config.max_bytes)
+                                     max_member_bytes=config.max_bytes,
+                                     follow_symlinks=config.follow_symlinks)
     method = config.method or (veil_out.method if veil_out else None) or "unknown"
     gates = load_gates(config.gates, method=method)  # a bad gates file fails before any work
     if config.features is None:
@@ -1224,7 +1298,8 @@ def release_record(config: ValidateConfig, summary: dict[str, Any], samples: Any
         "manifests": manifests,
         "method": summary["method"],
         "gates_file": summary["gates_file"],
-        "gates": [{k: g.get(k) for k in ("name", "metric", "value", "min", "max", "status")}
+        "gates": [{k: g.get(k) for k in ("name", "metric", "value", "min", "max", "status", "severity",
+                                         "category")}
                   for g in summary["gates"]],
         "models": summary["models"],
         "environment": environment_info(),
