@@ -288,7 +288,7 @@ class ShardCommitter:
     before its manifest failed are taken back, so only committed shards remain."""
 
     def __init__(self, shard: Shard, source: Source, output_root: str | Path, fingerprint: str) -> None:
-        from veil.pipelines.sinks import DATA_DIR, open_writer, output_error
+        from veil.pipelines.sinks import open_writer
 
         self.shard = shard
         self.output_root = Path(output_root)
@@ -296,7 +296,7 @@ class ShardCommitter:
         try:
             self._writer = open_writer(shard, self.output_root, source=source)
         except OSError as exc:
-            raise output_error(exc, self.output_root / DATA_DIR / shard.id) from exc
+            raise self._output_error(exc) from exc
         self._rows: list[dict[str, Any]] = []
         self._keys: set[str] = set()
         self._statuses: Counter[str] = Counter()
@@ -322,9 +322,7 @@ class ShardCommitter:
                 self._writer.write(sample)
             except OSError as exc:
                 # The output's fault, not the sample's, and the shard file may be torn: stop.
-                from veil.pipelines.sinks import DATA_DIR, output_error
-
-                raise output_error(exc, self.output_root / DATA_DIR / self.shard.id) from exc
+                raise self._output_error(exc) from exc
             except Exception as exc:  # noqa: BLE001 - a sample the sink rejects is not released
                 from veil.transforms.stage import describe_exception
 
@@ -336,15 +334,20 @@ class ShardCommitter:
             self._reasons[reason_code(row["reason"])] += 1
         self._faces += int(row.get("n_faces") or 0)
 
+    def _output_error(self, exc: OSError) -> Exception:
+        """A failed write of this shard's data, as the run-stopping error naming its path."""
+        from veil.pipelines.sinks import DATA_DIR, output_error
+
+        return output_error(exc, self.output_root / DATA_DIR / self.shard.id)
+
     def commit(self) -> ShardResult:
         from veil.pipelines.manifest import remove_manifest, write_manifest
-        from veil.pipelines.sinks import DATA_DIR, output_error
 
         remove_manifest(self.output_root, self.shard.id)
         try:
             outputs = self._writer.commit()
         except OSError as exc:
-            raise output_error(exc, self.output_root / DATA_DIR / self.shard.id) from exc
+            raise self._output_error(exc) from exc
         self._rows.sort(key=lambda r: (r["index"], r["key"]))
         try:
             write_manifest(self.output_root, self.shard.id, self._rows, run_fingerprint=self.fingerprint,

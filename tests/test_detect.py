@@ -9,6 +9,7 @@ import pickle
 import cv2
 import numpy as np
 import pytest
+from helpers import REF_BOXES
 
 from veil.config import DetectConfig
 from veil.transforms.detect import (
@@ -32,17 +33,6 @@ from veil.transforms.detect import (
 from veil.transforms.models import ModelNotFoundError, ModelRegistry
 from veil.transforms.stage import QUARANTINED
 
-# Face boxes (x0, y0, x1, y1) in the original photos, where CenterFace, YuNet and MTCNN agree
-# to within a few pixels (CenterFace's convention: forehead to chin).
-REF_BOXES = {
-    "astronaut.png": (181, 58, 269, 177),
-    "grace_hopper.jpg": (173, 127, 358, 334),
-    "obama.jpg": (374, 107, 602, 417),
-    "biden.jpg": (431, 171, 698, 550),
-    "obama2.jpg": (197, 214, 463, 658),
-    "obama3.jpg": (647, 267, 901, 599),
-    "obama_partial_face.jpg": (0, 72, 178, 437),
-}
 UPRIGHT = ["astronaut.png", "grace_hopper.jpg", "obama.jpg", "biden.jpg"]
 
 

@@ -14,6 +14,7 @@ import copy
 import cv2
 import numpy as np
 import pytest
+from helpers import REF_BOXES
 
 from veil.config import AnonymizeConfig, DetectConfig, ImageIOConfig, RescanConfig
 from veil.transforms.anonymize import AnonymizeStage
@@ -31,14 +32,6 @@ from veil.transforms.imageio import DecodeStage, EncodeStage, decode_image
 from veil.transforms.models import ModelNotFoundError, ModelRegistry
 from veil.transforms.rescan import RescanStage
 from veil.transforms.stage import ANONYMIZED, QUARANTINED
-
-# Face boxes (x0, y0, x1, y1) in the original photos, as in test_detect.py.
-REF_BOXES = {
-    "astronaut.png": (181, 58, 269, 177),
-    "grace_hopper.jpg": (173, 127, 358, 334),
-    "obama.jpg": (374, 107, 602, 417),
-    "biden.jpg": (431, 171, 698, 550),
-}
 
 
 def paste_face(canvas: np.ndarray, faces_dir, photo: str, face_px: float, centre) -> np.ndarray:

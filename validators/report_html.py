@@ -195,7 +195,7 @@ def verdict_band(report: dict[str, Any], title: str) -> str:
 
 
 def overview(report: dict[str, Any]) -> str:
-    left = "<div>" + release_summary(report) + method_summary(report) + "</div>"
+    left = "<div>" + release_summary(report) + method_block(report) + "</div>"
     right = "<div>" + deciding_gates(report.get("validation")) + "</div>"
     return f"<section id='overview' aria-label='Summary'>{left}{right}</section>"
 
@@ -275,7 +275,7 @@ def release_summary(report: dict[str, Any]) -> str:
     return "<h2 id='release'>Released and withheld</h2>" + table(None, rows, cls="compact")
 
 
-def method_summary(report: dict[str, Any]) -> str:
+def method_block(report: dict[str, Any]) -> str:
     m = report.get("method") or {}
     kind = {
         "synthesis": "identity replacement",
