@@ -56,8 +56,14 @@ RUN_OVERRIDES = {
     "fsap_tau": "fsap.tau",
     "certify": "fsap.certify",
     "device": "fsap.device",
+    "diffusion_model": "diffusion.model",
+    "diffusion_mode": "diffusion.mode",
+    "diffusion_device": "diffusion.device",
+    "synthetic_pool": "pool.path",
+    "pseudo_identities": "pseudo.enabled",
     "rescan_policy": "rescan.policy",
     "rescan_rounds": "rescan.max_rounds",
+    "rescan_scope": "rescan.scope",
     "gates": "gates",
     "jpeg_quality": "io.jpeg_quality",
     "max_pixels": "io.max_pixels",
@@ -103,7 +109,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--models-dir", help="folder with model files (default: $VEIL_MODELS)")
     g.add_argument("--allow-download", action="store_true", default=None, help="download missing model files")
     g = p.add_argument_group("anonymization")
-    g.add_argument("--method", choices=["blur", "pixelate", "fill", "dp-pixelate", "fsap", "none"],
+    g.add_argument("--method", choices=["blur", "pixelate", "fill", "dp-pixelate", "fsap", "diffusion", "none"],
                    help="default: blur ('none' releases faces: debugging and gate tests only)")
     g.add_argument("--mask", choices=["ellipse", "box"])
     g.add_argument("--feather", type=float)
@@ -117,8 +123,24 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fsap-tau", type=float, help="fsap: stop a face below this identity similarity (default: 0.2)")
     g.add_argument("--certify", help="fsap: certifying recognizer(s), comma-separated (default: dlib-resnet)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="fsap: model device (auto: cuda when --gpus-per-worker > 0)")
+    g.add_argument("--synthetic-pool", metavar="POOL",
+                   help="synthetic face pool folder (veil pool): pair every face with its nearest "
+                        "pool face of another identity (region pair, for fsap/diffusion)")
+    g.add_argument("--diffusion-model", metavar="ID_OR_PATH",
+                   help="diffusion: inpainting pipeline, hub id or folder (default: "
+                        "stable-diffusion-v1-5/stable-diffusion-inpainting)")
+    g.add_argument("--diffusion-mode", choices=["inpaint", "latent"],
+                   help="diffusion: inpaint the face from a prompt of its attributes (default), or "
+                        "optimise the paired synthetic face's latent (needs --synthetic-pool)")
+    g.add_argument("--diffusion-device", choices=["auto", "cpu", "cuda"],
+                   help="diffusion: model device (auto: cuda when --gpus-per-worker > 0)")
+    g.add_argument("--pseudo-identities", action="store_true", default=None,
+                   help="fsap/diffusion: one synthetic identity per real person across the dataset "
+                        "(faces clustered by a recognizer; needs --synthetic-pool)")
     g.add_argument("--rescan-policy", choices=["strengthen", "quarantine"])
     g.add_argument("--rescan-rounds", type=int, help="strengthening rounds before quarantine")
+    g.add_argument("--rescan-scope", choices=["changed", "full"],
+                   help="fine levels search around changed pixels (default) or everywhere")
     g.add_argument("--no-rescan", action="store_true", help="skip the re-scan (not recommended)")
     g = p.add_argument_group("encoding")
     g.add_argument("--jpeg-quality", type=int)
@@ -155,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "finds the original faces (default: centerface,mtcnn)")
     p.add_argument("--features", help="comma-separated: mobilenetv2 (FD-MobileNetV2), inception (FID, needs weights)")
     p.add_argument("--identity-min-face", type=int, help="smallest face side for identity metrics (default: 24)")
+    p.add_argument("--measure", choices=["all", "gated"], default="all",
+                   help="all: every metric (default); gated: only what an enabled gate reads, as "
+                        "'veil run --gates' does (same verdict, about half the cost)")
     p.add_argument("--label-field", help="class labels for the train-on-anonymized protocol: cls or json:<field>")
     p.add_argument("--image-column", default="image")
     p.add_argument("--folder-shard-size", type=int, default=1000)
@@ -162,6 +187,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder inputs: read symlinked files that stay inside the folder (as the run did)")
     p.add_argument("--models-dir", help="folder with model files (default: $VEIL_MODELS)")
     p.add_argument("--allow-download", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("pool", help="build a synthetic face pool for pairing and pseudo-identities",
+                       description="Generate faces (or take them from a dataset), keep those a "
+                                   "detector confirms with 5 landmarks, align them and store them "
+                                   "with identity and attribute embeddings: OUTPUT/pool.json, "
+                                   "faces.parquet and (generated pools) contact_sheet.png.")
+    p.add_argument("--generator", default="dcgan-celeba32",
+                   help="dcgan-celeba32 (default) or diffusers:ID_OR_PATH (any diffusers pipeline, "
+                        "safetensors weights)")
+    p.add_argument("--count", type=int, default=None,
+                   help="faces to keep (default 1000; with --from: all confirmed faces)")
+    p.add_argument("--output", required=True, help="new folder for the pool")
+    p.add_argument("--seed", type=int, default=0, help="face i is generated from (seed, i)")
+    p.add_argument("--from", dest="source", metavar="DIR_OR_SHARDS",
+                   help="take faces from a dataset (any veil run --input) instead of generating")
+    p.add_argument("--prompt", help="diffusers text-to-image pipelines: the prompt")
+    p.add_argument("--steps", type=int, default=50, help="diffusers pipelines: denoising steps")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--detectors", default="centerface",
+                   help="comma-separated detectors that confirm a face (default: centerface)")
+    p.add_argument("--device", default="cpu", help="torch device for the generator and embedder")
+    p.add_argument("--models-dir", help="folder with model files (default: $VEIL_MODELS)")
+    p.add_argument("--allow-download", action="store_true",
+                   help="download missing model files and diffusers pipelines")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("report", help="rebuild the report of an output folder from its manifests")
@@ -279,7 +329,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                             workers=args.workers, label_field=args.label_field,
                             image_column=args.image_column, folder_shard_size=args.folder_shard_size,
                             follow_symlinks=bool(args.follow_symlinks), models_dir=args.models_dir, allow_download=bool(args.allow_download),
-                            progress=not args.no_progress, **kwargs)
+                            progress=not args.no_progress, measure=args.measure, **kwargs)
     from dataclasses import asdict
 
     from veil.pipelines.lock import OutputLock
@@ -298,6 +348,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     with OutputLock(args.output):
         path = build_report(args.output)
     print(f"report written: {path}")
+    return EXIT_OK
+
+
+def cmd_pool(args: argparse.Namespace) -> int:
+    from veil.config import ConfigError
+    from veil.transforms.models import ModelRegistry
+    from veil.transforms.pool import PoolBuildError, build_pool
+
+    count = args.count if args.count is not None else (0 if args.source else 1000)
+    if count < 0 or (count == 0 and not args.source):
+        raise ConfigError(f"--count must be a positive number of faces, got {count}")
+    registry = ModelRegistry(models_dir=args.models_dir, allow_download=bool(args.allow_download))
+    try:
+        pool = build_pool(args.generator, count, args.output, seed=args.seed, registry=registry,
+                          batch_size=args.batch_size, progress=not args.no_progress,
+                          source=args.source, prompt=args.prompt, steps=args.steps,
+                          device=args.device, allow_download=bool(args.allow_download),
+                          detectors=[d.strip() for d in args.detectors.split(",") if d.strip()])
+    except PoolBuildError as exc:
+        print(f"veil: pool not built: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    meta = pool.meta
+    print(f"pool written: {pool.path} ({len(pool)} faces from {meta['attempts']} image(s), "
+          f"rejection rate {meta['rejection_rate']:.1%}, {meta['seconds']:.1f} s)")
+    if meta.get("contact_sheet"):
+        print(f"  contact sheet  {pool.path / meta['contact_sheet']}")
     return EXIT_OK
 
 
@@ -352,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     from veil.config import ConfigError
 
     handlers = {"run": cmd_run, "validate": cmd_validate, "report": cmd_report, "models": cmd_models,
-                "demo": cmd_demo}
+                "demo": cmd_demo, "pool": cmd_pool}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("blur", "pixelate", "fill", "dp-pixelate", "fsap", "none")
+METHODS = ("blur", "pixelate", "fill", "dp-pixelate", "fsap", "diffusion", "none")
 #: Methods that replace a face with another realistic one: faces stay detectable, and the
 #: re-scan compares identities instead of looking for any face at all.
-SYNTHESIS_METHODS = ("fsap",)
+SYNTHESIS_METHODS = ("fsap", "diffusion")
 #: Methods an FSAP face too small for a recognizer falls back to.
 FALLBACK_METHODS = ("blur", "pixelate", "fill")
 DEVICES = ("auto", "cpu", "cuda")
+#: --method diffusion: inpaint the face with a prompt, or optimise a paired synthetic face.
+DIFFUSION_MODES = ("inpaint", "latent")
 RUNNERS = ("local", "ray", "beam")
 DETECTORS = ("centerface", "mtcnn", "yunet")
 
@@ -175,6 +177,13 @@ class FSAPConfig:
     device: str = "auto"
     #: Faces optimised together in one model micro-batch (each stops on its own).
     face_batch: int = 16
+    #: Pseudo-identities (``--pseudo-identities``): weight of the pull towards a face's target
+    #: identity against the push away from the original, and the optimised recognizer's
+    #: similarity to the target a face must reach (besides ``tau``) before it stops. 0.35 is
+    #: MobileFaceNet's same-person threshold: the face then *is* its pseudo-person to the
+    #: optimised recognizer. Faces without a target ignore both.
+    target_weight: float = 1.0
+    target_similarity: float = 0.35
 
     def __post_init__(self) -> None:
         if isinstance(self.certify, str):
@@ -202,6 +211,187 @@ class FSAPConfig:
         _check(0.0 <= self.certify_margin < 1.0, "fsap.certify_margin must be in [0, 1)")
         _check(self.device in DEVICES, f"fsap.device must be one of {', '.join(DEVICES)}")
         _check(self.face_batch >= 1, "fsap.face_batch must be >= 1")
+        _check(self.target_weight >= 0, "fsap.target_weight must be >= 0")
+        _check(-1.0 <= self.target_similarity < 1.0, "fsap.target_similarity must be in [-1, 1)")
+
+
+@dataclass
+class DiffusionConfig:
+    """Face replacement with a diffusion model (``--method diffusion``; thesis chapter 6).
+
+    Every face is aligned into a square crop as FSAP does, replaced, blended back under a
+    feathered face mask and certified by a recognizer that took no part in making it:
+
+    * ``inpaint`` (default): a diffusers inpainting pipeline (``model``: hub id or local
+      folder, e.g. ``stable-diffusion-v1-5/stable-diffusion-inpainting`` or
+      ``diffusers/stable-diffusion-xl-1.0-inpainting-0.1``) repaints the face, prompted with
+      the face's predicted age group, gender and expression (``prompt``); a face the
+      certifier still matches is re-sampled with a new seed and ``strength_step`` more
+      strength, at most ``max_resamples`` times, then its sample is quarantined;
+    * ``latent``: the face paired with it in a synthetic pool (``region["target"]`` or
+      ``region["pair"]``) is encoded with ``latent`` and its latent optimised (Adam) with the
+      identity loss |cos(E_id(x_A), E_id(x_R))| (MobileFaceNet), an attribute loss (LPIPS
+      against the real face) and a border loss (pixels, SSIM, LPIPS outside the face) so it
+      blends; a re-sample doubles the identity weight.
+    """
+
+    mode: str = "inpaint"
+    #: Inpainting pipeline: hub id or local folder with model_index.json and safetensors.
+    model: str = "stable-diffusion-v1-5/stable-diffusion-inpainting"
+    #: Latent mode's autoencoder: "taef2" (offline) or an AutoencoderKL id/folder (a full
+    #: Stable Diffusion folder works: its vae/ is used).
+    latent: str = "taef2"
+    #: Inpaint: denoising steps of the full schedule (``strength`` of them run); latent:
+    #: optimisation steps.
+    steps: int = 30
+    #: Inpaint: fraction of the schedule re-run on the face (1 = from pure noise). Below 1
+    #: the face keeps its pose and lighting; each re-sample adds ``strength_step`` (at most 1).
+    strength: float = 0.8
+    strength_step: float = 0.1
+    #: Classifier-free guidance scale (1 = no guidance, and no negative prompt).
+    guidance: float = 7.5
+    #: ``{subject}`` becomes e.g. "a smiling middle-aged woman"; ``{age}``, ``{gender}`` and
+    #: ``{expression}`` are also filled in ("" when a model is unavailable).
+    prompt: str = "photo of {subject}, natural light, detailed skin, sharp focus"
+    negative_prompt: str = ("cartoon, painting, drawing, deformed, disfigured, blurry, extra eyes, "
+                            "text, watermark")
+    #: Re-samples while the certifier still matches a face; then the sample is quarantined.
+    max_resamples: int = 3
+    #: Side of the square face crop; None = 512 for inpaint (Stable Diffusion's native size),
+    #: 128 for latent. A multiple of 64.
+    crop_size: int | None = None
+    #: Latent mode: Adam step size, and loss weights.
+    learning_rate: float = 0.05
+    weight_identity: float = 1.0
+    weight_attribute: float = 1.0
+    weight_border: float = 1.0
+    #: Faces smaller than this (pixels, longer box side) are obscured with ``fallback``.
+    min_face: int = 32
+    fallback: str = "blur"
+    #: Certifying recognizer(s) and margin, as fsap.certify / fsap.certify_margin.
+    certify: list[str] = field(default_factory=lambda: ["dlib-resnet"])
+    certify_margin: float = 0.1
+    #: "auto" = cuda when --gpus-per-worker > 0; a GPU asked for but missing is an error.
+    device: str = "auto"
+    #: Model precision: "auto" = float16 for inpainting on a GPU, else float32.
+    dtype: str = "auto"
+    #: Faces per pipeline call on a GPU (on CPU a sample's faces form one call).
+    face_batch: int = 4
+
+    def __post_init__(self) -> None:
+        import string
+
+        if isinstance(self.certify, str):
+            self.certify = [c.strip() for c in self.certify.split(",") if c.strip()]
+        _check(self.mode in DIFFUSION_MODES,
+               f"diffusion.mode: unknown mode {self.mode!r}; choose from {', '.join(DIFFUSION_MODES)}")
+        _check(bool(self.model), "diffusion.model: name an inpainting pipeline (hub id or folder)")
+        _check(bool(self.latent), "diffusion.latent: name a latent space (taef2, or an AutoencoderKL)")
+        _check(1 <= self.steps <= 1000, "diffusion.steps must be in [1, 1000]")
+        _check(0.0 < self.strength <= 1.0, "diffusion.strength must be in (0, 1]")
+        _check(0.0 <= self.strength_step <= 1.0, "diffusion.strength_step must be in [0, 1]")
+        _check(self.guidance >= 1.0, "diffusion.guidance must be >= 1")
+        fields = {"subject", "age", "gender", "expression"}
+        for name in ("prompt", "negative_prompt"):
+            try:
+                used = {f for _, f, _, _ in string.Formatter().parse(getattr(self, name)) if f is not None}
+            except ValueError as exc:
+                raise ConfigError(f"diffusion.{name}: not a valid template: {exc}") from exc
+            _check(used <= fields, f"diffusion.{name}: unknown placeholder(s) "
+                                   f"{', '.join(sorted(used - fields))}; use {', '.join(sorted(fields))}")
+        _check(0 <= self.max_resamples <= 10, "diffusion.max_resamples must be in [0, 10]")
+        _check(self.crop_size is None or (self.crop_size >= 64 and self.crop_size % 64 == 0),
+               "diffusion.crop_size must be a multiple of 64, at least 64")
+        _check(self.learning_rate > 0, "diffusion.learning_rate must be > 0")
+        for name in ("weight_identity", "weight_attribute", "weight_border"):
+            _check(getattr(self, name) >= 0, f"diffusion.{name} must be >= 0")
+        _check(self.min_face >= 8, "diffusion.min_face must be >= 8 pixels")
+        _check(self.fallback in FALLBACK_METHODS,
+               f"diffusion.fallback must be one of {', '.join(FALLBACK_METHODS)}")
+        _check(len(self.certify) > 0, "diffusion.certify: name at least one certifying recognizer")
+        _check(self.mode != "latent" or "mobilefacenet" not in self.certify,
+               "diffusion.certify must not include mobilefacenet in latent mode: it is optimised against")
+        _check(0.0 <= self.certify_margin < 1.0, "diffusion.certify_margin must be in [0, 1)")
+        _check(self.device in DEVICES, f"diffusion.device must be one of {', '.join(DEVICES)}")
+        _check(self.dtype in ("auto", "float32", "float16", "bfloat16"),
+               "diffusion.dtype must be auto, float32, float16 or bfloat16")
+        _check(self.face_batch >= 1, "diffusion.face_batch must be >= 1")
+
+    @property
+    def crop_side(self) -> int:
+        """The crop side in use (``crop_size`` or the mode's default)."""
+        if self.crop_size is not None:
+            return self.crop_size
+        return 512 if self.mode == "inpaint" else 128
+
+
+@dataclass
+class PseudoIdentityConfig:
+    """Consistent pseudo-identities (``--pseudo-identities``, ``veil.transforms.identities``).
+
+    A first pass embeds every face of the dataset with ``recognizer``; faces are clustered
+    (average linkage on cosine distance, cut at ``cluster_similarity``); each cluster gets one
+    synthetic face of ``pool`` as its target identity, the nearest in attribute space whose
+    similarity to every member is below ``max_identity_similarity``, never shared with another
+    cluster. The anonymizer moves every face of a cluster towards its target.
+    """
+
+    enabled: bool = False
+    #: Synthetic pool folder written by ``veil pool`` (pool.json + faces.parquet).
+    pool: str | None = None
+    recognizer: str = "mobilefacenet"
+    #: Average cosine similarity above which faces are one person. On the shared photos one
+    #: person's faces score 0.67-0.90 with MobileFaceNet, different people -0.08-0.14; 0.4
+    #: sits in the gap, nearer the different-person side: merging two people costs one of
+    #: them a look-alike, splitting one person only costs consistency.
+    cluster_similarity: float = 0.4
+    #: A target must be at most this similar (optimised recognizer) to every cluster member:
+    #: MobileFaceNet's same-person threshold, so no target already looks like the person.
+    max_identity_similarity: float = 0.35
+    #: Pool candidates examined per cluster (nearest in attribute space first).
+    candidates: int = 32
+    #: Faces smaller than this (longer box side) are not clustered; they keep the
+    #: anonymizer's fallback and get no pseudo-identity. Same default as fsap.min_face.
+    min_face: int = 32
+
+    def __post_init__(self) -> None:
+        _check(self.recognizer == "mobilefacenet",
+               "pseudo.recognizer: only 'mobilefacenet' (the recognizer FSAP moves faces in)")
+        _check(-1.0 < self.cluster_similarity < 1.0, "pseudo.cluster_similarity must be in (-1, 1)")
+        _check(-1.0 < self.max_identity_similarity < 1.0,
+               "pseudo.max_identity_similarity must be in (-1, 1)")
+        _check(self.candidates >= 1, "pseudo.candidates must be >= 1")
+        _check(self.min_face >= 8, "pseudo.min_face must be >= 8 pixels")
+
+
+@dataclass
+class PoolConfig:
+    """The synthetic face pool a run pairs real faces with (``--synthetic-pool``;
+    ``veil.transforms.pairing``). With ``path`` set, every face gets ``region["pair"]``: the
+    pool face nearest in attribute space (pose, age, gender, expression, skin tone/lighting)
+    whose identity similarity to it is below ``max_identity_similarity``."""
+
+    #: Pool folder written by ``veil pool`` (pool.json + faces.parquet); None = no pairing.
+    path: str | None = None
+    #: Nearest faces examined first per query; the search widens until one is admissible.
+    k: int = 32
+    #: MobileFaceNet cosine similarity a partner must stay below. Different people score
+    #: -0.10-0.15 on the shared photos and 0.35 is the same-person threshold: 0.2 keeps every
+    #: partner clearly another person.
+    max_identity_similarity: float = 0.2
+    #: Weight per attribute group (pose, age, gender, expression, colour); missing groups keep
+    #: ``veil.transforms.pairing.DEFAULT_WEIGHTS``.
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(self.k >= 1, "pool.k must be >= 1")
+        _check(-1.0 < self.max_identity_similarity <= 1.0,
+               "pool.max_identity_similarity must be in (-1, 1]")
+        groups = ("pose", "age", "gender", "expression", "colour")
+        for name, value in self.weights.items():
+            _check(name in groups, f"pool.weights: unknown group {name!r}; choose from "
+                                   f"{', '.join(groups)}")
+            _check(math.isfinite(value) and value >= 0, f"pool.weights.{name} must be >= 0")
 
 
 @dataclass
@@ -214,10 +404,21 @@ class RescanConfig:
     #: Also re-scan samples in which no face was found (their output is the re-encoded input,
     #: already scanned once); off by default because it doubles detection cost on clean data.
     include_clean: bool = False
+    #: Where the finer pyramid levels search the released image. "changed": around the pixels
+    #: anonymization changed, with ``context`` network pixels of margin (the first pass found
+    #: no face elsewhere, and there the release differs only by JPEG re-encoding); the
+    #: coarsest level always searches the whole image. "full": the whole image at every level.
+    #: Evidence for the default and the margin: BENCHMARKS.md, benchmarks/bench_stage_cost.py.
+    scope: str = "changed"
+    #: Margin (network pixels) around changed pixels for scope "changed". CenterFace reacts to
+    #: context: 32 and 64 missed borderline faces the full scan found; see BENCHMARKS.md.
+    context: int = 128
 
     def __post_init__(self) -> None:
         _check(self.policy in ("strengthen", "quarantine"), "rescan.policy must be 'strengthen' or 'quarantine'")
         _check(0 <= self.max_rounds <= 10, "rescan.max_rounds must be in [0, 10]")
+        _check(self.scope in ("changed", "full"), "rescan.scope must be 'changed' or 'full'")
+        _check(self.context >= 32, "rescan.context must be >= 32 network pixels")
 
 
 @dataclass
@@ -271,6 +472,9 @@ class RunConfig:
     detect: DetectConfig = field(default_factory=DetectConfig)
     anonymize: AnonymizeConfig = field(default_factory=AnonymizeConfig)
     fsap: FSAPConfig = field(default_factory=FSAPConfig)
+    pseudo: PseudoIdentityConfig = field(default_factory=PseudoIdentityConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
     rescan: RescanConfig = field(default_factory=RescanConfig)
     io: ImageIOConfig = field(default_factory=ImageIOConfig)
     #: Model files: name -> path, and the models directory (default $VEIL_MODELS).
@@ -283,7 +487,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         for name, cls in (("detect", DetectConfig), ("anonymize", AnonymizeConfig),
-                          ("fsap", FSAPConfig), ("rescan", RescanConfig), ("io", ImageIOConfig)):
+                          ("fsap", FSAPConfig), ("pseudo", PseudoIdentityConfig),
+                          ("diffusion", DiffusionConfig), ("pool", PoolConfig),
+                          ("rescan", RescanConfig), ("io", ImageIOConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, _build(cls, value, prefix=name))
@@ -294,6 +500,19 @@ class RunConfig:
         _check(self.folder_shard_size >= 1, "folder_shard_size must be >= 1")
         _check(self.workers is None or self.workers >= 1, "workers must be >= 1")
         _check(self.gpus_per_worker >= 0, "gpus_per_worker must be >= 0")
+        _check(not self.pseudo.enabled or self.anonymize.method in SYNTHESIS_METHODS,
+               f"pseudo.enabled (--pseudo-identities) needs a method that replaces identities "
+               f"({', '.join(SYNTHESIS_METHODS)}), not {self.anonymize.method!r}")
+        if self.pseudo.pool is None and self.pool.path:
+            # One flag (--synthetic-pool) names the pool for pairing and pseudo-identities.
+            self.pseudo.pool = self.pool.path
+        _check(not self.pseudo.enabled or bool(self.pseudo.pool),
+               "pseudo.enabled (--pseudo-identities) needs a synthetic pool: build one with "
+               "'veil pool --output POOL' and pass --synthetic-pool POOL (pseudo.pool)")
+        _check(self.anonymize.method != "diffusion" or self.diffusion.mode != "latent"
+               or bool(self.pool.path or (self.pseudo.enabled and self.pseudo.pool)),
+               "diffusion.mode latent starts from paired synthetic faces: build a pool with "
+               "'veil pool --output POOL' and pass --synthetic-pool POOL")
 
     def validate_paths(self) -> None:
         _check(bool(self.input), "input: give --input (a shard pattern, Parquet files or a folder)")
@@ -419,6 +638,7 @@ _LENIENT: dict[tuple[type, str], Any] = {
     (DetectConfig, "detectors"): str,
     (DetectConfig, "rotations"): int | str | list[int | str],
     (FSAPConfig, "certify"): str,
+    (DiffusionConfig, "certify"): str,
     (AnonymizeConfig, "fill_color"): list[int],
 }
 

@@ -50,6 +50,9 @@ class RunSummary:
     report: str | None = None
     #: Outcome of the validation gates when the run asked for them (``--gates``).
     validation: dict[str, Any] | None = None
+    #: ``--pseudo-identities``: counts of the identity pass (faces, pseudo-identities); never
+    #: an embedding or which synthetic face a person became.
+    pseudo_identities: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,7 +65,10 @@ def model_kwargs(config: RunConfig) -> dict[str, Any]:
             "allow_download": config.allow_download}
 
 
-def build_stages(config: RunConfig) -> list[Stage]:
+def build_stages(config: RunConfig, *, pseudo: Any = None) -> list[Stage]:
+    """The run's stage chain. ``pseudo`` is the identity pass's
+    :class:`~veil.transforms.identities.PseudoAssignment` (``--pseudo-identities``): its stage
+    attaches each face's target identity before the anonymizer."""
     from veil.transforms.anonymize import AnonymizeStage
     from veil.transforms.detect import DetectStage
     from veil.transforms.imageio import DecodeStage, EncodeStage
@@ -76,16 +82,36 @@ def build_stages(config: RunConfig) -> list[Stage]:
         anonymize = FSAPStage(config.fsap, anonymize=config.anonymize, expand=config.detect.expand,
                               seed=config.seed, models=models, gpus=config.gpus_per_worker,
                               batch_size=config.batch_size, io=config.io)
+    elif config.anonymize.method == "diffusion":
+        from veil.transforms.diffusion import DiffusionStage
+
+        anonymize = DiffusionStage(config.diffusion, anonymize=config.anonymize, expand=config.detect.expand,
+                                   seed=config.seed, models=models, gpus=config.gpus_per_worker,
+                                   batch_size=config.batch_size, io=config.io,
+                                   # Pseudo-identity targets index the pseudo pool, pairs pool.path.
+                                   pool=config.pseudo.pool if config.pseudo.enabled else config.pool.path)
     else:
         anonymize = AnonymizeStage(config.anonymize, expand=config.detect.expand, seed=config.seed)
+    pairing: list[Stage] = []
+    if config.pool.path and pseudo is None:
+        # With pseudo-identities every clustered face gets its cluster's target instead.
+        from veil.transforms.pairing import PairStage
+
+        pairing.append(PairStage(config.pool, models=models, batch_size=config.batch_size))
+    if pseudo is not None:
+        from veil.transforms.identities import PseudoIdentityStage
+
+        pairing.append(PseudoIdentityStage(pseudo, batch_size=config.batch_size))
     return [
         DecodeStage(config.io, batch_size=config.batch_size),
         DetectStage(config.detect, models=models, batch_size=config.batch_size),
+        *pairing,
         anonymize,
         EncodeStage(config.io, batch_size=config.batch_size),
         RescanStage(rescan=config.rescan, detect=config.detect, anonymize=config.anonymize,
                     io=config.io, models=models, seed=config.seed, batch_size=config.batch_size,
-                    fsap=config.fsap),
+                    # The re-scan certifies with the synthesis method's certifiers and fallback.
+                    fsap=config.diffusion if config.anonymize.method == "diffusion" else config.fsap),
     ]
 
 
@@ -94,7 +120,7 @@ def io_batch_size(config: RunConfig) -> int:
     optimises each sample's faces on their own, so big batches only hold the progress bar
     still (16 images could be ten minutes without a tick): batches of 2 there. On GPUs the
     configured batch feeds the GPU actors' face batches."""
-    if config.anonymize.method == "fsap" and config.gpus_per_worker == 0:
+    if config.anonymize.method in ("fsap", "diffusion") and config.gpus_per_worker == 0:
         return min(config.batch_size, 2)
     return config.batch_size
 
@@ -104,6 +130,15 @@ def fingerprint_of(config: RunConfig) -> str:
 
     data = {k: v for k, v in config.to_dict().items() if k not in NON_OUTPUT_KEYS}
     data["veil_version"] = _veil_version()
+    pool = config.pseudo.pool if config.pseudo.enabled else config.pool.path
+    if pool:
+        # Pairs and targets come from the pool's contents, not its path: a rebuilt pool
+        # redoes shards.
+        import hashlib
+
+        meta = Path(pool) / "pool.json"
+        data["pool_sha256"] = (hashlib.sha256(meta.read_bytes()).hexdigest()
+                               if meta.is_file() else None)
     return run_fingerprint(data, [])
 
 
@@ -198,8 +233,14 @@ def _run_locked(config: RunConfig, output: Path) -> RunSummary:
 
     models = models_info(config)  # resolved and checksummed once per run
     write_run_info(output, config, fingerprint, models, phase="started")
+    pseudo = pseudo_summary = None
+    if config.pseudo.enabled and todo:
+        from veil.pipelines.identity_pass import run_identity_pass
+
+        # Pass 1 over every shard, finished ones too: a resumed run must cluster the same faces.
+        pseudo, pseudo_summary = run_identity_pass(config, source, shards, models=model_kwargs(config))
     progress = Progress(config, total_shards=len(todo), total_samples=total_samples)
-    chain = StageChain(build_stages(config), pixel_budget=config.batch_pixels)
+    chain = StageChain(build_stages(config, pseudo=pseudo), pixel_budget=config.batch_pixels)
     runner = make_runner(config.runner, ray_address=config.ray_address, beam_options=config.beam_options)
     ctx = RunContext(source=source, chain=chain, output=output, fingerprint=fingerprint,
                      batch_size=io_batch_size(config), workers=config.workers,
@@ -212,6 +253,7 @@ def _run_locked(config: RunConfig, output: Path) -> RunSummary:
     seconds = time.perf_counter() - start
     summary = summarize(output, config, results, shards_total=len(shards), skipped=skipped, seconds=seconds)
     summary.skipped_files = [asdict(s) for s in source.skipped()]
+    summary.pseudo_identities = pseudo_summary
     if config.runner == "beam":
         # Beam commits inside the pipeline; the guard is applied to the whole run afterwards.
         failed = summary.counts.get(QUARANTINED, 0)
@@ -241,7 +283,10 @@ def run_gates(config: RunConfig) -> dict[str, Any]:
         folder_shard_size=config.folder_shard_size, max_pixels=config.io.max_pixels,
         max_bytes=config.io.max_bytes, follow_symlinks=config.io.follow_symlinks,
         models=dict(config.models), models_dir=config.models_dir,
-        allow_download=config.allow_download, progress=config.progress))
+        allow_download=config.allow_download, progress=config.progress,
+        # The run's own gates need their verdict, not the full audit (`veil validate`):
+        # metrics no gate reads are left out, which more than halves the cost.
+        measure="gated"))
     return asdict(result)
 
 
@@ -305,7 +350,14 @@ def models_info(config: RunConfig) -> list[dict[str, Any]]:
         from veil.transforms.fsap import models_for_fsap
 
         names += models_for_fsap(config.fsap)
-    return [registry.provenance(name) for name in dict.fromkeys(names)]
+    extra: list[dict[str, Any]] = []
+    if config.anonymize.method == "diffusion":
+        from veil.transforms.diffusion import diffusion_model_provenance, models_for_diffusion
+
+        names += models_for_diffusion(config.diffusion)
+        # A missing pipeline stops the run here, before any work.
+        extra = diffusion_model_provenance(config.diffusion, allow_download=config.allow_download)
+    return [registry.provenance(name) for name in dict.fromkeys(names)] + extra
 
 
 def _veil_version() -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from veil.pipelines.faults import fault_point
-from veil.pipelines.sources import Shard, Source
+from veil.pipelines.sources import Shard, Source, WorkUnit
 from veil.transforms.stage import (
     ANONYMIZED,
     CLEAN,
@@ -47,9 +47,16 @@ def is_end_marker(sample: Sample) -> bool:
 def read_with_end_marker(source: Source, shard: Shard) -> Iterator[Sample]:
     """Yield a shard's samples, then its end marker. Reading never raises for bad data (the
     source yields quarantined samples); an unexpected reader bug becomes a quarantine row."""
+    yield from read_unit_with_end_marker(source, WorkUnit(shard))
+
+
+def read_unit_with_end_marker(source: Source, unit: WorkUnit) -> Iterator[Sample]:
+    """Yield a work unit's samples, then, for the shard's last unit, the shard's end marker:
+    a shard read as several units still ends exactly once, after all its samples."""
+    shard = unit.shard
     n = 0
     try:
-        for sample in source.read_shard(shard):
+        for sample in source.read_unit(unit):
             n += 1
             fault_point("read")
             yield sample
@@ -57,12 +64,29 @@ def read_with_end_marker(source: Source, shard: Shard) -> Iterator[Sample]:
         from veil.transforms.stage import describe_exception
 
         n += 1
+        # One such row per unit: the key names the unit so keys stay unique in the shard.
+        suffix = "" if unit.whole else f"@{unit.start}"
         yield quarantine(
-            {"__key__": f"{shard.id}#read_error", "__shard__": shard.id, "__index__": 10**9,
-             "__source__": shard.url},
+            {"__key__": f"{shard.id}#read_error{suffix}", "__shard__": shard.id,
+             "__index__": 10**9 + unit.start, "__source__": shard.url},
             f"read_error: {describe_exception(exc)}",
         )
-    yield shard_end_marker(shard, n)
+    if unit.last:
+        yield shard_end_marker(shard, unit.start + n)
+
+
+def work_unit_batches(source: Source, unit: WorkUnit, batch_size: int) -> Iterator[list[Sample]]:
+    """A unit's samples (end marker included) in consecutive lists of ``batch_size``: the I/O
+    batches that runners hand to their workers, each one task. Batches never span units, so
+    the order of samples is the order of units, then of samples within them."""
+    batch: list[Sample] = []
+    for sample in read_unit_with_end_marker(source, unit):
+        batch.append(sample)
+        if len(batch) >= batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def shard_fingerprint(run_fingerprint: str, shard: Shard) -> str:

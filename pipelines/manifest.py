@@ -30,6 +30,7 @@ from veil.pipelines.sinks import (
     output_error,
     temp_path,
 )
+from veil.transforms.pairing import public_region
 from veil.transforms.stage import PENDING, Sample
 
 MANIFEST_VERSION = "1"
@@ -130,7 +131,8 @@ def manifest_row(sample: Sample) -> dict[str, Any]:
         "status": str(status),
         "reason": str(sample.get("reason") or ""),
         "n_faces": n_faces,
-        "regions": None if regions is None else canonical_json(list(regions)),
+        # Pairing records lose the pool face they name (veil.transforms.pairing.public_region).
+        "regions": None if regions is None else canonical_json([public_region(r) for r in regions]),
         "region_counts": None if counts is None else canonical_json(counts),
         "method": sample.get("method"),
         "params": None if params is None else canonical_json(params),

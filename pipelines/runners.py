@@ -27,9 +27,9 @@ from veil.pipelines.execution import (
     ShardResult,
     StageChain,
     is_end_marker,
-    read_with_end_marker,
+    work_unit_batches,
 )
-from veil.pipelines.sources import Shard, Source
+from veil.pipelines.sources import Shard, Source, WorkUnit
 from veil.transforms.stage import Sample, reason_code
 
 
@@ -54,6 +54,20 @@ class Runner(ABC):
 
     @abstractmethod
     def run(self, shards: list[Shard], ctx: RunContext) -> list[ShardResult]: ...
+
+
+#: A shard that can be read in ranges (a folder) is read by tasks of this many I/O batches
+#: each, so a very large shard is read by several tasks (on several nodes) at once. Reading a
+#: local file costs far less than starting another Ray worker process to read it, and the
+#: workers' balance comes from one block per I/O batch, not from the reads: a folder shard of
+#: the default 1000 samples stays one read task.
+READ_UNIT_BATCHES = 64
+
+
+def work_units(shards: Sequence[Shard], source: Source, batch_size: int) -> list[WorkUnit]:
+    """The read tasks of a run: each shard as consecutive work units, in shard order."""
+    return [unit for shard in shards
+            for unit in source.work_units(shard, batch_size * READ_UNIT_BATCHES)]
 
 
 def commit_stream(samples: Iterable[Sample], shards: list[Shard], ctx: RunContext) -> list[ShardResult]:
@@ -103,31 +117,49 @@ class LocalRunner(Runner):
     @staticmethod
     def _stream(shards: list[Shard], ctx: RunContext) -> Iterator[Sample]:
         for shard in shards:
-            batch: list[Sample] = []
-            for sample in read_with_end_marker(ctx.source, shard):
-                batch.append(sample)
-                if len(batch) >= ctx.batch_size:
-                    yield from ctx.chain(batch)
-                    batch = []
-            if batch:
+            for batch in work_unit_batches(ctx.source, WorkUnit(shard), ctx.batch_size):
                 yield from ctx.chain(batch)
 
 
 # --------------------------------------------------------------------------------------- Ray
 
 
-def _ray_read_shard(row: dict[str, Any], source: Source) -> Iterator[dict[str, Any]]:
-    """Ray Data ``flat_map`` task: one row per shard in, one row per sample out."""
-    shard = pickle.loads(row["shard"])
-    for sample in read_with_end_marker(source, shard):
-        yield {"sample": pickle.dumps(sample, protocol=5)}
+def _ray_read_unit(row: dict[str, Any], source: Source, batch_size: int) -> Iterator[dict[str, Any]]:
+    """Ray Data ``flat_map`` task: one work unit in, one row per I/O batch out."""
+    unit = pickle.loads(row["unit"])
+    for batch in work_unit_batches(source, unit, batch_size):
+        yield {"batch": pickle.dumps(batch, protocol=5)}
+
+
+def ray_read_dataset(shards: Sequence[Shard], source: Source, batch_size: int) -> Any:
+    """The Ray Dataset of a run's I/O batches, in input order: one read task per work unit,
+    one row (and block) per batch of ``batch_size`` samples, end markers included."""
+    import ray
+
+    # Every row (an I/O batch) must be a block of its own, so that each batch is one task
+    # for whichever actor is free: a block of several batches goes to one actor whole, and
+    # with few blocks per shard the other actors idle. The smallest block size makes Ray Data
+    # close a block after every row. A Dataset keeps a copy of the context it was made
+    # with, so the process-wide setting is put back for other datasets (validation's).
+    data_ctx = ray.data.DataContext.get_current()
+    previous = data_ctx.target_max_block_size
+    data_ctx.target_max_block_size = 1
+    try:
+        units = work_units(shards, source, batch_size)
+        ds = ray.data.from_items([{"unit": pickle.dumps(u)} for u in units],
+                                 override_num_blocks=len(units))
+        return ds.flat_map(_ray_read_unit, fn_kwargs={"source": source, "batch_size": batch_size},
+                           num_cpus=0.25)
+    finally:
+        data_ctx.target_max_block_size = previous
 
 
 class _RayChainActor:
     """Ray Data actor: loads the models once (``StageChain.setup``), then processes batches.
 
-    Samples travel as pickled dicts in one binary column: samples carry different fields
-    (jpg or png, json or not), which a columnar schema would have to unify per block.
+    A row is one I/O batch: a pickled list of sample dicts (samples carry different fields,
+    jpg or png, json or not, which a columnar schema would have to unify per block), so a
+    batch is pickled once per hop, not once per sample.
     """
 
     def __init__(self, chain: StageChain) -> None:
@@ -137,9 +169,8 @@ class _RayChainActor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        samples = [pickle.loads(b) for b in batch["sample"]]
-        out = self.chain(samples)
-        return {"sample": np.array([pickle.dumps(s, protocol=5) for s in out], dtype=object)}
+        out = [pickle.dumps(self.chain(pickle.loads(b)), protocol=5) for b in batch["batch"]]
+        return {"batch": np.array(out, dtype=object)}
 
 
 def init_ray(address: str | None) -> None:
@@ -247,25 +278,20 @@ class RayRunner(Runner):
         data_ctx.enable_progress_bars = False  # Veil draws its own bars
         data_ctx.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-        # Small blocks keep several actors busy within one shard and memory bounded.
-        data_ctx.target_max_block_size = 4 * 1024 * 1024
-
-        ds = ray.data.from_items([{"shard": pickle.dumps(s)} for s in shards],
-                                 override_num_blocks=len(shards))
-        ds = ds.flat_map(_ray_read_shard, fn_kwargs={"source": ctx.source}, num_cpus=0.25)
+        ds = ray_read_dataset(shards, ctx.source, ctx.batch_size)
         for pool in pools:
             ds = ds.map_batches(
                 _RayChainActor,
                 fn_constructor_kwargs={"chain": pool.segment},
-                batch_size=ctx.batch_size,
+                batch_size=1,
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=pool.size),
                 num_cpus=pool.num_cpus,
                 num_gpus=pool.num_gpus or None,
             )
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-            for blob in batch["sample"]:
-                yield pickle.loads(blob)
+        for block in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            for blob in block["batch"]:
+                yield from pickle.loads(blob)
 
 
 # -------------------------------------------------------------------------------------- Beam

@@ -41,7 +41,7 @@ import tarfile
 import unicodedata
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -219,6 +219,26 @@ class Shard:
 
 
 @dataclass(frozen=True)
+class WorkUnit:
+    """A range of one shard's samples, ``[start, stop)`` by sample index (``stop`` None: to
+    the end of the shard), read by one task. Splitting a large shard into units lets several
+    readers (and the workers behind them) start at once; the shard stays the unit of commit,
+    so its units must be written in order and only the last one (``last``) ends the shard."""
+
+    shard: Shard
+    start: int = 0
+    stop: int | None = None
+
+    @property
+    def last(self) -> bool:
+        return self.stop is None
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop is None
+
+
+@dataclass(frozen=True)
 class Skipped:
     """An input file or member that is not part of any sample, hence not in the release copy."""
 
@@ -247,6 +267,19 @@ class Source(ABC):
     def approx_num_samples(self, shard: Shard) -> int | None:
         """Number of samples in the shard when it is cheap to know (for progress bars)."""
         return None
+
+    def work_units(self, shard: Shard, max_samples: int) -> list[WorkUnit]:
+        """The shard as consecutive read units of at most ``max_samples`` samples, in order.
+        Sources that cannot seek to a sample (a tar is one stream) read a shard as one unit."""
+        return [WorkUnit(shard)]
+
+    def read_unit(self, unit: WorkUnit) -> Iterator[Sample]:
+        """Stream the unit's samples, exactly as :meth:`read_shard` yields them for that range
+        (same keys, same ``__index__``)."""
+        if not unit.whole:
+            raise ValueError(f"{type(self).__name__} reads whole shards only, not samples "
+                             f"{unit.start}..{unit.stop} of {unit.shard.id}")
+        yield from self.read_shard(unit.shard)
 
     def skipped(self) -> list[Skipped]:
         """Files and members seen so far that belong to no sample and are therefore not
@@ -1050,7 +1083,7 @@ class FolderSource(Source):
     def approx_num_samples(self, shard: Shard) -> int | None:
         return len({self._key_field(m)[0] for m in shard.members})  # type: ignore[index]
 
-    def _groups(self, shard: Shard) -> Iterable[tuple[str, list[tuple[str, str]]]]:
+    def _groups(self, shard: Shard) -> list[tuple[str, list[tuple[str, str]]]]:
         """(key, [(field, relative path)]) of the shard's samples; keys that are not safe
         names are escaped (``repr``), exactly as :meth:`read_shard` yields them."""
         grouped: dict[str, list[tuple[str, str]]] = {}
@@ -1062,9 +1095,30 @@ class FolderSource(Source):
             grouped.setdefault(parts[0], []).append((parts[1], rel))
         return [(_shown(key, max_chars=None), files) for key, files in grouped.items()]
 
+    def work_units(self, shard: Shard, max_samples: int) -> list[WorkUnit]:
+        """Ranges of ``max_samples`` samples: a folder's files are read one by one, so any
+        range can be read on its own."""
+        n = len(self._groups(shard))
+        if max_samples < 1 or n <= max_samples:
+            return [WorkUnit(shard)]
+        starts = range(0, n, max_samples)
+        return [WorkUnit(shard, start, start + max_samples if start + max_samples < n else None)
+                for start in starts]
+
+    def read_unit(self, unit: WorkUnit) -> Iterator[Sample]:
+        groups = self._groups(unit.shard)
+        stop = len(groups) if unit.stop is None else unit.stop
+        yield from self._read_groups(unit.shard, groups, unit.start, stop)
+
     def read_shard(self, shard: Shard) -> Iterator[Sample]:
+        groups = self._groups(shard)
+        yield from self._read_groups(shard, groups, 0, len(groups))
+
+    def _read_groups(self, shard: Shard, groups: Sequence[tuple[str, list[tuple[str, str]]]],
+                     start: int, stop: int) -> Iterator[Sample]:
         root = shard.url or self.root
-        for index, (key, files) in enumerate(self._groups(shard)):
+        for index in range(start, stop):
+            key, files = groups[index]
             fields = [f for f, _rel in files]
             image, problem = _check_fields(fields)
             source = _shown(next((rel for f, rel in files if f == image), files[0][1]))

@@ -457,3 +457,61 @@ def test_detect_stage_setup_fails_loudly_when_a_model_is_missing(tmp_path):
     )
     with pytest.raises(ModelNotFoundError):
         stage.setup()
+
+
+# --------------------------------------------------------------------------- restricted re-scan
+
+
+def test_level_windows_snap_to_the_network_grid_merge_and_clip(centerface):
+    # Scale 1: a 64 px margin, edges snapped outward to multiples of 32, clipped to the image.
+    assert centerface.level_windows(480, 640, 1.0, [(100, 100, 150, 150)], 64) == [(32, 32, 224, 224)]
+    assert centerface.level_windows(480, 640, 1.0, [(600, 440, 630, 470)], 64) == [(512, 352, 640, 480)]
+    # Overlapping windows become one; separate ones stay apart.
+    merged = centerface.level_windows(480, 640, 1.0, [(100, 100, 150, 150), (200, 120, 230, 160)], 64)
+    assert merged == [(32, 32, 320, 224)]
+    apart = centerface.level_windows(480, 640, 1.0, [(10, 10, 20, 20), (500, 400, 510, 410)], 32)
+    assert len(apart) == 2
+    # At scale 0.5 the margin is in network pixels (128 original px) and the grid is 64 px.
+    assert centerface.level_windows(960, 1280, 0.5, [(300, 300, 400, 400)], 64) == [(128, 128, 576, 576)]
+
+
+def test_detect_near_finds_a_face_in_its_window_as_the_whole_image_scan_does(centerface, faces_dir):
+    rgb, box = load_photo(faces_dir, "obama.jpg", max_side=None)
+    img, face = small_face(rgb, box, 40)
+    full = centerface.detect(img)
+    near = centerface.detect_near(img, [tuple(face)], margin=128)
+    assert best_iou(full, face) >= 0.4 and best_iou(near, face) >= 0.4
+    best_full = max(full, key=lambda r: r.score)
+    best_near = max(near, key=lambda r: r.score)
+    assert box_iou(np.asarray(best_full.box), np.asarray([best_near.box]))[0] > 0.9
+    assert best_near.score == pytest.approx(best_full.score, abs=0.05)
+
+
+def test_detect_near_leaves_fine_levels_to_the_windows(centerface, faces_dir):
+    """The restriction is real: a small face far from every area is not searched at the fine
+    level (the first pass vouches for it), while the coarse level still sees the whole image."""
+    rgb, box = load_photo(faces_dir, "obama.jpg", max_side=None)
+    img, face = small_face(rgb, box, 24)
+    assert best_iou(centerface.detect(img), face) >= 0.4
+    far = [(0, 0, 20, 20)]
+    assert best_iou(centerface.detect_near(img, far, margin=64), face) == 0.0
+    big, big_face = closeup(rgb, box, 0.8, 640)
+    assert best_iou(centerface.detect_near(big, far, margin=64), big_face) >= 0.5
+
+
+def test_detect_near_is_the_whole_image_scan_when_windows_cover_most_of_it(centerface, faces_dir):
+    rgb, _ = load_photo(faces_dir, "astronaut.png")
+    full = centerface.detect(rgb)
+    h, w = rgb.shape[:2]
+    near = centerface.detect_near(rgb, [(w // 2 - 50, h // 2 - 50, w // 2 + 50, h // 2 + 50)], margin=200)
+    assert [r.to_dict() for r in near] == [r.to_dict() for r in full]
+    assert [r.to_dict() for r in centerface.detect_near(rgb, [])] == [r.to_dict() for r in full]
+
+
+def test_detect_near_searches_whole_images_with_unchecked_networks(yunet, faces_dir):
+    """Crops were checked against whole-image scans for CenterFace only: YuNet's restricted
+    search is its whole-image search."""
+    rgb, box = load_photo(faces_dir, "obama.jpg", max_side=None)
+    img, face = small_face(rgb, box, 24)
+    full = [r.to_dict() for r in yunet.detect(img)]
+    assert [r.to_dict() for r in yunet.detect_near(img, [(0, 0, 20, 20)], margin=64)] == full

@@ -8,7 +8,7 @@ import pytest
 
 from veil.config import AnonymizeConfig, DetectConfig, ImageIOConfig, RescanConfig
 from veil.transforms.anonymize import AnonymizeStage
-from veil.transforms.detect import Region
+from veil.transforms.detect import Region, scan_fingerprint
 from veil.transforms.imageio import DecodeStage, EncodeStage
 from veil.transforms.rescan import RescanStage
 from veil.transforms.stage import ANONYMIZED, QUARANTINED
@@ -22,10 +22,18 @@ class ScriptedDetector:
     def __init__(self, script: list[list[Region]]) -> None:
         self.script = list(script)
         self.calls: list[np.ndarray] = []
+        #: Per call, the areas a restricted scan was asked to search (None: the whole image).
+        self.areas: list[list | None] = []
 
     def detect(self, rgb: np.ndarray) -> list[Region]:
         self.calls.append(rgb.copy())
+        self.areas.append(None)
         return self.script.pop(0) if self.script else []
+
+    def detect_near(self, rgb: np.ndarray, areas, *, margin: int) -> list[Region]:
+        found = self.detect(rgb)
+        self.areas[-1] = list(areas)
+        return found
 
 
 def face(box=BOX, score=0.4) -> Region:
@@ -44,6 +52,8 @@ def prepared_sample(method: str = "blur", **anon) -> tuple[dict, AnonymizeConfig
               "jpg": jpeg_bytes(rgb), "status": "pending", "reason": ""}
     [sample] = DecodeStage(io_cfg).process_batch([sample])
     sample["regions"] = [face(score=0.9).to_dict()]
+    # What the detect stage leaves: the whole image was searched with the default config.
+    sample["_scanned_with"] = scan_fingerprint(DetectConfig())
     [sample] = AnonymizeStage(cfg, expand=0.2, seed=0).process_batch([sample])
     [sample] = EncodeStage(io_cfg).process_batch([sample])
     assert sample["status"] == ANONYMIZED
@@ -136,3 +146,115 @@ def test_disabled_rescan_and_clean_samples_skip_detection():
     assert out["status"] == "clean" and detector.calls == []
     [out] = make_stage(cfg, detector, include_clean=True).process_batch([sample])
     assert out["status"] == ANONYMIZED and len(detector.calls) == 2
+
+
+def _covers(areas: list, box: list[float]) -> bool:
+    return any(a[0] <= box[0] and a[1] <= box[1] and a[2] >= box[2] and a[3] >= box[3] for a in areas)
+
+
+def test_rescan_searches_around_every_changed_pixel_by_default():
+    sample, cfg = prepared_sample()
+    changed = np.any(sample["_pixels"] != sample["_decoded"].rgb, axis=2) | (sample["_mask"] > 0)
+    ys, xs = np.nonzero(changed)
+    detector = ScriptedDetector([[face(score=0.35)]])
+    [out] = make_stage(cfg, detector).process_batch([sample])
+    assert out["status"] == ANONYMIZED and len(detector.areas) == 2
+    first, second = detector.areas
+    assert first is not None and _covers(first, BOX)
+    assert _covers(first, [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    # After strengthening the changed area grew (expand and sigma rise per round): the second
+    # scan's areas cover the strengthened mask, not the first one.
+    mask = out["_mask"]
+    ys, xs = np.nonzero(mask > 0)
+    assert _covers(second, [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    assert not _covers(first, [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+
+
+def test_pixels_changed_outside_the_mask_are_searched_too():
+    """The restriction never trusts the mask alone: a pixel that differs from the original
+    although the mask says 0 is a changed pixel."""
+    sample, cfg = prepared_sample()
+    sample["_pixels"] = sample["_pixels"].copy()
+    sample["_pixels"][170:175, 150:155] = 255 - sample["_decoded"].rgb[170:175, 150:155]
+    assert (sample["_mask"][170:175, 150:155] == 0).all()
+    detector = ScriptedDetector([])
+    make_stage(cfg, detector).process_batch([sample])
+    assert _covers(detector.areas[0], [150, 170, 155, 175])
+
+
+@pytest.mark.parametrize(
+    "setting", ["scope_full", "method_none", "clean", "no_first_pass", "other_detect_config"]
+)
+def test_whole_image_rescan_where_the_first_pass_cannot_vouch(setting):
+    """Scope "full", the debug method "none" (faces stay in place), clean samples re-scanned
+    on request, and regions no detect stage with this configuration produced (set by hand,
+    or found with other settings) are searched whole."""
+    sample, cfg = prepared_sample("none" if setting == "method_none" else "blur")
+    kwargs = {"scope": "full"} if setting == "scope_full" else {}
+    if setting == "clean":
+        sample["status"] = "clean"
+        kwargs["include_clean"] = True
+    if setting == "no_first_pass":
+        del sample["_scanned_with"]
+    if setting == "other_detect_config":
+        sample["_scanned_with"] = scan_fingerprint(DetectConfig(min_face=32))
+    detector = ScriptedDetector([])
+    make_stage(cfg, detector, **kwargs).process_batch([sample])
+    assert detector.areas == [None]
+
+
+def test_changed_areas_are_the_boxes_of_changed_blobs_and_regions():
+    from veil.transforms.rescan import changed_areas
+
+    changed = np.zeros((60, 80), dtype=bool)
+    changed[5:10, 7:20] = True
+    changed[40:50, 60:62] = True
+    areas = changed_areas(changed, [{"box": [30.5, 20.2, 35.1, 25.0]}])
+    assert sorted(areas) == [(7, 5, 20, 10), (30, 20, 36, 25), (60, 40, 62, 50)]
+    assert changed_areas(np.zeros((4, 4)), []) == []
+
+
+@pytest.mark.slow
+def test_real_chain_restricts_the_rescan_and_agrees_with_the_whole_image_scan(faces_dir, models_dir):
+    """With real models: the detect stage vouches for the original, so the re-scan searches
+    around the blurred face only, and on this photo finds what a whole-image scan of the same
+    released pixels finds."""
+    from helpers import face_photo, jpeg_bytes
+
+    from veil.transforms.detect import DetectStage
+    from veil.transforms.imageio import decode_image
+
+    io_cfg, detect_cfg, cfg = ImageIOConfig(), DetectConfig(), AnonymizeConfig()
+    models = {"models_dir": str(models_dir)}
+    rgb = face_photo(faces_dir, "obama.jpg")
+    canvas = np.full((480, 640, 3), 90, np.uint8)
+    small = rgb[::4, ::4][:200, :200]
+    canvas[40 : 40 + small.shape[0], 400 : 400 + small.shape[1]] = small
+    sample = {"__key__": "k", "__shard__": "s", "__index__": 0, "__image__": "jpg",
+              "jpg": jpeg_bytes(canvas), "status": "pending", "reason": ""}
+    batch = [sample]
+    for stage in (DecodeStage(io_cfg), DetectStage(detect_cfg, models=models),
+                  AnonymizeStage(cfg, expand=detect_cfg.expand, seed=0), EncodeStage(io_cfg)):
+        batch = stage.process_batch(batch)
+    assert batch[0]["status"] == ANONYMIZED and batch[0]["_scanned_with"] == scan_fingerprint(detect_cfg)
+    rescan = RescanStage(rescan=RescanConfig(), detect=detect_cfg, anonymize=cfg, io=io_cfg,
+                         models=models, seed=0)
+    rescan.setup()
+    detector = rescan._detector
+    seen = []
+    real_near = detector.detect_near
+
+    def spy(rgb, areas, *, margin):
+        found = real_near(rgb, areas, margin=margin)
+        seen.append((rgb.copy(), list(areas), found))
+        return found
+
+    detector.detect_near = spy
+    [out] = rescan.process_batch(batch)
+    assert out["status"] in (ANONYMIZED, QUARANTINED) and seen
+    for released, areas, found in seen:
+        assert all(a[0] >= 350 and a[3] <= 300 for a in areas)  # around the face, not everywhere
+        assert bool(found) == bool(detector.detect(released))
+    if out["status"] == ANONYMIZED:
+        final = decode_image(out["jpg"], ext="jpg", max_pixels=io_cfg.max_pixels, max_bytes=io_cfg.max_bytes)
+        assert detector.detect(final.rgb) == []

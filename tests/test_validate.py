@@ -59,6 +59,15 @@ def blur_run(dataset, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def blur_audit(blur_run, dataset, tmp_path_factory):
+    """`veil validate` (every metric) of the same blur release the run gated."""
+    from veil.validators.validate import validate
+
+    out, _ = blur_run
+    return validate(vconfig(dataset["pattern"], str(out), tmp_path_factory.mktemp("vaudit"), report=False))
+
+
+@pytest.fixture(scope="module")
 def none_run(dataset, tmp_path_factory):
     """A useless anonymizer: faces released untouched (debug setting, no re-scan)."""
     out = tmp_path_factory.mktemp("vnone")
@@ -140,12 +149,13 @@ def test_blur_run_passes_the_default_gates_and_is_released(blur_run, dataset):
     assert summary_json["recognizers"]["facenet-vggface2"]["available"] is False
     assert m["residual.faces"] == 0
     assert m["geometry.orientation_changed"] == m["geometry.resized"] == m["no_image_released"] == 0
-    assert m["fd.mobilenetv2"] is not None and m["fd.mobilenetv2"] > 0
-    # FID is computed by default for synthesis methods and audits only (no blur gate reads
-    # it, and Inception costs more than the rest); the FSAP tests check the real FID.
-    assert m["fid.inception"] is None
-    # Face-region LPIPS and SSIM: blurred faces look different, but not like noise.
-    assert 0.05 < m["face.lpips_mean"] < 1.0 and m["face.lpips_median"] is not None
+    # The run's gates measure only what a blur gate reads: no image features, face LPIPS,
+    # attributes or second-detector rate (each listed as not measured, and missing, not 0).
+    assert set(summary_json["details"]["not_measured"]) == {
+        "attributes", "lpips", "fd.face", "detection.mtcnn", "features.mobilenetv2", "features.inception"}
+    for name in ("fd.mobilenetv2", "kid.mobilenetv2", "fid.inception", "face.lpips_mean",
+                 "attributes.gender_agreement", "detection.mtcnn.rate", "fd.face.dlib-resnet"):
+        assert m[name] is None, name
     assert 0.0 < m["face.ssim_mean"] < 1.0
     assert m["background.psnr_mean"] > 30  # only the faces changed (plus re-encoding)
     assert m["utility.accuracy_drop"] is None  # no label field given
@@ -153,7 +163,50 @@ def test_blur_run_passes_the_default_gates_and_is_released(blur_run, dataset):
     assert gx["success"] is True  # Great Expectations' own verdict, kept with the report
     models = {r["name"]: r for r in summary_json["models"]}
     assert models["mobilefacenet_ms1m"]["sha256"] and models["centerface"]["sha256"]
-    assert models["lpips_alex"]["sha256"]
+    assert "lpips_alex" not in models  # not loaded, so not listed as used
+
+
+def test_run_gates_give_the_verdict_and_values_of_the_full_validation(blur_run, blur_audit):
+    """Leaving out what no gate reads changes no gate and no measured value: `veil validate`
+    with every metric agrees with the run's gated validation wherever the latter measured."""
+    _, summary = blur_run
+    gated, full = summary.validation, blur_audit
+    assert [(g["name"], g["status"], g["value"]) for g in gated["gates"]] == [
+        (g["name"], g["status"], g["value"]) for g in full.gates]
+    measured = {k: v for k, v in gated["metrics"].items() if v is not None}
+    assert measured == {k: full.metrics[k] for k in measured}
+    assert len(measured) > 30
+    m = full.metrics
+    assert m["fd.mobilenetv2"] is not None and m["fd.mobilenetv2"] > 0
+    # FID is computed by default for synthesis methods and audits only (no blur gate reads
+    # it, and Inception costs more than the rest); the FSAP tests check the real FID.
+    assert m["fid.inception"] is None
+    # Face-region LPIPS: blurred faces look different, but not like noise.
+    assert 0.05 < m["face.lpips_mean"] < 1.0 and m["face.lpips_median"] is not None
+    assert m["detection.mtcnn.rate"] is not None and m["attributes.gender_agreement"] is not None
+    summary_json = json.loads(Path(full.summary_path).read_text())
+    assert summary_json["details"]["not_measured"] == []
+    assert {r["name"]: r for r in summary_json["models"]}["lpips_alex"]["sha256"]
+
+
+def test_gated_measurement_keeps_whatever_a_gate_reads():
+    """Which measurements `measure="gated"` leaves out, from the gates alone: the shipped
+    gates of each method, a custom gate reading a column only through its evidence, labels."""
+    from veil.validators.gates import load_gates, parse_gates
+    from veil.validators.validate import ValidateConfig, unmeasured
+
+    config = ValidateConfig(original="o", anonymized="a", output="x", features=["mobilenetv2", "inception"])
+    assert set(unmeasured(config, load_gates(None, method="blur"))) == {
+        "attributes", "lpips", "fd.face", "detection.mtcnn", "features.mobilenetv2", "features.inception"}
+    # Synthesis gates read the detection rates, KID/FID, LPIPS and attributes: all kept.
+    assert unmeasured(config, load_gates(None, method="fsap")) == ["fd.face"]
+    custom = parse_gates({"version": 1, "gates": [
+        {"name": "a", "metric": "pairs", "min": 1,
+         "evidence": {"table": "faces", "where": {"detected_mtcnn": False}, "order_by": "lpips"}},
+        {"name": "b", "table": "faces", "column": "age_original", "min": 0}]})
+    assert set(unmeasured(config, custom)) == {"fd.face", "features.mobilenetv2", "features.inception"}
+    labelled = ValidateConfig(original="o", anonymized="a", output="x", label_field="cls")
+    assert "features.mobilenetv2" not in unmeasured(labelled, custom)
 
 
 def test_useless_anonymizer_fails_identity_gates_with_clear_report(none_run, dataset):
@@ -184,11 +237,14 @@ def test_cli_exit_status_distinguishes_failed_gates(dataset, none_run, tmp_path)
     proc = subprocess.run(
         [sys.executable, "-m", "veil.cli", "validate", "--original", dataset["pattern"], "--anonymized",
          str(out), "--output", str(tmp_path / "audit"), "--runner", "local", "--no-progress",
-         "--recognizers", "dlib-resnet"],
+         "--recognizers", "dlib-resnet", "--measure", "gated"],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 4, proc.stderr[-2000:]
     assert "FAILED" in proc.stdout and "NOT releasable" in proc.stdout
     assert not (tmp_path / "audit" / "RELEASE.json").exists()
+    summary = json.loads((tmp_path / "audit" / "validation" / "summary.json").read_text())
+    assert "lpips" in summary["details"]["not_measured"]
+    assert summary["details"]["original_faces"] == "run manifests"
     bad = tmp_path / "bad-gates.yaml"
     bad.write_text("version: 1\ngates:\n  - name: x\n    metric: pairs\n    mini: 3\n")
     proc = subprocess.run(
@@ -353,7 +409,7 @@ def test_shard_states_merge_exactly_in_any_order(blur_run):
         k: summary["metrics"][k] for k in forward if k in summary["metrics"]}
 
 
-def test_a_blur_release_is_reported_honestly_against_the_synthesis_gates(blur_run, tmp_path):
+def test_a_blur_release_is_reported_honestly_against_the_synthesis_gates(blur_audit, tmp_path):
     """Blur hides identities but is no synthesis: judged by the gates of `--method fsap` on its
     real measurements, it fails the detection-rate and face-LPIPS gates (faces are gone, not
     replaced), while the identity gates it shares with FSAP still pass."""
@@ -361,8 +417,8 @@ def test_a_blur_release_is_reported_honestly_against_the_synthesis_gates(blur_ru
 
     from veil.validators.gates import evaluate_gates, load_gates, overall_status
 
-    out, _ = blur_run
-    metrics = json.loads((out / "validation" / "summary.json").read_text())["metrics"]
+    out = Path(blur_audit.output)
+    metrics = blur_audit.metrics
     tables = {name: pd.concat([pd.read_parquet(p) for p in sorted((out / "validation" / name).glob("*.parquet"))])
               for name in ("samples", "faces")}
     results = {r.name: r for r in evaluate_gates(load_gates(None, method="fsap"), metrics, tables, tmp_path)}

@@ -346,6 +346,18 @@ class FaceDetector(ABC):
                 found.append(_unrotate_region(region, degrees, height, width))
         return merge_regions(found, self.merge_iou)
 
+    def detect_near(
+        self,
+        rgb: np.ndarray,
+        areas: Sequence[Sequence[float]],
+        *,
+        margin: int = 64,
+        full_fraction: float = 0.7,
+    ) -> list[Region]:
+        """Faces in ``rgb`` near ``areas`` (see :meth:`_PyramidDetector.detect_near`). A
+        detector without a pyramid to restrict searches the whole image."""
+        return self.detect(rgb)
+
     @abstractmethod
     def _detect(self, rgb: np.ndarray) -> list[Region]:
         """Faces in an upright, validated HxWx3 uint8 RGB image."""
@@ -367,6 +379,10 @@ class _PyramidDetector(FaceDetector):
     #: Network inputs are resized to multiples of this (rounded up, so faces never shrink
     #: below the planned scale); the aspect ratio changes by at most one multiple.
     input_multiple: int = 1
+    #: Whether :meth:`detect_near` may search fine levels in crops: only for networks whose
+    #: crops were checked against whole-image scans (benchmarks/bench_stage_cost.py); the
+    #: others always search the whole image.
+    crop_search_checked: bool = False
 
     def __init__(
         self,
@@ -437,39 +453,49 @@ class _PyramidDetector(FaceDetector):
     def _detect(self, rgb: np.ndarray) -> list[Region]:
         height, width = rgb.shape[:2]
         scales = self.scales(height, width)
-        all_boxes, all_scores, all_lms = [], [], []
+        found = [
+            self._detect_level(rgb, scale, level, len(scales)) for level, scale in enumerate(scales)
+        ]
+        return self._regions(found, width, height)
+
+    def _detect_level(
+        self, rgb: np.ndarray, scale: float, level: int, levels: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One pyramid level of ``rgb``: boxes, scores and landmarks (NaN when the network has
+        none) in ``rgb``'s pixels, before the merge across levels."""
+        height, width = rgb.shape[:2]
         m = self.input_multiple
-        for level, scale in enumerate(scales):
-            size = (max(m, -(-round(width * scale) // m) * m), max(m, -(-round(height * scale) // m) * m))
-            if max(size) > self.max_side:
-                found = self._detect_tiled(rgb, scale, level, len(scales))
-                all_boxes.append(found[0])
-                all_scores.append(found[1])
-                all_lms.append(found[2])
-                continue
-            if size == (width, height):
-                image = rgb
-            else:
-                interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
-                image = cv2.resize(rgb, size, interpolation=interp)
-            boxes, scores, lms = self._detect_scaled(image)
-            if len(boxes) == 0:
-                continue
-            keep = self._level_keep(boxes, level, len(scales))
-            # Map back to the original image; the resized image spans it exactly (per axis).
-            sx, sy = image.shape[1] / width, image.shape[0] / height
-            boxes = boxes[keep] / np.array([sx, sy, sx, sy])
-            all_boxes.append(boxes)
-            all_scores.append(scores[keep])
-            if lms is not None:
-                all_lms.append(lms[keep] / np.array([sx, sy]))
-            else:
-                all_lms.append(np.full((int(keep.sum()), 5, 2), np.nan))
-        if not all_boxes or not any(len(b) for b in all_boxes):
+        size = (
+            max(m, -(-round(width * scale) // m) * m),
+            max(m, -(-round(height * scale) // m) * m),
+        )
+        if max(size) > self.max_side:
+            return self._detect_tiled(rgb, scale, level, levels)
+        if size == (width, height):
+            image = rgb
+        else:
+            interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
+            image = cv2.resize(rgb, size, interpolation=interp)
+        boxes, scores, lms = self._detect_scaled(image)
+        if len(boxes) == 0:
+            return np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))
+        keep = self._level_keep(boxes, level, levels)
+        # Map back to the original image; the resized image spans it exactly (per axis).
+        sx, sy = image.shape[1] / width, image.shape[0] / height
+        boxes = boxes[keep] / np.array([sx, sy, sx, sy])
+        if lms is None:
+            return boxes, scores[keep], np.full((int(keep.sum()), 5, 2), np.nan)
+        return boxes, scores[keep], lms[keep] / np.array([sx, sy])
+
+    def _regions(
+        self, found: list[tuple[np.ndarray, np.ndarray, np.ndarray]], width: int, height: int
+    ) -> list[Region]:
+        """Merge the levels' detections (NMS) into clipped regions."""
+        if not any(len(b) for b, _, _ in found):
             return []
-        boxes = np.concatenate(all_boxes)
-        scores = np.concatenate(all_scores)
-        lms_all = np.concatenate(all_lms)
+        boxes = np.concatenate([b for b, _, _ in found])
+        scores = np.concatenate([s for _, s, _ in found])
+        lms_all = np.concatenate([lm for _, _, lm in found])
         regions = []
         for i in nms(boxes, scores, self.merge_iou):
             clipped = _clip_box(*boxes[i], width, height)
@@ -479,6 +505,77 @@ class _PyramidDetector(FaceDetector):
             landmarks = None if np.isnan(lm).any() else [(float(x), float(y)) for x, y in lm]
             regions.append(Region("face", clipped, float(scores[i]), landmarks, self.name))
         return regions
+
+    def level_windows(
+        self, height: int, width: int, scale: float, areas: Sequence[Sequence[float]], margin: int
+    ) -> list[tuple[int, int, int, int]]:
+        """Crops (x0, y0, x1, y1, original pixels) that cover every area grown by ``margin``
+        network pixels of this level, overlapping crops merged into one, edges snapped to the
+        network's input multiple so a crop's feature grid lines up with the whole image's."""
+        step = max(1, round(self.input_multiple / scale))
+        grow = margin / scale
+        windows = []
+        for x0, y0, x1, y1 in areas:
+            wx0 = max(0, int(np.floor((x0 - grow) / step)) * step)
+            wy0 = max(0, int(np.floor((y0 - grow) / step)) * step)
+            wx1 = min(width, int(np.ceil((x1 + grow) / step)) * step)
+            wy1 = min(height, int(np.ceil((y1 + grow) / step)) * step)
+            if wx1 > wx0 and wy1 > wy0:
+                windows.append([wx0, wy0, wx1, wy1])
+        merged = True
+        while merged:  # a handful of windows per image: the quadratic merge is cheap
+            merged = False
+            for i in range(len(windows)):
+                for j in range(i + 1, len(windows)):
+                    a, b = windows[i], windows[j]
+                    if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
+                        windows[i] = [
+                            min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])
+                        ]
+                        del windows[j]
+                        merged = True
+                        break
+                if merged:
+                    break
+        return [(w[0], w[1], w[2], w[3]) for w in windows]
+
+    def detect_near(
+        self,
+        rgb: np.ndarray,
+        areas: Sequence[Sequence[float]],
+        *,
+        margin: int = 64,
+        full_fraction: float = 0.7,
+    ) -> list[Region]:
+        """Faces in ``rgb`` where they can differ from an earlier scan of the same picture.
+
+        For a re-scan: ``areas`` are the boxes (original pixels) of every pixel changed since
+        a full scan found no face outside them. The coarsest level (cheap, and the one that
+        sees large faces whole) still runs on the whole image; finer levels run only on crops
+        around the areas with ``margin`` network pixels of context, or on the whole image when
+        the crops would cover more than ``full_fraction`` of it. Faces a crop cuts at its
+        border may come back as extra partial boxes: more is re-anonymized, never less.
+        Rotation search, no areas, and networks whose crops were not checked against
+        whole-image scans (``crop_search_checked``) fall back to :meth:`detect`.
+        """
+        rgb = as_rgb(rgb)
+        if not self.crop_search_checked or self.rotations != (0,) or not areas:
+            return self.detect(rgb)
+        height, width = rgb.shape[:2]
+        scales = self.scales(height, width)
+        found = []
+        for level, scale in enumerate(scales):
+            coarsest = level == len(scales) - 1
+            windows = [] if coarsest else self.level_windows(height, width, scale, areas, margin)
+            covered = sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in windows)
+            if not windows or covered > full_fraction * width * height:
+                found.append(self._detect_level(rgb, scale, level, len(scales)))
+                continue
+            for x0, y0, x1, y1 in windows:
+                crop = rgb[y0:y1, x0:x1]
+                boxes, scores, lms = self._detect_level(crop, scale, level, len(scales))
+                found.append((boxes + np.array([x0, y0, x0, y0]), scores, lms + np.array([x0, y0])))
+        return self._regions(found, width, height)
 
     def _detect_tiled(
         self, rgb: np.ndarray, scale: float, level: int, levels: int
@@ -546,6 +643,7 @@ class CenterFaceDetector(_PyramidDetector):
     native_max_face = 320.0
     coarse_min_face = 24.0
     input_multiple = 32
+    crop_search_checked = True
     #: (score threshold up to, smallest reliable face in network pixels). Measured on 6 real
     #: photos downscaled so the face box is d px tall, 4 sub-pixel offsets each: share of faces
     #: scoring >= 0.2 is 75% at 12 px, 96% at 14 px, 100% from 16 px; >= 0.5 is 88% at 16 px,
@@ -795,6 +893,22 @@ class UnionDetector(FaceDetector):
     def _detect(self, rgb: np.ndarray) -> list[Region]:
         return self.detect(rgb)
 
+    def detect_near(
+        self,
+        rgb: np.ndarray,
+        areas: Sequence[Sequence[float]],
+        *,
+        margin: int = 64,
+        full_fraction: float = 0.7,
+    ) -> list[Region]:
+        rgb = as_rgb(rgb)
+        found = [
+            r
+            for d in self.detectors
+            for r in d.detect_near(rgb, areas, margin=margin, full_fraction=full_fraction)
+        ]
+        return self._merge(found)
+
     def _merge(self, regions: list[Region]) -> list[Region]:
         order = sorted(range(len(regions)), key=lambda i: -regions[i].score)
         kept: list[Region] = []
@@ -849,6 +963,15 @@ def models_for(cfg: DetectConfig) -> list[str]:
         elif detector == "yunet" and not _is_path(cfg.yunet_model):
             names.append(cfg.yunet_model)
     return list(dict.fromkeys(names))
+
+
+def scan_fingerprint(cfg: DetectConfig) -> str:
+    """A detect configuration as a stable string: two scans with equal fingerprints ran the
+    same detectors at the same thresholds, sizes and rotations."""
+    import json
+    from dataclasses import asdict
+
+    return json.dumps(asdict(cfg), sort_keys=True, default=str)
 
 
 def build_detector(cfg: DetectConfig, registry: ModelRegistry) -> FaceDetector:
@@ -949,6 +1072,9 @@ class DetectStage(SampleStage):
         if pixels is None:
             raise ValueError("sample has no decoded pixels (_pixels): the decode stage must run first")
         sample["regions"] = [r.to_dict() for r in self.detector.detect(pixels)]
+        # Provenance for the re-scan: these pixels were searched whole with this configuration,
+        # so a re-scan with the same one may restrict itself to what changed since.
+        sample["_scanned_with"] = scan_fingerprint(self.detect_config)
         return sample
 
     def __getstate__(self) -> dict[str, Any]:

@@ -70,6 +70,10 @@ MASK_CORE = 0.8
 ROUND_TAU_STEP = 0.2
 ROUND_RATE_FACTOR = 1.5
 ROUND_STEPS_FACTOR = 2
+#: Working field (stripped before release) holding, per region index, the unit embedding of
+#: the face's target identity in the optimised recognizer's space; set by the pseudo-identity
+#: stage (``veil.transforms.identities``), read here.
+TARGETS_FIELD = "_pseudo_targets"
 #: Varied recognizer views for the identity gradient: (scale, shift x, shift y) of the ArcFace
 #: frame, shifts in normalised crop units (0.03 = 2 px of a 128 px crop). Cycled by iteration,
 #: so the schedule is deterministic.
@@ -189,6 +193,8 @@ class FaceResult:
     similarity: float
     stopped: bool
     attribute_loss: float
+    #: Optimised recognizer's similarity to the face's target identity (None: no target).
+    target_similarity: float | None = None
 
 
 @dataclass
@@ -259,11 +265,26 @@ class FSAPOptimizer:
             loss = loss + cfg.weight_lpips * self.perceptual(x_hat, x).view(-1)
         return loss
 
-    def optimise(self, crops: np.ndarray, *, strength: int = 0, steps: int | None = None) -> OptimiseResult:
+    def optimise(self, crops: np.ndarray, *, strength: int = 0, steps: int | None = None,
+                 targets: np.ndarray | None = None) -> OptimiseResult:
         """Optimise (B, S, S, 3) uint8 crops; returns the change for each and a record per face.
-        ``steps`` overrides the round's iteration budget (a memory probe needs one)."""
+        ``steps`` overrides the round's iteration budget (a memory probe needs one).
+
+        ``targets`` (B, d) are unit embeddings, in the optimised recognizer's space, of the
+        identity each face should become (a pseudo-identity's synthetic face); a row of NaN
+        means no target. Faces with a target step down the similarity to the original *and*
+        up the similarity to their target (weighted by ``fsap.target_weight``), and stop only
+        when below ``tau`` and above ``fsap.target_similarity``. Without any target the
+        computation is exactly the one without this argument (bit-identical outputs).
+        """
         import torch
 
+        if targets is not None:
+            targets = np.asarray(targets, dtype=np.float32)
+            if targets.shape[0] != crops.shape[0]:
+                raise ValueError(f"targets: {targets.shape[0]} rows for {crops.shape[0]} faces")
+            if not np.isfinite(targets).any():
+                targets = None
         tau, lambda_id, round_steps = self.schedule(strength)
         steps = round_steps if steps is None else steps
         b = crops.shape[0]
@@ -275,6 +296,14 @@ class FSAPOptimizer:
         w_prime = w.clone()
         iterations = np.zeros(b, dtype=np.int64)
         similarity = np.ones(b, dtype=np.float64)
+        goal = has_goal = None
+        goal_similarity = np.full(b, np.nan, dtype=np.float64)
+        if targets is not None:
+            # Faces without a target get a zero goal row: their pull term is 0, so their
+            # gradient is the plain FSAP one.
+            has_goal = torch.from_numpy(np.isfinite(targets).all(1)).to(self.device)
+            goal = torch.from_numpy(np.nan_to_num(targets, nan=0.0)).to(self.device)
+            goal = torch.nn.functional.normalize(goal, dim=1) * has_goal[:, None].float()
         attr = np.zeros(b, dtype=np.float64)
         stopped = np.zeros(b, dtype=bool)
         active = torch.arange(b, device=self.device)
@@ -289,16 +318,30 @@ class FSAPOptimizer:
             # the similarity of the plain and a varied view, for faces still above tau.
             wa = w_prime[active].clone().requires_grad_(True)
             x_hat = released(active, wa)
-            sim = (self.embed(x_hat) * target[active]).sum(1)
+            emb = self.embed(x_hat)
+            sim = (emb * target[active]).sum(1)
             idx = active.cpu().numpy()
             similarity[idx] = sim.detach().cpu().numpy()
             done = (sim < tau).detach()
+            if goal is not None:
+                goal_sim = (emb * goal[active]).sum(1)
+                with_goal = has_goal[active]
+                goal_similarity[idx] = np.where(with_goal.cpu().numpy(), goal_sim.detach().cpu().numpy(), np.nan)
+                reached = goal_sim.detach() > self.config.target_similarity
+                done = done & (reached | ~with_goal)
             stopped[idx[done.cpu().numpy()]] = True
             if iteration == steps or bool(done.all()):
                 break
-            sim_view = (self.embed(x_hat, view=iteration) * target[active]).sum(1)
+            emb_view = self.embed(x_hat, view=iteration)
+            sim_view = (emb_view * target[active]).sum(1)
             keep = ~done
-            (grad,) = torch.autograd.grad((sim + sim_view)[keep].sum(), wa)
+            objective = sim + sim_view
+            if goal is not None:
+                # Towards the target identity: the same two views, so the pull carries over
+                # to other recognizers as the push away from the original does.
+                pull = goal_sim + (emb_view * goal[active]).sum(1)
+                objective = objective - self.config.target_weight * pull
+            (grad,) = torch.autograd.grad(objective[keep].sum(), wa)
             active, wa = active[keep], (wa - lambda_id * grad.sign()).detach()[keep]
             # Attribute steps: stay close to the original in pixels, structure and perception.
             for _k in range(self.config.inner_steps):
@@ -313,7 +356,8 @@ class FSAPOptimizer:
             x_hat = released(all_idx, w_prime)
             attr[:] = self.attribute_loss(x_hat, x).cpu().numpy()
             change = (x_hat - x) * 255.0
-        faces = [FaceResult(int(iterations[i]), float(similarity[i]), bool(stopped[i]), float(attr[i]))
+        faces = [FaceResult(int(iterations[i]), float(similarity[i]), bool(stopped[i]), float(attr[i]),
+                            None if np.isnan(goal_similarity[i]) else float(goal_similarity[i]))
                  for i in range(b)]
         return OptimiseResult(crops=change.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32), faces=faces)
 
@@ -344,9 +388,10 @@ def models_for_fsap(config: FSAPConfig) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def resolve_device(config: FSAPConfig, gpus: float) -> str:
+def resolve_device(config: FSAPConfig, gpus: float, *, section: str = "fsap") -> str:
     """The torch device a worker uses: cuda when GPUs were asked for, and never a silent CPU
-    run when a GPU was asked for but is not there."""
+    run when a GPU was asked for but is not there. ``config`` is the stage's config section
+    (``section``: its name in messages), which has a ``device`` field."""
     import torch
 
     wanted = config.device
@@ -354,7 +399,7 @@ def resolve_device(config: FSAPConfig, gpus: float) -> str:
         wanted = "cuda" if gpus > 0 else "cpu"
     if wanted == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(
-            "FSAP was asked to run on a GPU (fsap.device cuda, or --gpus-per-worker > 0) but this "
+            f"{section} was asked to run on a GPU ({section}.device cuda, or --gpus-per-worker > 0) but this "
             "worker sees no CUDA device (torch.cuda.is_available() is False; torch "
             f"{torch.__version__}, CUDA build {torch.version.cuda}). Drop --gpus-per-worker to run on "
             "CPU, or install a CUDA build of torch on the GPU workers."
@@ -409,11 +454,27 @@ def faces_per_batch(free_bytes: int, per_face_bytes: int, cap: int, *, headroom:
     return max(1, min(cap, int(free_bytes * headroom // per_face_bytes)))
 
 
+def released_pixels(sample: Sample, mask: np.ndarray, io: ImageIOConfig) -> np.ndarray:
+    """The pixels a reader of the release will decode: ``sample["_pixels"]`` encoded in the
+    sample's format with the run's settings and decoded again. JPEG moves a recognizer's score
+    by a few hundredths, enough to turn a face certified at the margin into a match in the
+    released bytes (measured: 0.618 before encoding, 0.579 after); certifying what will be
+    released means the re-scan of the encoded output agrees. Shared by the synthesis stages."""
+    from veil.transforms.imageio import decode_image, encode_image
+
+    ext = sample["__image__"]
+    data = encode_image(sample["_decoded"], sample["_pixels"], mask=mask, ext=ext,
+                        jpeg_quality=io.jpeg_quality)
+    return decode_image(data, ext=ext, max_pixels=io.max_pixels, max_bytes=io.max_bytes).rgb
+
+
 @dataclass
 class _Face:
     sample: int
     region: int
     matrix: np.ndarray
+    #: Unit embedding of the face's target identity (pseudo-identities), or None.
+    target: np.ndarray | None = None
 
 
 class FSAPStage(Stage):
@@ -516,17 +577,7 @@ class FSAPStage(Stage):
         }
 
     def _as_released(self, sample: Sample, mask: np.ndarray) -> np.ndarray:
-        """The pixels a reader of the release will decode: encoded in the sample's format with
-        the run's settings and decoded again. JPEG moves a recognizer's score by a few
-        hundredths, enough to turn a face certified at the margin into a match in the released
-        bytes (measured: 0.618 before encoding, 0.579 after); certifying what will be released
-        means the re-scan of the encoded output agrees."""
-        from veil.transforms.imageio import decode_image, encode_image
-
-        ext = sample["__image__"]
-        data = encode_image(sample["_decoded"], sample["_pixels"], mask=mask, ext=ext,
-                            jpeg_quality=self.io.jpeg_quality)
-        return decode_image(data, ext=ext, max_pixels=self.io.max_pixels, max_bytes=self.io.max_bytes).rgb
+        return released_pixels(sample, mask, self.io)
 
     def _optimise_faces(self, pixels: dict[int, np.ndarray], faces: list[_Face], strength: int
                         ) -> list[tuple[np.ndarray, FaceResult]]:
@@ -543,7 +594,12 @@ class FSAPStage(Stage):
         out: list[tuple[np.ndarray, FaceResult] | None] = [None] * len(faces)
         for group in groups:
             crops = np.stack([extract_crop(pixels[faces[i].sample], faces[i].matrix, size) for i in group])
-            result = self._optimizer.optimise(crops, strength=strength)
+            targets = None
+            if any(faces[i].target is not None for i in group):
+                dim = next(faces[i].target for i in group if faces[i].target is not None).shape[0]
+                targets = np.stack([faces[i].target if faces[i].target is not None
+                                    else np.full(dim, np.nan, np.float32) for i in group])
+            result = self._optimizer.optimise(crops, strength=strength, targets=targets)
             for j, i in enumerate(group):
                 out[i] = (result.crops[j], result.faces[j])
         return out  # type: ignore[return-value]
@@ -586,7 +642,9 @@ class FSAPStage(Stage):
                                           "why": f"face {max(x1 - x0, y1 - y0):.0f} px < fsap.min_face "
                                                  f"{self.config.min_face} px: too small for a recognizer"}
                     else:
-                        pending.append(_Face(i, r, face_crop_matrix(region, self.config.crop_size)))
+                        target = (sample.get(TARGETS_FIELD) or {}).get(r)
+                        pending.append(_Face(i, r, face_crop_matrix(region, self.config.crop_size),
+                                             None if target is None else np.asarray(target, np.float32)))
                 if small:
                     result = self._fallback.apply(sample["_pixels"], small,
                                                   rng=sample_rng(self.seed, sample["__key__"]))
@@ -617,6 +675,9 @@ class FSAPStage(Stage):
                     "attribute_loss": round(record.attribute_loss, 5),
                     "latent": self._latent_name, "recognizer": self.config.recognizer,
                 }
+                if record.target_similarity is not None:
+                    batch[f.sample]["regions"][f.region]["fsap"]["target_similarity"] = round(
+                        record.target_similarity, 4)
             touched = sorted({f.sample for f in pending})
             for i in touched:
                 pixels, mask = base_pixels[i].copy(), base_masks[i].copy()

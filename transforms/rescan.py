@@ -6,6 +6,17 @@ the same detectors again, and when a face is still found either re-anonymizes mo
 ``max_rounds`` strengthening rounds a sample that still shows a face is quarantined: it fails
 closed.
 
+Where it searches (``rescan.scope``). The first pass already searched the whole original with
+the same detect configuration and found no face outside its regions; outside the pixels
+anonymization changed, the release differs from that original only by JPEG re-encoding. So by
+default ("changed") the coarsest pyramid level still searches the whole released image, and
+the finer levels, which cost most, search only crops around the changed pixels with
+``rescan.context`` network pixels of margin. The margin is set by evidence
+(benchmarks/bench_stage_cost.py): CenterFace reacts to context, and narrower margins missed
+borderline faces the whole-image scan found. Anything the first pass cannot vouch for (regions
+not from the detect stage, other detect settings, synthesis, method "none", clean samples
+re-scanned on request) is searched whole, as is everything with scope "full".
+
 Synthesis methods (FSAP) *keep* faces detectable on purpose, so for them the question is not
 "is there a face?" but "is it still the same person?":
 
@@ -28,6 +39,7 @@ from veil.config import (
     SYNTHESIS_METHODS,
     AnonymizeConfig,
     DetectConfig,
+    DiffusionConfig,
     FSAPConfig,
     ImageIOConfig,
     RescanConfig,
@@ -50,7 +62,7 @@ class RescanStage(SampleStage):
         models: dict[str, Any],
         seed: int,
         batch_size: int = 16,
-        fsap: FSAPConfig | None = None,
+        fsap: FSAPConfig | DiffusionConfig | None = None,
     ) -> None:
         self.rescan = rescan
         self.fsap = fsap if fsap is not None else FSAPConfig()
@@ -111,7 +123,14 @@ class RescanStage(SampleStage):
             released = decode_image(
                 sample[field], ext=field, max_pixels=self.io.max_pixels, max_bytes=self.io.max_bytes
             )
-            found = [r.to_dict() for r in self._detector.detect(released.rgb)]
+            areas = self._search_areas(sample, regions)
+            if areas is None:
+                detections = self._detector.detect(released.rgb)
+            else:
+                detections = self._detector.detect_near(
+                    released.rgb, areas, margin=self.rescan.context
+                )
+            found = [r.to_dict() for r in detections]
             if self.synthesis:
                 replaced = [r["box"] for r in regions if _is_synthesized(r)]
                 found = [r for r in found if not any(_overlaps(r["box"], box) for box in replaced)]
@@ -171,6 +190,42 @@ class RescanStage(SampleStage):
         return sample  # unreachable: the last round returns above
 
 
+    def _search_areas(
+        self, sample: Sample, regions: list[dict[str, Any]]
+    ) -> list[tuple[int, int, int, int]] | None:
+        """Boxes around every pixel anonymization changed, for a re-scan restricted to them, or
+        None for a scan of the whole image.
+
+        The restriction rests on the first pass: the detect stage searched the whole original
+        with the same detect configuration (it leaves ``_scanned_with``) and found no face
+        outside ``regions``, and outside the changed pixels the release differs from that
+        original only by JPEG re-encoding. So it applies only to obscuring methods that changed
+        pixels over every region. Regions from anywhere else, synthesis methods, the debug
+        method "none" (faces left in place must be found again) and clean samples re-scanned
+        on request get the whole-image scan.
+        """
+        from veil.transforms.detect import scan_fingerprint
+
+        if self.rescan.scope != "changed" or self.synthesis or self.anonymize.method == "none":
+            return None
+        if sample.get("_scanned_with") != scan_fingerprint(self.detect):
+            return None
+        mask = sample.get("_mask")
+        pixels = sample.get("_pixels")
+        decoded = sample.get("_decoded")
+        if sample.get("status") != ANONYMIZED or mask is None or pixels is None or decoded is None:
+            return None
+        if mask.shape != pixels.shape[:2] or decoded.rgb.shape != pixels.shape:
+            return None
+        # Pixels that differ from the original count as changed whatever the mask says (the
+        # encoder does the same): the restriction never trusts the mask alone.
+        import cv2
+
+        # absdiff and a channel OR: numpy's any(axis=2) over HxWx3 costs ~7 ms at 640x480.
+        diff = cv2.absdiff(pixels, decoded.rgb)
+        changed = (mask > 0) | ((diff[:, :, 0] | diff[:, :, 1] | diff[:, :, 2]) > 0)
+        return changed_areas(changed, regions)
+
     def _certify(self, sample: Sample, released_rgb: np.ndarray, regions: list[dict[str, Any]]) -> Sample:
         """Compare every synthesized face of the *encoded output* with the original face at the
         same place under each certifying recognizer; a match quarantines the sample."""
@@ -183,7 +238,7 @@ class RescanStage(SampleStage):
         margin = self.fsap.certify_margin
         verdicts = certify_faces(self._certifiers, sample["_decoded"].rgb, released_rgb, faces, margin=margin)
         for face, verdict in zip(faces, verdicts, strict=True):
-            face["fsap"].setdefault("released", {}).update({n: v["score"] for n, v in verdict.items()})
+            _synthesis_record(face).setdefault("released", {}).update({n: v["score"] for n, v in verdict.items()})
         for rec in self._certifiers:
             for index, verdict in zip(indices, verdicts, strict=True):
                 v = verdict[rec.name]
@@ -197,9 +252,40 @@ class RescanStage(SampleStage):
         return sample
 
 
+def changed_areas(
+    changed: np.ndarray, regions: list[dict[str, Any]]
+) -> list[tuple[int, int, int, int]]:
+    """Bounding boxes (x0, y0, x1, y1, exclusive ends) of the connected parts of ``changed``
+    (HxW, nonzero where a pixel changed), plus every region's box rounded outward, so a
+    region whose pixels came out unchanged is still searched."""
+    import math
+
+    import cv2
+
+    binary = np.asarray(changed)
+    binary = binary.view(np.uint8) if binary.dtype == bool else (binary > 0).astype(np.uint8)
+    binary = np.ascontiguousarray(binary)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    areas = [(int(x), int(y), int(x + w), int(y + h)) for x, y, w, h, _ in stats[1:count]]
+    for region in regions:
+        x0, y0, x1, y1 = region["box"]
+        areas.append((math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1)))
+    return areas
+
+
 def _is_synthesized(region: dict[str, Any]) -> bool:
     """True for a region whose identity a synthesis method replaced (not obscured)."""
-    return (region.get("fsap") or {}).get("status") == "optimised"
+    return _synthesis_record(region) is not None
+
+
+def _synthesis_record(region: dict[str, Any]) -> dict[str, Any] | None:
+    """The per-face record of the synthesis method that replaced this face (FSAP's or the
+    diffusion stage's), or None for a face that was obscured or not touched."""
+    if (region.get("fsap") or {}).get("status") == "optimised":
+        return region["fsap"]
+    if (region.get("diffusion") or {}).get("status") == "replaced":
+        return region["diffusion"]
+    return None
 
 
 def _overlaps(a: list[float], b: list[float]) -> bool:

