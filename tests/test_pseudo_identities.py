@@ -94,6 +94,11 @@ def test_four_photos_of_one_person_become_one_pseudo_person_under_dlib(pseudo_da
     for path in [*out.glob("manifest/*.parquet"), out / "run.json", out / "report" / "report.json"]:
         text = path.read_bytes()
         assert b"pool_index" not in text and b"syn-" not in text and b"pool_id" not in text, path
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["pairing"]["pseudo_identities"] == 2
+    assert report["pairing"]["faces_per_pseudo_identity"] == {"1": 1, "4": 1}
+    page = (out / "report" / "index.html").read_text()
+    assert "Synthetic pool and pseudo-identities" in page and "syn-" not in page
 
     metrics, details = pseudo_identity_metrics(
         ValidateConfig(original=pseudo_data["input"], anonymized=str(out), output=str(tmp_path / "val")), veil_out)

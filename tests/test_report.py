@@ -481,3 +481,32 @@ def test_report_layout_in_headless_chromium(three_reports, name, tmp_path):
         evidence = dom[dom.index('data-failing-gate="no-reidentification"'):]
         evidence = evidence[:evidence.index("</article>")]
         assert 'data-plot="verification-mobilefacenet"' in evidence and "in-000.tar" in evidence
+
+
+def test_pairing_section_shows_synthetic_pool_faces_and_pseudo_counts_never_pool_ids(tmp_path):
+    from PIL import Image
+
+    from veil.validators.report import pairing_summary
+    from veil.validators.report_html import pairing_block
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    Image.new("RGB", (8, 8), (200, 100, 50)).save(pool / "contact_sheet.png")
+    (pool / "pool.json").write_text(json.dumps({"generator": "dcgan-celeba32", "count": 4,
+                                                "contact_sheet": "contact_sheet.png"}))
+    config = {"pseudo": {"enabled": True, "pool": str(pool)}, "pool": {"path": None}}
+    out = pairing_summary(["pid-1", "pid-1", "pid-2"], [0.5, 0.7, 0.9], config)
+    assert out["pseudo_identities"] == 2
+    assert out["faces_with_pseudo_identity"] == 3
+    assert out["faces_per_pseudo_identity"] == {1: 1, 2: 1}
+    assert out["pair_distance"]["median"] == pytest.approx(0.7)
+    assert out["contact_sheet_png"] == "contact_sheet.png"
+    page = pairing_block(out, "QUJD")
+    assert "data:image/png;base64,QUJD" in page
+    assert "2 face(s): 1" in page and "dcgan-celeba32" in page
+    # A pool imported from photos (--from) has no contact sheet: the report shows no faces.
+    (pool / "pool.json").write_text(json.dumps({"generator": "import", "count": 4}))
+    out = pairing_summary([], [0.5], {"pool": {"path": str(pool)}})
+    assert "contact_sheet_png" not in out and out["pseudo_identities"] is None
+    assert "<img" not in pairing_block(out, None)
+    assert pairing_summary([], [], {}) is None

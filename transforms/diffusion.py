@@ -49,14 +49,10 @@ import numpy as np
 from veil.config import AnonymizeConfig, DiffusionConfig, ImageIOConfig
 from veil.transforms.models import ModelNotFoundError
 from veil.transforms.stage import (
-    ANONYMIZED,
-    CLEAN,
+    ModelStage,
     Resources,
     Sample,
-    Stage,
     describe_exception,
-    is_quarantined,
-    quarantine,
 )
 
 if TYPE_CHECKING:
@@ -394,7 +390,7 @@ class _Face:
     matrix: np.ndarray
 
 
-class DiffusionStage(Stage):
+class DiffusionStage(ModelStage):
     """Pipeline stage: every face of ``sample["_pixels"]`` replaced by a diffusion model,
     certified, re-sampled while still recognised, with fallbacks for small faces.
 
@@ -418,11 +414,6 @@ class DiffusionStage(Stage):
         self.resources = Resources(cpus=1.0, gpus=float(gpus))
         self.batch_size = batch_size
         self._ready = False
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-        state["_ready"] = False
-        return state
 
     def setup(self) -> None:
         if self._ready:
@@ -604,22 +595,18 @@ class DiffusionStage(Stage):
 
     def process_batch(self, batch: list[Sample]) -> list[Sample]:
         from veil.transforms.anonymize import sample_rng
-        from veil.transforms.fsap import blend_change, certify_faces, released_pixels
+        from veil.transforms.fsap import (
+            begin_replacement,
+            certify_faces,
+            finish_replacement,
+            matched_by,
+            released_pixels,
+            render_changes,
+        )
 
         self.setup()
         cfg = self.config
-        todo: list[int] = []
-        for i, sample in enumerate(batch):
-            if is_quarantined(sample):
-                continue
-            sample["anonymize_round"] = 0
-            if not sample.get("regions"):
-                sample["_mask"] = np.zeros(sample["_pixels"].shape[:2], dtype=np.float32)
-                sample["status"] = CLEAN
-                sample["params"] = {}
-                sample["epsilon"] = None
-                continue
-            todo.append(i)
+        todo = begin_replacement(batch)
         if not todo:
             return batch
         start = time.perf_counter()
@@ -662,12 +649,7 @@ class DiffusionStage(Stage):
                 region["diffusion"] = {"status": "replaced", "mode": cfg.mode, "model": self._model_name,
                                        "steps": cfg.steps, "resamples": resample, **info, **kept}
             touched = sorted({f.sample for f in pending})
-            for i in touched:
-                pixels, mask = base_pixels[i].copy(), base_masks[i].copy()
-                for _region, (change, matrix) in sorted(changes[i].items(), key=lambda kv: kv[0]):
-                    face_mask, _ = blend_change(pixels, change, matrix, self._crop_mask)
-                    np.maximum(mask, face_mask, out=mask)
-                batch[i]["_pixels"], masks[i] = pixels, mask
+            render_changes(batch, touched, base_pixels, base_masks, changes, self._crop_mask, masks)
             # The identity guard: certify on the pixels that will be released.
             retry: list[_Face] = []
             for i in touched:
@@ -689,26 +671,13 @@ class DiffusionStage(Stage):
             if retry and resample >= cfg.max_resamples:
                 for f in retry:
                     record = batch[f.sample]["regions"][f.region]["diffusion"]
-                    names = ", ".join(f"{n} ({v['metric']} {v['score']:.3f}, threshold {v['threshold']})"
-                                      for n, v in record["certify"].items() if v["matched"])
+                    names = matched_by(record["certify"])
                     why = f"still matched by {names}" if names else "blanked by the pipeline's safety checker"
                     failed.setdefault(f.sample, f"identity_not_removed: face {f.region} {why} after "
                                                 f"{resample} re-sample(s)")
                 break
             resample += 1
             pending = retry
-        elapsed = time.perf_counter() - start
-        params = self.params()
-        for i in todo:
-            sample = batch[i]
-            timings = sample.setdefault("timings", {})
-            timings[self.name] = timings.get(self.name, 0.0) + elapsed / len(todo)
-            if i in failed:
-                quarantine(sample, failed[i])
-                continue
-            sample["_mask"] = masks[i]
-            sample["status"] = ANONYMIZED
-            sample["method"] = "diffusion"
-            sample["params"] = params
-            sample["epsilon"] = None
+        finish_replacement(batch, todo, failed, masks, stage=self.name, method="diffusion",
+                           params=self.params(), seconds=time.perf_counter() - start)
         return batch

@@ -45,9 +45,9 @@ from veil.config import AnonymizeConfig, FSAPConfig, ImageIOConfig
 from veil.transforms.stage import (
     ANONYMIZED,
     CLEAN,
+    ModelStage,
     Resources,
     Sample,
-    Stage,
     describe_exception,
     is_quarantined,
     quarantine,
@@ -446,6 +446,63 @@ def fallback_anonymizer(anonymize: AnonymizeConfig, config: FSAPConfig, *, expan
     return Anonymizer(replace(anonymize, method=config.fallback), expand=expand)
 
 
+def begin_replacement(batch: list[Sample]) -> list[int]:
+    """Indices of the samples of ``batch`` whose faces a synthesis stage replaces; samples
+    without faces are marked clean with an empty mask."""
+    todo: list[int] = []
+    for i, sample in enumerate(batch):
+        if is_quarantined(sample):
+            continue
+        sample["anonymize_round"] = 0
+        if not sample.get("regions"):
+            sample["_mask"] = np.zeros(sample["_pixels"].shape[:2], dtype=np.float32)
+            sample["status"] = CLEAN
+            sample["params"] = {}
+            sample["epsilon"] = None
+            continue
+        todo.append(i)
+    return todo
+
+
+def render_changes(batch: list[Sample], samples: list[int], base_pixels: dict[int, np.ndarray],
+                   base_masks: dict[int, np.ndarray], changes: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]],
+                   crop_mask: np.ndarray, masks: dict[int, np.ndarray]) -> None:
+    """Render each of ``samples`` afresh from its pixels and mask before replacement plus every
+    face change so far (``changes``: sample -> region -> (crop-space change, crop matrix)), so
+    a face replaced again never stacks on its earlier change."""
+    for i in samples:
+        pixels, mask = base_pixels[i].copy(), base_masks[i].copy()
+        for _region, (change, matrix) in sorted(changes[i].items(), key=lambda kv: kv[0]):
+            face_mask, _ = blend_change(pixels, change, matrix, crop_mask)
+            np.maximum(mask, face_mask, out=mask)
+        batch[i]["_pixels"], masks[i] = pixels, mask
+
+
+def matched_by(verdict: dict[str, dict[str, Any]]) -> str:
+    """The certifiers that still match a face, with score and threshold, for a reason."""
+    return ", ".join(f"{n} ({v['metric']} {v['score']:.3f}, threshold {v['threshold']})"
+                     for n, v in verdict.items() if v["matched"])
+
+
+def finish_replacement(batch: list[Sample], todo: list[int], failed: dict[int, str],
+                       masks: dict[int, np.ndarray], *, stage: str, method: str,
+                       params: dict[str, Any], seconds: float) -> None:
+    """Quarantine the failed samples of ``todo``; mark the rest anonymized by ``method``, with
+    the stage's time shared equally."""
+    for i in todo:
+        sample = batch[i]
+        timings = sample.setdefault("timings", {})
+        timings[stage] = timings.get(stage, 0.0) + seconds / len(todo)
+        if i in failed:
+            quarantine(sample, failed[i])
+            continue
+        sample["_mask"] = masks[i]
+        sample["status"] = ANONYMIZED
+        sample["method"] = method
+        sample["params"] = params
+        sample["epsilon"] = None
+
+
 def faces_per_batch(free_bytes: int, per_face_bytes: int, cap: int, *, headroom: float = 0.6) -> int:
     """How many faces fit one optimisation batch: ``headroom`` of the device's free memory over
     the peak memory one face needs, at least 1 and at most ``cap`` (``fsap.face_batch``)."""
@@ -477,7 +534,7 @@ class _Face:
     target: np.ndarray | None = None
 
 
-class FSAPStage(Stage):
+class FSAPStage(ModelStage):
     """Pipeline stage: FSAP on every face of ``sample["_pixels"]``, certified, with fallbacks.
 
     Declares ``resources.gpus`` from the run's ``gpus_per_worker``, so the Ray runner gives it
@@ -499,11 +556,6 @@ class FSAPStage(Stage):
         self.resources = Resources(cpus=1.0, gpus=float(gpus))
         self.batch_size = batch_size
         self._ready = False
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-        state["_ready"] = False
-        return state
 
     def setup(self) -> None:
         if self._ready:
@@ -610,19 +662,7 @@ class FSAPStage(Stage):
         from veil.transforms.anonymize import sample_rng
 
         self.setup()
-        todo: list[int] = []
-        for i, sample in enumerate(batch):
-            if is_quarantined(sample):
-                continue
-            regions = list(sample.get("regions") or [])
-            sample["anonymize_round"] = 0
-            if not regions:
-                sample["_mask"] = np.zeros(sample["_pixels"].shape[:2], dtype=np.float32)
-                sample["status"] = CLEAN
-                sample["params"] = {}
-                sample["epsilon"] = None
-                continue
-            todo.append(i)
+        todo = begin_replacement(batch)
         if not todo:
             return batch
         start = time.perf_counter()
@@ -679,12 +719,7 @@ class FSAPStage(Stage):
                     batch[f.sample]["regions"][f.region]["fsap"]["target_similarity"] = round(
                         record.target_similarity, 4)
             touched = sorted({f.sample for f in pending})
-            for i in touched:
-                pixels, mask = base_pixels[i].copy(), base_masks[i].copy()
-                for _region, (change, matrix) in sorted(changes[i].items(), key=lambda kv: kv[0]):
-                    face_mask, _ = blend_change(pixels, change, matrix, self._crop_mask)
-                    np.maximum(mask, face_mask, out=mask)
-                batch[i]["_pixels"], masks[i] = pixels, mask
+            render_changes(batch, touched, base_pixels, base_masks, changes, self._crop_mask, masks)
             # Certify the faces just optimised on their sample's released pixels.
             retry: list[_Face] = []
             for i in touched:
@@ -703,26 +738,12 @@ class FSAPStage(Stage):
             if retry and strength >= self.config.certify_rounds:
                 for f in retry:
                     verdict = batch[f.sample]["regions"][f.region]["fsap"]["certify"]
-                    names = ", ".join(f"{n} ({v['metric']} {v['score']:.3f}, threshold {v['threshold']})"
-                                      for n, v in verdict.items() if v["matched"])
                     failed.setdefault(f.sample, f"identity_not_removed: face {f.region} still matched by "
-                                                f"{names} after {strength} stronger round(s)")
+                                                f"{matched_by(verdict)} after {strength} stronger round(s)")
                 break
             # Still recognised: optimise those faces again, more strongly, from the original.
             strength += 1
             pending = retry
-        elapsed = time.perf_counter() - start
-        params = self.params()
-        for i in todo:
-            sample = batch[i]
-            timings = sample.setdefault("timings", {})
-            timings[self.name] = timings.get(self.name, 0.0) + elapsed / len(todo)
-            if i in failed:
-                quarantine(sample, failed[i])
-                continue
-            sample["_mask"] = masks[i]
-            sample["status"] = ANONYMIZED
-            sample["method"] = "fsap"
-            sample["params"] = params
-            sample["epsilon"] = None
+        finish_replacement(batch, todo, failed, masks, stage=self.name, method="fsap",
+                           params=self.params(), seconds=time.perf_counter() - start)
         return batch

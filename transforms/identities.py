@@ -51,6 +51,7 @@ from veil.config import PseudoIdentityConfig
 from veil.transforms.stage import (
     CLEAN,
     QUARANTINED,
+    ModelStage,
     Resources,
     Sample,
     Stage,
@@ -92,7 +93,7 @@ def face_side(region: Mapping[str, Any]) -> float:
     return max(x1 - x0, y1 - y0)
 
 
-class IdentityEmbedStage(Stage):
+class IdentityEmbedStage(ModelStage):
     """Pass 1's last stage: per face, the recognizer embedding and the pool's attribute
     features. Each sample leaves as a small record (key, shard, index, status and
     ``identity_faces``): pixels and image bytes stay in the worker."""
@@ -108,11 +109,6 @@ class IdentityEmbedStage(Stage):
         self.batch_size = batch_size
         self.resources = Resources(cpus=1.0)
         self._ready = False
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-        state["_ready"] = False
-        return state
 
     def setup(self) -> None:
         if self._ready:

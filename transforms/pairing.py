@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from veil.transforms.pool import ATTRIBUTE_FEATURES, ATTRIBUTE_GROUPS, SyntheticPool
-from veil.transforms.stage import Resources, Sample, Stage, describe_exception, is_quarantined
+from veil.transforms.stage import ModelStage, Resources, Sample, describe_exception, is_quarantined
 from veil.transforms.stage import quarantine as quarantine_sample
 
 __all__ = ["Pair", "PairIndex", "PairStage", "DEFAULT_WEIGHTS", "group_weights"]
@@ -197,7 +197,7 @@ class PairIndex:
         return Pair(j, self.pool.ids[j], math.sqrt(max(float(d2[j]), 0.0)), float(sims[j]))
 
 
-class PairStage(Stage):
+class PairStage(ModelStage):
     """Attaches ``region["pair"]`` (pool_index, pool_id, distance, identity_similarity) to
     every face of a sample, from the original pixels, before anonymization.
 
@@ -217,11 +217,6 @@ class PairStage(Stage):
         self.models = dict(models)
         self.batch_size = batch_size
         self._ready = False
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-        state["_ready"] = False
-        return state
 
     def setup(self) -> None:
         if self._ready:

@@ -73,6 +73,22 @@ class Stage(ABC):
         return self.process_batch(batch)
 
 
+class ModelStage(Stage):
+    """A stage whose models are loaded by ``setup()`` into ``_``-prefixed attributes.
+
+    Pickling it (a runner shipping it to a worker) drops those attributes and marks it not
+    ready, so every worker loads its own models and never receives torch or onnxruntime
+    objects; ``setup()`` returns at once while ``_ready`` is set.
+    """
+
+    _ready = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        state["_ready"] = False
+        return state
+
+
 class SampleStage(Stage):
     """A stage that handles samples one at a time, with per-sample failure isolation and
     timing. Subclasses implement ``process_sample``."""

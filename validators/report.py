@@ -206,6 +206,8 @@ def compute_run_report(output: Path) -> dict[str, Any]:
     epsilons = []
     rescan_rounds: Counter[int] = Counter()
     synthesized: list[dict[str, Any]] = []
+    pseudo_faces: list[str] = []
+    pair_distances: list[float] = []
     for r in rows:
         shard = per_shard[r["shard"]]
         shard[r["status"]] += 1
@@ -223,10 +225,18 @@ def compute_run_report(output: Path) -> dict[str, Any]:
             detectors[region.get("detector", "?")] += 1
         for stage, t in timings.items():
             stage_times[stage].append(float(t))
-        records = [g["fsap"] for g in regions if isinstance(g.get("fsap"), dict)]
-        # The stage times a batch; its seconds are shared evenly by the sample's faces.
-        synthesized += [{"status": r["status"], "record": rec,
-                         "seconds": float(timings.get("fsap", 0.0)) / len(records)} for rec in records]
+        for stage in SYNTHESIS_RECORDS:
+            records = [g[stage] for g in regions if isinstance(g.get(stage), dict)]
+            # The stage times a batch; its seconds are shared evenly by the sample's faces.
+            synthesized += [{"status": r["status"], "record": rec,
+                             "seconds": float(timings.get(stage, 0.0)) / len(records)} for rec in records]
+        for region in regions:
+            target = region.get("target") if isinstance(region.get("target"), dict) else None
+            pair = region.get("pair") if isinstance(region.get("pair"), dict) else None
+            if target and target.get("pseudo_id") and r["status"] != "quarantined":
+                pseudo_faces.append(str(target["pseudo_id"]))
+            if (target or pair or {}).get("distance") is not None:
+                pair_distances.append(float((target or pair)["distance"]))
         if r.get("epsilon") is not None:
             epsilons.append(float(r["epsilon"]))
         if r.get("rescan_rounds") is not None:
@@ -269,9 +279,48 @@ def compute_run_report(output: Path) -> dict[str, Any]:
         "phase": run_info.get("phase"),
     }
     report["synthesis"] = synthesis_summary(synthesized)
+    report["pairing"] = pairing_summary(pseudo_faces, pair_distances, report["config"])
+    if report["pairing"] and report["pairing"].get("contact_sheet_png"):
+        # Embedded in the HTML only (not report.json): synthetic faces, never an original.
+        sheet = Path(report["pairing"]["pool"]) / report["pairing"]["contact_sheet_png"]
+        report["_pool_sheet"] = base64.b64encode(sheet.read_bytes()).decode("ascii")
     report["_scores"] = scores  # for plots only, not written
     report["_rows"] = rows
     return report
+
+
+#: Region records of the synthesis stages (FSAP, diffusion), by stage name.
+SYNTHESIS_RECORDS = ("fsap", "diffusion")
+#: A synthesis record whose face was replaced (FSAP optimised it, diffusion repainted it).
+_REPLACED = ("optimised", "replaced")
+
+
+def pairing_summary(pseudo_faces: list[str], distances: list[float],
+                    config: dict[str, Any]) -> dict[str, Any] | None:
+    """Pairing and pseudo-identity figures of a run: released faces per opaque pseudo-identity,
+    pairing distances, and the pool's contact sheet (synthetic faces only) when the pool
+    folder is still at its configured path. None for a run without a pool."""
+    pseudo = config.get("pseudo") or {}
+    pool = (pseudo.get("pool") if pseudo.get("enabled") else None) or (config.get("pool") or {}).get("path")
+    if not pool and not pseudo_faces and not distances:
+        return None
+    per_identity = Counter(pseudo_faces)
+    out: dict[str, Any] = {
+        "pool": pool,
+        "pseudo_identities": len(per_identity) if pseudo.get("enabled") else None,
+        "faces_with_pseudo_identity": len(pseudo_faces),
+        "faces_per_pseudo_identity": dict(sorted(Counter(per_identity.values()).items())),
+        "pair_distance": _describe(distances),
+    }
+    meta = _read_json(Path(pool) / "pool.json") if pool else None
+    if meta:
+        out["pool_info"] = {k: meta.get(k) for k in ("generator", "count", "seed", "created")}
+        sheet = Path(pool) / str(meta.get("contact_sheet") or "")
+        # Only a generated pool has a contact sheet (a pool imported with --from may hold real
+        # people and never gets one), so the report shows synthetic faces only.
+        if meta.get("contact_sheet") and sheet.is_file():
+            out["contact_sheet_png"] = sheet.name
+    return out
 
 
 def synthesis_summary(faces: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -282,7 +331,7 @@ def synthesis_summary(faces: list[dict[str, Any]]) -> dict[str, Any] | None:
     seconds per face. None when no face has a record."""
     if not faces:
         return None
-    optimised = [f for f in faces if f["record"].get("status") == "optimised"]
+    optimised = [f for f in faces if f["record"].get("status") in _REPLACED]
     certifiers: dict[str, dict[str, Any]] = {}
     for f in optimised:
         for name, verdict in (f["record"].get("certify") or {}).items():
@@ -292,15 +341,17 @@ def synthesis_summary(faces: list[dict[str, Any]]) -> dict[str, Any] | None:
             entry["scores"].append(float(verdict["score"]))
             if name in (f["record"].get("released") or {}):
                 entry["released"].append(float(f["record"]["released"][name]))
-    rounds = Counter(int(f["record"].get("round", 0)) for f in optimised)
-    iterations = [int(f["record"].get("iterations", 0)) for f in optimised]
+    # FSAP counts stronger rounds, diffusion re-samples: either is "tries after the first".
+    rounds = Counter(int(f["record"].get("round", f["record"].get("resamples", 0))) for f in optimised)
+    iterations = [int(f["record"].get("iterations", f["record"].get("steps", 0))) for f in optimised]
     first = optimised[0]["record"] if optimised else {}
     return {
         "faces": len(faces),
         "optimised": len(optimised),
         "fallback": sum(1 for f in faces if f["record"].get("status") == "fallback"),
         "in_quarantined_samples": sum(1 for f in faces if f["status"] == "quarantined"),
-        "latent": first.get("latent"),
+        "method": "diffusion" if "mode" in first else "fsap",
+        "latent": first.get("latent") or first.get("model"),
         "recognizer": first.get("recognizer"),
         "iterations": _describe(iterations),
         "rounds": {str(k): v for k, v in sorted(rounds.items())},
@@ -331,11 +382,14 @@ def build_report(output: str | Path) -> Path:
     report = compute_report(output)
     scores = report.pop("_scores", [])
     rows = report.pop("_rows", [])
+    pool_sheet = report.pop("_pool_sheet", None)
     validation = report.get("validation")
     scan = validation.pop("_scan") if validation is not None else None
     folder = output / "report"
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(folder / "report.json", json.dumps(report, indent=2, sort_keys=True, default=str).encode())
+    if pool_sheet:
+        report["_pool_sheet"] = pool_sheet  # the page only, never report.json
     plots = _plots(report, scores) if has_run else {}
     if validation is not None:
         plots |= _validation_plots(validation, scan, kind=report["method"]["kind"])

@@ -690,6 +690,8 @@ def _run_privacy(report: dict[str, Any]) -> str:
     parts = []
     if report.get("synthesis"):
         parts.append(synthesis_table(report["synthesis"]))
+    if report.get("pairing"):
+        parts.append(pairing_block(report["pairing"], report.get("_pool_sheet")))
     e = report.get("epsilon")
     if e:
         parts.append(
@@ -698,6 +700,31 @@ def _run_privacy(report: dict[str, Any]) -> str:
             f"median {e['median']:.3g}, max {e['max']:.3g}.</p>"
         )
     return "".join(parts)
+
+
+def pairing_block(pairing: dict[str, Any], sheet_b64: str | None) -> str:
+    """Pool and pseudo-identity figures, with the pool's contact sheet (generated faces only:
+    a pool imported from photos has none)."""
+    dist = pairing.get("pair_distance")
+    info = pairing.get("pool_info") or {}
+    rows = [
+        # Plain strings: table() escapes them.
+        ["pool", f"{pairing.get('pool')} ({info.get('generator', '?')}, {info.get('count', '?')} faces)"],
+        ["pairing distance in attribute space",
+         f"median {dist['median']:.3f} (min {dist['min']:.3f}, max {dist['max']:.3f})" if dist else "-"],
+    ]
+    if pairing.get("pseudo_identities") is not None:
+        per = ", ".join(f"{n} face(s): {k}" for n, k in pairing["faces_per_pseudo_identity"].items())
+        rows.append(["released faces with a pseudo-identity", pairing["faces_with_pseudo_identity"]])
+        rows.append(["pseudo-identities (one per real person found)", pairing["pseudo_identities"]])
+        rows.append(["pseudo-identities by number of released faces", per or "-"])
+    img = (f"<p><img alt='synthetic pool faces' style='max-width:100%' "
+           f"src='data:image/png;base64,{sheet_b64}'></p>" if sheet_b64 else "")
+    return ("<h4 id='pairing'>Synthetic pool and pseudo-identities</h4>"
+            "<p>Real faces were paired with synthetic faces of other identities; with "
+            "pseudo-identities, every face of one real person became the same synthetic person. "
+            "The mapping is not written anywhere. Pool faces below are generated, never real.</p>"
+            + table(["", "value"], rows, cls="compact", row_headers=True) + img)
 
 
 def synthesis_table(syn: dict[str, Any]) -> str:
@@ -714,7 +741,7 @@ def synthesis_table(syn: dict[str, Any]) -> str:
 
     rows = [
         ["faces with a synthesis record", syn["faces"]],
-        ["identity replaced (FSAP)", syn["optimised"]],
+        [f"identity replaced ({syn.get('method', 'fsap')})", syn["optimised"]],
         ["too small for a recognizer: obscured by the fallback", syn["fallback"]],
         ["faces in quarantined samples (not released)", syn["in_quarantined_samples"]],
         ["latent space / optimised recognizer", f"{syn.get('latent')} / {syn.get('recognizer')}"],
@@ -733,7 +760,7 @@ def synthesis_table(syn: dict[str, Any]) -> str:
         rows.append([f"{name} (certifying) score before encoding, {rule}", d(cert["score"])])
         rows.append([f"{name} score on the released bytes", d(cert["released"])])
     return (
-        "<h4 id='synthesis'>Identity replacement (FSAP)</h4>"
+        f"<h4 id='synthesis'>Identity replacement ({'diffusion' if syn.get('method') == 'diffusion' else 'FSAP'})</h4>"
         "<p>Each face was moved away from its identity in a latent space, against one recognizer, "
         "and certified by another on the released image; a face still matched is optimised again "
         "more strongly, then its sample is quarantined.</p>"
