@@ -308,23 +308,20 @@ def _released_images(mode: str, data: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def face_coverage(data: dict, mode: str, *, exposed_ssim: float = 0.6) -> dict:
-    """Tool-agnostic privacy check against the known face boxes.
+def face_ssims(data: dict, released: dict[str, np.ndarray]) -> tuple[dict[str, int], list[tuple[str, float]]]:
+    """Ground-truth face counts by kind, and (kind, SSIM) for every face of a released image.
 
     Each face box is cut from the original and the released image, both resized to 64x64
     greyscale (so the comparison works at face scale whatever the resolution) and compared by
-    SSIM. Re-encoding alone scores ~0.95; blurred, pixelated or filled faces score <0.5. A
-    face with SSIM >= ``exposed_ssim`` counts as exposed. Quarantined samples are not
-    released, so their faces are protected."""
+    SSIM. Re-encoding alone scores ~0.95; blurred, pixelated or filled faces score <0.5.
+    Quarantined samples are not released, so their faces are protected (no SSIM)."""
     import cv2
     from PIL import Image
     from skimage.metrics import structural_similarity
 
     truth = json.loads((Path(data["work"]) / "truth.json").read_text())
-    released = _released_images(mode, data)
-    exposed = {"scene": 0, "closeup": 0}
     total = {"scene": 0, "closeup": 0}
-    closeup_ssim = []
+    scores: list[tuple[str, float]] = []
     for key, t in truth.items():
         total[t["kind"]] += len(t["faces"])
         out = released.get(key)
@@ -338,10 +335,16 @@ def face_coverage(data: dict, mode: str, *, exposed_ssim: float = 0.6) -> dict:
                 continue
             a = cv2.resize(orig[sl], (64, 64), interpolation=cv2.INTER_AREA)
             b = cv2.resize(anon[sl], (64, 64), interpolation=cv2.INTER_AREA)
-            ssim = float(structural_similarity(a, b, data_range=255))
-            exposed[t["kind"]] += int(ssim >= exposed_ssim)
-            if t["kind"] == "closeup":
-                closeup_ssim.append(ssim)
+            scores.append((t["kind"], float(structural_similarity(a, b, data_range=255))))
+    return total, scores
+
+
+def face_coverage(data: dict, mode: str, *, exposed_ssim: float = 0.6) -> dict:
+    """Tool-agnostic privacy check against the known face boxes (:func:`face_ssims`): a face
+    with SSIM >= ``exposed_ssim`` counts as exposed."""
+    total, scores = face_ssims(data, _released_images(mode, data))
+    exposed = {kind: sum(1 for k, v in scores if k == kind and v >= exposed_ssim) for kind in total}
+    closeup_ssim = [v for k, v in scores if k == "closeup"]
     return {"scene_faces_exposed": f"{exposed['scene']}/{total['scene']}",
             "closeup_faces_exposed": f"{exposed['closeup']}/{total['closeup']}",
             "closeup_median_ssim": round(float(np.median(closeup_ssim)), 3) if closeup_ssim else None}

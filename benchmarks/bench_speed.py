@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pipeline import build_dataset, tree_rss_bytes  # noqa: E402
+from bench_pipeline import build_dataset, face_ssims, tree_rss_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -211,30 +211,12 @@ def released_images(mode: str, kind: str, out: Path) -> dict[str, np.ndarray]:
 def exposed_faces(data: dict, released: dict[str, np.ndarray], *, threshold: float = 0.6) -> dict:
     """Ground-truth faces still recognisable in a release, by kind (bench_pipeline's
     definition: SSIM of 64x64 greyscale crops of the face box, original vs released)."""
-    import cv2
-    from PIL import Image
-    from skimage.metrics import structural_similarity
-
-    truth = json.loads((Path(data["work"]) / "truth.json").read_text())
-    exposed = {"scene": 0, "closeup": 0}
-    total = {"scene": 0, "closeup": 0}
-    for key, t in truth.items():
-        total[t["kind"]] += len(t["faces"])
-        out = released.get(key)
-        if out is None:
-            continue
-        orig = np.asarray(Image.open(Path(data["jpg"]) / f"{key}.jpg").convert("L"))
-        anon = np.asarray(Image.fromarray(out).convert("L"))
-        for x0, y0, x1, y1 in t["faces"]:
-            sl = (slice(int(y0), int(np.ceil(y1))), slice(int(x0), int(np.ceil(x1))))
-            if orig[sl].size == 0:
-                continue
-            a = cv2.resize(orig[sl], (64, 64), interpolation=cv2.INTER_AREA)
-            b = cv2.resize(anon[sl], (64, 64), interpolation=cv2.INTER_AREA)
-            exposed[t["kind"]] += int(structural_similarity(a, b, data_range=255) >= threshold)
+    total, scores = face_ssims(data, released)
+    exposed = {kind: sum(1 for k, v in scores if k == kind and v >= threshold) for kind in total}
     return {"scene_exposed": f"{exposed['scene']}/{total['scene']}",
             "closeup_exposed": f"{exposed['closeup']}/{total['closeup']}",
-            "released": len(released), "images": len(truth)}
+            "released": len(released),
+            "images": len(json.loads((Path(data["work"]) / "truth.json").read_text()))}
 
 
 # ------------------------------------------------------------------------------ report

@@ -114,3 +114,27 @@ class CommitShardDoFn(beam.DoFn):
             committer.abort()
             raise
         yield shard_id
+
+
+def read_and_process(pipeline: beam.Pipeline, shards: list[Any], source: Source,
+                     segments: list[StageChain], *, batch_size: int, options: PipelineOptions,
+                     step: str = "Anonymize") -> tuple[beam.PCollection, list[beam.PCollection]]:
+    """Read ``shards`` and run their samples through each segment's ``ParDo`` in turn: the
+    samples that came through, and each segment's dead letters. One segment keeps the labels a
+    fused chain always had (``Batch``, ``{step}``: Dataflow update compatibility)."""
+    stream = (
+        pipeline
+        | "Shards" >> beam.Create([pickle.dumps(s) for s in shards], reshuffle=False)
+        | "Read" >> beam.FlatMap(read_shard, source=source)
+    )
+    dead_letters = []
+    for i, segment in enumerate(segments):
+        suffix = "" if len(segments) == 1 else f"{i}[{segment.name}]"
+        processed = (
+            stream
+            | f"Batch{suffix}" >> beam.BatchElements(min_batch_size=batch_size, max_batch_size=batch_size)
+            | f"{step}{suffix}" >> segment_pardo(segment, options=options)
+        )
+        stream = processed.ok
+        dead_letters.append(processed[DEAD_LETTER])
+    return stream, dead_letters

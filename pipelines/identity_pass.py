@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import tempfile
 import time
@@ -116,20 +115,9 @@ def _beam_records(config: RunConfig, chain: StageChain, source: Source, shards: 
     try:
         options = PipelineOptions(beam_pipeline_options(list(config.beam_options)))
         with beam.Pipeline(options=options) as pipeline:
-            stream = (
-                pipeline
-                | "Shards" >> beam.Create([pickle.dumps(s) for s in shards], reshuffle=False)
-                | "Read" >> beam.FlatMap(bt.read_shard, source=source)
-            )
-            for i, segment in enumerate(chain.segments()):
-                processed = (
-                    stream
-                    | f"Batch{i}" >> beam.BatchElements(min_batch_size=config.batch_size,
-                                                        max_batch_size=config.batch_size)
-                    | f"Embed{i}" >> bt.segment_pardo(segment, options=options)
-                )
-                # Dead letters carry no faces: pass 2 quarantines those samples on its own.
-                stream = processed.ok
+            # Dead letters carry no faces: pass 2 quarantines those samples on its own.
+            stream, _ = bt.read_and_process(pipeline, shards, source, chain.segments(),
+                                            batch_size=config.batch_size, options=options, step="Embed")
             (
                 stream
                 | "DropMarkers" >> beam.Filter(lambda s: not is_end_marker(s))

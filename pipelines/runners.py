@@ -332,23 +332,8 @@ class BeamRunner(Runner):
         options = PipelineOptions(self.options)
         segments = ctx.chain.segments()
         with beam.Pipeline(options=options) as pipeline:
-            stream = (
-                pipeline
-                | "Shards" >> beam.Create([pickle.dumps(s) for s in shards], reshuffle=False)
-                | "Read" >> beam.FlatMap(bt.read_shard, source=ctx.source)
-            )
-            dead_letters = []
-            for i, segment in enumerate(segments):
-                # One segment keeps the labels it always had (Dataflow update compatibility).
-                suffix = "" if len(segments) == 1 else f"{i}[{segment.name}]"
-                processed = (
-                    stream
-                    | f"Batch{suffix}" >> beam.BatchElements(min_batch_size=ctx.batch_size,
-                                                             max_batch_size=ctx.batch_size)
-                    | f"Anonymize{suffix}" >> bt.segment_pardo(segment, options=options)
-                )
-                stream = processed.ok
-                dead_letters.append(processed[bt.DEAD_LETTER])
+            stream, dead_letters = bt.read_and_process(pipeline, shards, ctx.source, segments,
+                                                       batch_size=ctx.batch_size, options=options)
             (
                 (stream, *dead_letters)
                 | "Merge" >> beam.Flatten()
