@@ -227,6 +227,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["blur", "pixelate", "fill", "dp-pixelate"], default="blur")
     p.add_argument("--no-gates", action="store_true", help="skip the validation gates after the run")
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("submit", help="run a Veil command on a Ray cluster as a Ray job",
+                       description="Submit 'veil <command>' to a Ray cluster with the Ray Jobs API, "
+                                   "stream its logs and exit with its status, e.g. veil submit "
+                                   "--address http://head:8265 -- run --input ... --output s3://... "
+                                   "(the job's driver joins the cluster it runs on)")
+    p.add_argument("--address", required=True,
+                   help="the head node's dashboard / Jobs API address, e.g. http://head:8265")
+    p.add_argument("--working-dir", help="local folder uploaded to the job's working directory")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment variable for the job, repeatable (VEIL_* variables set here "
+                        "are passed on; credentials only when given here)")
+    p.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
+                   help="pip requirement installed into the job's environment, repeatable")
+    p.add_argument("--no-wait", action="store_true",
+                   help="return once the job is submitted instead of streaming its logs")
+    p.add_argument("veil_args", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                   help="the Veil command to run, after '--'")
     return parser
 
 
@@ -270,7 +288,7 @@ def print_summary(summary, stream: Any = None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from veil.pipelines.driver import run
+    from veil.orchestrate import run
 
     config = config_from_args(args)
     summary = run(config)
@@ -342,10 +360,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from veil.pipelines.lock import OutputLock
+    from veil.pipelines.lock import output_lock
     from veil.validators.report import build_report
 
-    with OutputLock(args.output):
+    with output_lock(args.output):
         path = build_report(args.output)
     print(f"report written: {path}")
     return EXIT_OK
@@ -397,8 +415,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from veil.config import RunConfig
+    from veil.orchestrate import run
     from veil.pipelines.demo import build_demo_dataset
-    from veil.pipelines.driver import run
 
     pattern = build_demo_dataset(os.path.join(args.output, "input"))
     print(f"demo input written: {pattern}")
@@ -411,6 +429,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print_validation(summary.validation)
         return EXIT_OK if summary.validation["status"] == "passed" else EXIT_GATES_FAILED
     return EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from veil.pipelines import submit as jobs
+
+    try:
+        request = jobs.job_request_from_cli(args.veil_args, env=args.env,
+                                            working_dir=args.working_dir, pip=args.pip)
+        return jobs.submit(request, address=args.address, wait=not args.no_wait)
+    except jobs.SubmitError as exc:
+        print(f"veil: {exc}", file=sys.stderr)
+        return EXIT_ERROR if isinstance(exc, jobs.ClusterUnreachableError) else EXIT_USAGE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     from veil.config import ConfigError
 
     handlers = {"run": cmd_run, "validate": cmd_validate, "report": cmd_report, "models": cmd_models,
-                "demo": cmd_demo, "pool": cmd_pool}
+                "demo": cmd_demo, "pool": cmd_pool, "submit": cmd_submit}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:
@@ -465,6 +495,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"veil: gates file error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         print(f"veil: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        # A worker's exception carries where it was raised (runners' map_shards): say it;
+        # its worker traceback, the second note, is for VEIL_DEBUG.
+        for note in getattr(exc, "__notes__", [])[:1]:
+            print(f"  ({note})", file=sys.stderr)
         if os.environ.get("VEIL_DEBUG"):
             raise
         print("(set VEIL_DEBUG=1 for the traceback)", file=sys.stderr)

@@ -517,10 +517,6 @@ class RunConfig:
     def validate_paths(self) -> None:
         _check(bool(self.input), "input: give --input (a shard pattern, Parquet files or a folder)")
         _check(bool(self.output), "output: give --output (a folder for the release copy)")
-        _check("://" not in self.output,
-               f"output: {self.output!r} is a URL; the output must be a local folder (it is "
-               f"locked, written atomically and resumed there): write locally, then copy the "
-               f"release")
         check_not_nested(self.input, self.output)
 
     def to_dict(self) -> dict[str, Any]:
@@ -594,6 +590,9 @@ def check_not_nested(input_spec: str, output: str) -> None:
     after resolving symlinks and relative parts. For a pattern, an output below its folder is
     refused only when the pattern could match the files written there (``**``, or enough
     ``*/`` levels), so ``--input data/s-{000..009}.tar --output data/anon`` is fine."""
+    if _is_url(output) or _is_url(input_spec):
+        _check_urls_not_nested(input_spec, output)
+        return
     out = os.path.realpath(os.path.expanduser(output))
     for root, depth in input_reach(input_spec):
         real = os.path.realpath(os.path.expanduser(root))
@@ -610,6 +609,32 @@ def check_not_nested(input_spec: str, output: str) -> None:
                 raise ConfigError(
                     f"output: {output!r} is inside the input {input_spec!r} ({real}); a rerun "
                     f"would read the release as input. Choose an output folder outside {real}")
+
+
+def _is_url(text: str) -> bool:
+    return "://" in text and not text.startswith("file://")
+
+
+def _check_urls_not_nested(input_spec: str, output: str) -> None:
+    """An object-store output against its input: nested only on the same store, compared as
+    paths. A pattern or folder input reaches everything below its fixed prefix; a single shard
+    file only itself. A local path and a URL never nest."""
+    if not (_is_url(output) and _is_url(input_spec)):
+        return
+    import re
+
+    out = output.rstrip("/")
+    fixed = re.split(r"[{*?[]", input_spec, maxsplit=1)[0]
+    is_file = fixed == input_spec and input_spec.lower().endswith((".tar", ".tgz", ".gz", ".parquet"))
+    base = input_spec if is_file else fixed.rstrip("/")
+    if fixed != input_spec:  # a pattern: its folder is the fixed part up to the last "/"
+        base = fixed.rsplit("/", 1)[0]
+    if not is_file and (out == base or out.startswith(base + "/")):
+        raise ConfigError(f"output: {output!r} is inside the input {input_spec!r}; a rerun would read "
+                          f"the release as input. Choose an output outside {base}")
+    if base.startswith(out + "/"):
+        raise ConfigError(f"input: {input_spec!r} is inside the output {output!r}; the run would write "
+                          f"where it reads. Choose an output that does not contain the input")
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:

@@ -252,7 +252,7 @@ def mode_loop_stages(data: dict, n: int) -> dict:
 
 def mode_veil(data: dict, runner: str, workers: int | None) -> dict:
     from veil.config import RunConfig
-    from veil.pipelines.driver import run
+    from veil.orchestrate import run
 
     out = Path(data["work"]) / f"{runner}-out"
     shutil.rmtree(out, ignore_errors=True)

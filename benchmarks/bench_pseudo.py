@@ -44,7 +44,7 @@ def main() -> None:
     from helpers import face_photo, jpeg_bytes, write_tar
 
     from veil.config import RunConfig
-    from veil.pipelines.driver import run
+    from veil.orchestrate import run
     from veil.transforms.imageio import decode_image
     from veil.transforms.models import ModelRegistry
     from veil.transforms.pool import build_pool

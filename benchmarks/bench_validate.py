@@ -53,7 +53,7 @@ def main() -> None:
     from bench_pipeline import build_dataset
 
     from veil.config import RunConfig
-    from veil.pipelines.driver import run
+    from veil.orchestrate import run
     from veil.validators.validate import ValidateConfig, validate
 
     work = Path(args.work) / f"n{args.images}"

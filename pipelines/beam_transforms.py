@@ -124,7 +124,10 @@ def read_and_process(pipeline: beam.Pipeline, shards: list[Any], source: Source,
     fused chain always had (``Batch``, ``{step}``: Dataflow update compatibility)."""
     stream = (
         pipeline
-        | "Shards" >> beam.Create([pickle.dumps(s) for s in shards], reshuffle=False)
+        # Reshuffled so that the shards spread over the workers. Without it, Create's single
+        # impulse element fuses every read and every segment after it into one bundle: one
+        # worker process under multi_processing, one task slot on Flink, Spark or Dataflow.
+        | "Shards" >> beam.Create([pickle.dumps(s) for s in shards], reshuffle=True)
         | "Read" >> beam.FlatMap(read_shard, source=source)
     )
     dead_letters = []

@@ -1,7 +1,9 @@
-"""The run driver: plan (list shards, skip finished ones), run the stages, report.
+"""The run driver: plan (list shards, skip finished ones), run the stages, write the release.
 
-``run(config)`` is what ``veil run`` calls. It never calls ``exit()``: it returns a
-``RunSummary`` or raises ``RunAborted`` / ``ConfigError``; the CLI maps those to exit codes.
+``run(config)`` is the release part of ``veil run``; :mod:`veil.orchestrate` calls it, then
+reports and validates (this layer never imports ``veil.validators``). It never calls
+``exit()``: it returns a ``RunSummary`` or raises ``RunAborted`` / ``ConfigError``; the CLI
+maps those to exit codes.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from veil.config import RunConfig
 from veil.pipelines.execution import ShardResult, StageChain
+from veil.pipelines.sources import Shard
+from veil.pipelines.storage import OutputStore
 from veil.transforms.stage import QUARANTINED, Sample, Stage
 
 #: Top-level config keys that do not change output bytes (a rerun with another runner or
@@ -193,24 +198,29 @@ class Progress:
             bar.close()
 
 
-def run(config: RunConfig) -> RunSummary:
+def run(config: RunConfig, *, after: Callable[[RunSummary], None] | None = None) -> RunSummary:
     """Anonymize ``config.input`` into ``config.output``; resume where a previous run stopped.
 
-    The output's lock (``OUT/.veil.lock``) is held for the whole run, gates included, and
-    released however the run ends; a second run on the same output raises
+    This is the release alone; ``veil run`` (:func:`veil.orchestrate.run`) adds the report and
+    the gates through ``after``, which is called with the finished summary while the lock is
+    still held. The output's lock (``OUT/.veil.lock``) is held for the whole run, ``after``
+    included, and released however the run ends; a second run on the same output raises
     ``OutputLockedError`` before touching anything."""
-    from veil.pipelines.lock import OutputLock
+    from veil.pipelines.lock import output_lock
+    from veil.pipelines.storage import as_store
 
     config.validate_paths()
-    output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-    with OutputLock(output):
-        return _run_locked(config, output)
+    output = as_store(config.output)
+    if output.is_local:
+        output.local_path().mkdir(parents=True, exist_ok=True)
+    with output_lock(config.output):
+        summary = _run_locked(config, output)
+        if after is not None:
+            after(summary)
+        return summary
 
 
-def _run_locked(config: RunConfig, output: Path) -> RunSummary:
-    from veil.pipelines.execution import shard_fingerprint
-    from veil.pipelines.manifest import is_shard_complete
+def _run_locked(config: RunConfig, output: OutputStore) -> RunSummary:
     from veil.pipelines.runners import RunContext, make_runner
     from veil.pipelines.sinks import remove_stale_temps
     from veil.pipelines.sources import open_source
@@ -223,11 +233,11 @@ def _run_locked(config: RunConfig, output: Path) -> RunSummary:
         raise FileNotFoundError(f"no shards found for input {config.input!r}: check the path or pattern")
     fingerprint = fingerprint_of(config)
     remove_stale_temps(output)  # left by a run that was killed
-    todo = [s for s in shards if not is_shard_complete(output, s.id, shard_fingerprint(fingerprint, s))]
+    todo = shards_to_do(shards, output, fingerprint)
     skipped = len(shards) - len(todo)
     if todo:
         # The release is about to change: an earlier verdict no longer describes it.
-        (output / "RELEASE.json").unlink(missing_ok=True)
+        output.delete("RELEASE.json")
     approx = [source.approx_num_samples(s) for s in todo]
     total_samples = sum(approx) if all(a is not None for a in approx) else None
 
@@ -262,35 +272,41 @@ def _run_locked(config: RunConfig, output: Path) -> RunSummary:
             raise RunAborted(f"{failed} of {summary.samples} samples failed, above max_failure_ratio="
                              f"{config.max_failure_ratio:.0%}; see OUT/manifest/ for the reasons")
     write_run_info(output, config, fingerprint, models, phase="finished", summary=summary)
-    from veil.validators.report import build_report
-
-    summary.report = str(build_report(output))
-    if config.gates:
-        summary.validation = run_gates(config)
-        summary.report = summary.validation["report"]
     return summary
 
 
-def run_gates(config: RunConfig) -> dict[str, Any]:
-    """Validate the finished release against its input and apply the gates."""
-    from veil.validators.validate import ValidateConfig, validate
+def shards_to_do(shards: list[Shard], output: OutputStore, fingerprint: str) -> list[Shard]:
+    """The shards not committed yet by a run with this fingerprint, in input order.
 
-    result = validate(ValidateConfig(
-        original=config.input, anonymized=config.output, output=config.output,
-        gates=None if config.gates == "default" else config.gates, method=config.anonymize.method,
-        runner=config.runner, ray_address=config.ray_address, beam_options=list(config.beam_options),
-        workers=config.workers, image_column=config.image_column,
-        folder_shard_size=config.folder_shard_size, max_pixels=config.io.max_pixels,
-        max_bytes=config.io.max_bytes, follow_symlinks=config.io.follow_symlinks,
-        models=dict(config.models), models_dir=config.models_dir,
-        allow_download=config.allow_download, progress=config.progress,
-        # The run's own gates need their verdict, not the full audit (`veil validate`):
-        # metrics no gate reads are left out, which more than halves the cost.
-        measure="gated"))
-    return asdict(result)
+    The manifest folder is listed once, and only shards whose manifest is in the listing are
+    checked further, so planning a run of 100,000 shards costs one listing and one read per
+    finished shard, not one request per shard. On an object store the released files are
+    listed once too, and the finished shards' manifests are read concurrently (each read is a
+    few requests that mostly wait on the network)."""
+    from veil.pipelines.execution import shard_fingerprint
+    from veil.pipelines.manifest import is_shard_complete, manifest_relative
+    from veil.pipelines.sinks import DATA_DIR
+
+    present = set(output.list_files("manifest"))
+    listed = [s for s in shards if manifest_relative(s.id) in present]
+    if output.is_local or len(listed) < 2:
+        done = {s.id for s in listed if is_shard_complete(output, s.id, shard_fingerprint(fingerprint, s))}
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        files = frozenset(output.list_files(DATA_DIR))
+        with ThreadPoolExecutor(max_workers=REMOTE_PLAN_THREADS) as pool:
+            complete = pool.map(lambda s: is_shard_complete(output, s.id, shard_fingerprint(fingerprint, s),
+                                                            files=files), listed)
+            done = {s.id for s, ok in zip(listed, complete, strict=True) if ok}
+    return [s for s in shards if s.id not in done]
 
 
-def summarize(output: Path, config: RunConfig, results: list[ShardResult], *, shards_total: int,
+#: Concurrent manifest reads when planning a run on an object store.
+REMOTE_PLAN_THREADS = 32
+
+
+def summarize(output: OutputStore, config: RunConfig, results: list[ShardResult], *, shards_total: int,
               skipped: int, seconds: float) -> RunSummary:
     from collections import Counter
 
@@ -302,17 +318,17 @@ def summarize(output: Path, config: RunConfig, results: list[ShardResult], *, sh
         reasons.update(r.reasons)
         samples += r.n_samples
         faces += r.n_faces
-    return RunSummary(output=str(output), runner=config.runner, shards_total=shards_total,
+    return RunSummary(output=output.url, runner=config.runner, shards_total=shards_total,
                       shards_done=len(results), shards_skipped=skipped, samples=samples,
                       counts=dict(counts), reasons=dict(reasons), faces=faces, seconds=seconds,
                       images_per_second=samples / seconds if seconds > 0 else 0.0)
 
 
-def write_run_info(output: Path, config: RunConfig, fingerprint: str, models: list[dict[str, Any]], *,
+def write_run_info(output: OutputStore, config: RunConfig, fingerprint: str, models: list[dict[str, Any]], *,
                    phase: str,
                    summary: RunSummary | None = None) -> None:
     """Record the run's configuration, environment and outcome for the report and audits."""
-    from veil.pipelines.sinks import atomic_write_bytes
+    from veil.pipelines.sinks import store_write_bytes
 
     info = {
         "phase": phase,
@@ -322,7 +338,7 @@ def write_run_info(output: Path, config: RunConfig, fingerprint: str, models: li
         "models": models,
         "summary": summary.to_dict() if summary else None,
     }
-    atomic_write_bytes(output / RUN_INFO_FILE, json.dumps(info, indent=2, sort_keys=True, default=str).encode())
+    store_write_bytes(output, RUN_INFO_FILE, json.dumps(info, indent=2, sort_keys=True, default=str).encode())
 
 
 def environment_info() -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from veil.pipelines.faults import fault_point
 from veil.pipelines.sources import Shard, Source, WorkUnit
+from veil.pipelines.storage import OutputStore, as_store
 from veil.transforms.stage import (
     ANONYMIZED,
     CLEAN,
@@ -311,14 +312,15 @@ class ShardCommitter:
     :class:`~veil.pipelines.sinks.OutputWriteError`: the shard is aborted, and data renamed
     before its manifest failed are taken back, so only committed shards remain."""
 
-    def __init__(self, shard: Shard, source: Source, output_root: str | Path, fingerprint: str) -> None:
+    def __init__(self, shard: Shard, source: Source, output_root: str | Path | OutputStore,
+                 fingerprint: str) -> None:
         from veil.pipelines.sinks import open_writer
 
         self.shard = shard
-        self.output_root = Path(output_root)
+        self.store = as_store(output_root)
         self.fingerprint = shard_fingerprint(fingerprint, shard)
         try:
-            self._writer = open_writer(shard, self.output_root, source=source)
+            self._writer = open_writer(shard, self.store, source=source)
         except OSError as exc:
             raise self._output_error(exc) from exc
         self._rows: list[dict[str, Any]] = []
@@ -362,23 +364,23 @@ class ShardCommitter:
         """A failed write of this shard's data, as the run-stopping error naming its path."""
         from veil.pipelines.sinks import DATA_DIR, output_error
 
-        return output_error(exc, self.output_root / DATA_DIR / self.shard.id)
+        return output_error(exc, self.store.display(f"{DATA_DIR}/{self.shard.id}"))
 
     def commit(self) -> ShardResult:
         from veil.pipelines.manifest import remove_manifest, write_manifest
 
-        remove_manifest(self.output_root, self.shard.id)
+        remove_manifest(self.store, self.shard.id)
         try:
             outputs = self._writer.commit()
         except OSError as exc:
             raise self._output_error(exc) from exc
         self._rows.sort(key=lambda r: (r["index"], r["key"]))
         try:
-            write_manifest(self.output_root, self.shard.id, self._rows, run_fingerprint=self.fingerprint,
+            write_manifest(self.store, self.shard.id, self._rows, run_fingerprint=self.fingerprint,
                            extra={"outputs": ",".join(outputs)})
         except BaseException:
             for relative in outputs:  # never leave released data that no manifest describes
-                (self.output_root / relative).unlink(missing_ok=True)
+                self.store.delete(relative)
             raise
         return ShardResult(
             shard_id=self.shard.id,

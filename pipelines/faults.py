@@ -12,6 +12,7 @@ lookup. Points are named after what the code is doing when it is reached:
     shard:renamed        the shard's data are in place, its manifest not yet written
     manifest:tmp         the manifest's temporary file is written, not yet renamed
     manifest:done        the manifest is in place: the shard is committed
+    ray:commit-submitted the Ray driver started a shard's commit task (on a worker)
     write:<file name>    atomic_write_bytes wrote ``<file name>``'s temp file, not yet renamed
                          (run.json, report.json, index.html, summary.json, RELEASE.json,
                          validation state files)

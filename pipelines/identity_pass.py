@@ -87,7 +87,7 @@ def stream_records(config: RunConfig, chain: StageChain, source: Source, shards:
         chain.setup()
         yield from LocalRunner._stream(shards, ctx)
     elif config.runner == "ray":
-        yield from RayRunner(config.ray_address)._stream(shards, ctx)
+        yield from RayRunner(config.ray_address).stream_samples(shards, ctx)
     elif config.runner == "beam":
         yield from _beam_records(config, chain, source, shards)
     else:

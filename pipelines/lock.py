@@ -223,3 +223,71 @@ class OutputLock:
                  tb: TracebackType | None) -> None:
         self.release()
 
+
+
+class ObjectStoreLock:
+    """The lock of an output on an object store (``s3://...``): ``OUT/.veil.lock`` created
+    with a conditional PUT that fails when the object exists (``If-None-Match: *``), so
+    exactly one writer gets it. A remote holder's process cannot be checked from here, so a
+    lock is never taken over: the error names the holder and the object to delete when that
+    command is gone (killed, or its machine lost)."""
+
+    def __init__(self, output: str, *, command: str | None = None) -> None:
+        from veil.pipelines.storage import as_store
+
+        self.store = as_store(output)
+        self.path = self.store.display(LOCK_FILE)
+        self.command = command if command is not None else shlex.join(sys.argv)
+        self.info: dict[str, Any] = {}
+        self.held = False
+
+    def acquire(self) -> ObjectStoreLock:
+        if self.held:
+            raise RuntimeError(f"{self.path}: this lock is already held")
+        info = {"host": socket.gethostname(), "pid": os.getpid(),
+                "started": datetime.now(UTC).isoformat(timespec="seconds"), "command": self.command}
+        store: Any = self.store
+        try:
+            with store.fs.open(store._full(LOCK_FILE), "xb") as fh:
+                fh.write(json.dumps(info, sort_keys=True).encode() + b"\n")
+        except FileExistsError:
+            try:
+                holder = json.loads(self.store.read_bytes(LOCK_FILE))
+            except (OSError, ValueError):
+                holder = {}
+            raise OutputLockedError(
+                f"output {self.store.url!r} is locked by another Veil command: "
+                f"{describe_holder(holder) if isinstance(holder, dict) and holder else 'holder not recorded'}. "
+                f"Wait for it to finish. If no Veil command is using this output (it was killed, "
+                f"or its machine was lost), delete {self.path!r} and rerun.") from None
+        self.info = info
+        self.held = True
+        return self
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        try:
+            current = json.loads(self.store.read_bytes(LOCK_FILE))
+        except (OSError, ValueError):
+            return
+        if current == self.info:  # still ours
+            self.store.delete(LOCK_FILE)
+
+    def __enter__(self) -> ObjectStoreLock:
+        return self.acquire()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()
+
+
+def output_lock(output: str | Path, *, command: str | None = None) -> OutputLock | ObjectStoreLock:
+    """The lock of ``output``: a local folder's :class:`OutputLock`, or an object store's
+    :class:`ObjectStoreLock` for a URL."""
+    from veil.pipelines.storage import is_remote
+
+    if is_remote(output):
+        return ObjectStoreLock(os.fspath(output), command=command)
+    return OutputLock(output, command=command)

@@ -23,13 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from veil.pipelines.faults import fault_point
-from veil.pipelines.sinks import (
-    RELEASABLE_STATUSES,
-    TEMP_MARKER,
-    fsync_dir,
-    output_error,
-    temp_path,
-)
+from veil.pipelines.sinks import RELEASABLE_STATUSES, output_error
+from veil.pipelines.storage import TEMP_MARKER, OutputStore, as_store
 from veil.transforms.pairing import public_region
 from veil.transforms.stage import PENDING, Sample
 
@@ -149,14 +144,19 @@ def manifest_row(sample: Sample) -> dict[str, Any]:
     }
 
 
+def manifest_relative(shard_id: str) -> str:
+    """``manifest/<shard id with '/' as '__'>.parquet``: one flat folder of manifests."""
+    return f"{MANIFEST_DIR}/{shard_id.replace('/', '__')}.parquet"
+
+
 def manifest_path(output_root: str | Path, shard_id: str) -> Path:
-    """``OUT/manifest/<shard id with '/' as '__'>.parquet``: one flat folder of manifests."""
-    return Path(output_root) / MANIFEST_DIR / f"{shard_id.replace('/', '__')}.parquet"
+    """A local output's manifest file of ``shard_id``."""
+    return Path(output_root) / manifest_relative(shard_id)
 
 
-def write_manifest(output_root: str | Path, shard_id: str, rows: Iterable[Mapping[str, Any]], *,
-                   run_fingerprint: str, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write a shard's manifest atomically and return its path.
+def write_manifest(output_root: str | Path | OutputStore, shard_id: str, rows: Iterable[Mapping[str, Any]], *,
+                   run_fingerprint: str, extra: Mapping[str, Any] | None = None) -> Path | str:
+    """Write a shard's manifest atomically; returns its path (its URL on an object store).
 
     Keys must be unique (each input sample appears exactly once). ``extra`` goes into the
     schema metadata (values JSON-encoded unless strings); keep it free of timestamps so that
@@ -187,38 +187,40 @@ def write_manifest(output_root: str | Path, shard_id: str, rows: Iterable[Mappin
         metadata[name] = value if isinstance(value, str) else canonical_json(value)
     table = table.replace_schema_metadata(metadata)
 
-    final = manifest_path(output_root, shard_id)
-    tmp = temp_path(final)
+    store = as_store(output_root)
+    final = manifest_relative(shard_id)
+    # The manifest is the shard's commit record: staged whole, then published in one step
+    # (a rename on disk, one PUT on an object store), after the shard's data.
+    tmp = store.staging_file(final)
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
             pq.write_table(table, fh, compression="zstd")
             fh.flush()
             os.fsync(fh.fileno())
         fault_point("manifest:tmp")
-        os.replace(tmp, final)
+        store.publish(tmp, final)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        store.discard(tmp)
         if isinstance(exc, OSError):
-            raise output_error(exc, final) from exc
+            raise output_error(exc, store.display(final)) from exc
         raise
-    fsync_dir(final.parent)
+    store.sync(MANIFEST_DIR)
     fault_point("manifest:done")
-    return final
+    return store.local_path(final) if store.is_local else store.display(final)
 
 
-def remove_manifest(output_root: str | Path, shard_id: str) -> None:
+def remove_manifest(output_root: str | Path | OutputStore, shard_id: str) -> None:
     """Withdraw a shard's manifest before its data are replaced, durably, so that at every
     moment a manifest on disk describes the data next to it (a kill between the data rename
     and the new manifest leaves no manifest, and the shard is redone)."""
-    path = manifest_path(output_root, shard_id)
+    store = as_store(output_root)
+    relative = manifest_relative(shard_id)
     try:
-        path.unlink()
-    except FileNotFoundError:
-        return
+        if not store.delete(relative):
+            return
     except OSError as exc:
-        raise output_error(exc, path) from exc
-    fsync_dir(path.parent)
+        raise output_error(exc, store.display(relative)) from exc
+    store.sync(MANIFEST_DIR)
 
 
 def read_manifest(path: str | Path) -> pa.Table:
@@ -226,25 +228,38 @@ def read_manifest(path: str | Path) -> pa.Table:
     return pq.read_table(path)
 
 
-def _manifest_files(output_root: str | Path) -> list[Path]:
-    folder = Path(output_root) / MANIFEST_DIR
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob("*.parquet") if TEMP_MARKER not in p.name)
+def read_shard_manifest(output_root: str | Path | OutputStore, shard_id: str) -> pa.Table:
+    """The manifest of ``shard_id`` in any store, with its metadata."""
+    store = as_store(output_root)
+    relative = manifest_relative(shard_id)
+    if store.is_local:
+        return pq.read_table(store.local_path(relative))
+    with store.open_read(relative) as handle:
+        return pq.read_table(handle)
 
 
-def iter_manifests(output_root: str | Path) -> Iterator[pa.Table]:
+def _manifest_files(store: OutputStore) -> list[str]:
+    return [f for f in store.list_files(MANIFEST_DIR)
+            if f.endswith(".parquet") and f.count("/") == 1 and TEMP_MARKER not in f]
+
+
+def iter_manifests(output_root: str | Path | OutputStore) -> Iterator[pa.Table]:
     """Each shard's manifest in turn (schema metadata dropped), for reports that stream."""
-    for path in _manifest_files(output_root):
+    store = as_store(output_root)
+    for relative in _manifest_files(store):
         try:
-            table = read_manifest(path)
+            if store.is_local:
+                table = pq.read_table(store.local_path(relative))
+            else:
+                with store.open_read(relative) as handle:
+                    table = pq.read_table(handle)
         except Exception as exc:
-            raise ValueError(f"manifest {path} is unreadable ({exc}); delete it to redo its "
-                             f"shard") from exc
+            raise ValueError(f"manifest {store.display(relative)} is unreadable ({exc}); delete it "
+                             f"to redo its shard") from exc
         yield table.replace_schema_metadata(None).select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
 
 
-def read_manifests(output_root: str | Path) -> pa.Table:
+def read_manifests(output_root: str | Path | OutputStore) -> pa.Table:
     """All manifests concatenated (an empty table with the schema when there are none)."""
     tables = list(iter_manifests(output_root))
     if not tables:
@@ -252,15 +267,24 @@ def read_manifests(output_root: str | Path) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def is_shard_complete(output_root: str | Path, shard_id: str, run_fingerprint: str) -> bool:
+def is_shard_complete(output_root: str | Path | OutputStore, shard_id: str, run_fingerprint: str, *,
+                      files: set[str] | frozenset[str] | None = None) -> bool:
     """True when the shard's manifest exists, reads, is marked complete, has the expected row
     count, was written by a run with this fingerprint, and the released files it lists are
-    there. Never raises for a bad file: a damaged manifest just means the shard is redone."""
-    path = manifest_path(output_root, shard_id)
-    if not path.is_file():
-        return False
+    there (in ``files``, a listing of the output, when given: one listing instead of a request
+    per file on an object store). Never raises for a bad file: a damaged manifest just means
+    the shard is redone."""
+    store = as_store(output_root)
+    relative = manifest_relative(shard_id)
     try:
-        meta = pq.read_metadata(path)
+        if store.is_local:
+            path = store.local_path(relative)
+            if not path.is_file():
+                return False
+            meta = pq.read_metadata(path)
+        else:
+            with store.open_read(relative) as handle:
+                meta = pq.read_metadata(handle)
         kv = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items()}
         # A manifest without its data (deleted, or lost with a crashed disk cache) does not
         # make a shard committed.
@@ -270,7 +294,7 @@ def is_shard_complete(output_root: str | Path, shard_id: str, run_fingerprint: s
             and kv.get("run_fingerprint") == run_fingerprint
             and kv.get("shard_id") == shard_id
             and kv.get("n_rows") == str(meta.num_rows)
-            and all((Path(output_root) / o).is_file() for o in outputs)
+            and all((o in files) if files is not None else store.exists(o) for o in outputs)
         )
     except Exception:  # noqa: BLE001 - unreadable means incomplete
         return False

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import gzip
 import os
-import secrets
+import posixpath
 import tarfile
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -35,6 +35,15 @@ from veil.pipelines.sources import (
     is_image_field,
     split_key,
 )
+from veil.pipelines.storage import (
+    TEMP_MARKER,
+    LocalStore,
+    OutputStore,
+    as_store,
+    clean_relative,
+    fsync_dir,
+    temp_path,
+)
 from veil.transforms.stage import ANONYMIZED, CLEAN, Sample
 
 __all__ = [
@@ -50,6 +59,7 @@ __all__ = [
     "fsync_dir",
     "open_writer",
     "output_error",
+    "store_write_bytes",
     "output_fields",
     "read_released_image",
     "remove_stale_temps",
@@ -58,7 +68,6 @@ __all__ = [
 
 #: Statuses a sample must have to be written. ``pending`` means a stage never ran on it.
 RELEASABLE_STATUSES: frozenset[str] = frozenset({ANONYMIZED, CLEAN})
-TEMP_MARKER = ".veil-tmp-"
 DATA_DIR = "data"
 
 
@@ -78,27 +87,6 @@ def output_error(exc: OSError, target: str | Path) -> OutputWriteError:
                                        "permissions, then rerun the same command to resume")
 
 
-def temp_path(final: Path) -> Path:
-    """A unique temporary sibling of ``final`` (same directory, so the rename is atomic)."""
-    return final.with_name(f"{final.name}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def fsync_dir(path: str | Path) -> None:
-    """Make a rename or file creation in ``path`` durable (POSIX needs the directory synced
-    too). A no-op where directories cannot be opened (Windows)."""
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
-    try:
-        fd = os.open(os.fspath(path), flags)
-    except (PermissionError, IsADirectoryError):
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems do not support fsync on directories
-    finally:
-        os.close(fd)
-
-
 def _fsync_and_close(handle: BinaryIO) -> None:
     handle.flush()
     os.fsync(handle.fileno())
@@ -106,29 +94,28 @@ def _fsync_and_close(handle: BinaryIO) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one."""
+    """Write ``data`` to the local file ``path`` so readers see the old file or the whole new
+    one."""
     final = Path(path)
-    tmp = temp_path(final)
+    store_write_bytes(LocalStore(final.parent), final.name, data)
+
+
+def store_write_bytes(store: OutputStore, relative: str, data: bytes) -> None:
+    """:meth:`OutputStore.write_bytes`, with a failed write as :class:`OutputWriteError`."""
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        fault_point(f"write:{final.name}")
-        os.replace(tmp, final)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise output_error(exc, final) from exc
-        raise
-    fsync_dir(final.parent)
+        store.write_bytes(relative, data)
+    except OSError as exc:
+        raise output_error(exc, store.display(relative)) from exc
 
 
-def remove_stale_temps(output_root: str | Path) -> list[Path]:
-    """Delete temporary files a killed run left under ``output_root``; returns them."""
-    removed = []
-    root = Path(output_root)
+def remove_stale_temps(output_root: str | Path | OutputStore) -> list[Path]:
+    """Delete temporary files a killed run left under ``output_root``; returns them. An
+    object store has none: files are staged on the writer's machine and uploaded whole."""
+    removed: list[Path] = []
+    store = as_store(output_root)
+    if not store.is_local:
+        return removed
+    root = store.local_path()
     if not root.is_dir():
         return removed
     for dirpath, _dirs, files in os.walk(root):
@@ -166,10 +153,9 @@ def output_fields(sample: Sample) -> tuple[str, ...]:
 class ShardWriter(ABC):
     """Writes one output shard; use as a context manager (commit on success, abort on error)."""
 
-    def __init__(self, shard: Shard, output_root: str | Path) -> None:
+    def __init__(self, shard: Shard, output_root: str | Path | OutputStore) -> None:
         self.shard = shard
-        self.output_root = Path(output_root)
-        self.data_root = self.output_root / DATA_DIR
+        self.store = as_store(output_root)
         self._state = "open"
 
     def write(self, sample: Sample) -> None:
@@ -220,16 +206,18 @@ class ShardWriter(ABC):
         else:
             self.abort()
 
-    def _rel(self, path: Path) -> str:
-        return path.relative_to(self.output_root).as_posix()
-
-    def _final_path(self, relative: str) -> Path:
-        """``OUT/data/<relative>``, refusing paths that would escape ``OUT/data``."""
-        final = (self.data_root / relative)
-        resolved = final.resolve()
-        if not resolved.is_relative_to(self.data_root.resolve()):
+    def _final(self, relative: str) -> str:
+        """``data/<relative>`` (relative to the output), refusing paths that would escape
+        ``OUT/data``: lexically, and on a local disk through symlinked folders too."""
+        final = f"{DATA_DIR}/{clean_relative(relative)}"
+        if self.store.is_local and not self.store.local_path(final).resolve().is_relative_to(
+                self.store.local_path(DATA_DIR).resolve()):
             raise ValueError(f"output path {relative!r} escapes the output folder")
         return final
+
+    def _publish(self, staged: Path, relative: str) -> None:
+        self.store.publish(staged, relative)
+        fault_point("shard:renamed")
 
 
 class TarShardWriter(ShardWriter):
@@ -240,11 +228,10 @@ class TarShardWriter(ShardWriter):
     gzip header has no name or time, so the same samples give the same bytes on every run.
     """
 
-    def __init__(self, shard: Shard, output_root: str | Path) -> None:
+    def __init__(self, shard: Shard, output_root: str | Path | OutputStore) -> None:
         super().__init__(shard, output_root)
-        self.final = self._final_path(shard.id)
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = temp_path(self.final)
+        self.final = self._final(shard.id)
+        self.tmp = self.store.staging_file(self.final)
         self._file: BinaryIO = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit/abort
         self._gz: gzip.GzipFile | None = None
         target: Any = self._file
@@ -272,7 +259,7 @@ class TarShardWriter(ShardWriter):
             info.uname = info.gname = ""
             info.type = tarfile.REGTYPE
             self._tar.addfile(info, _BytesReader(data))
-        sample["output_path"] = self._rel(self.final)
+        sample["output_path"] = self.final
 
     def _commit(self) -> list[str]:
         self._tar.close()
@@ -280,10 +267,9 @@ class TarShardWriter(ShardWriter):
             self._gz.close()
         _fsync_and_close(self._file)
         fault_point("shard:fsynced")
-        os.replace(self.tmp, self.final)
-        fault_point("shard:renamed")
-        fsync_dir(self.final.parent)
-        return [self._rel(self.final)]
+        self._publish(self.tmp, self.final)
+        self.store.sync(posixpath.dirname(self.final))
+        return [self.final]
 
     def _abort(self) -> None:
         for closer in (self._tar.close, *((self._gz.close,) if self._gz else ()), self._file.close):
@@ -291,7 +277,7 @@ class TarShardWriter(ShardWriter):
                 closer()
             except Exception:  # noqa: BLE001 - best effort: the temp file goes anyway
                 pass
-        self.tmp.unlink(missing_ok=True)
+        self.store.discard(self.tmp)
 
 
 class _BytesReader:
@@ -318,15 +304,15 @@ class ParquetShardWriter(ShardWriter):
 
     buffer_rows = 256
 
-    def __init__(self, shard: Shard, output_root: str | Path, source: ParquetSource) -> None:
+    def __init__(self, shard: Shard, output_root: str | Path | OutputStore,
+                 source: ParquetSource) -> None:
         import pyarrow.parquet as pq
 
         super().__init__(shard, output_root)
         self.image_column = source.image_column
         self.schema = source.schema(shard)
-        self.final = self._final_path(shard.id)
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = temp_path(self.final)
+        self.final = self._final(shard.id)
+        self.tmp = self.store.staging_file(self.final)
         self._rows: list[dict[str, Any]] = []
         self._file: BinaryIO = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit/abort
         self._writer = pq.ParquetWriter(self._file, self.schema,
@@ -342,7 +328,7 @@ class ParquetShardWriter(ShardWriter):
         kept = row.get(self.image_column)
         row[self.image_column] = {**kept, "bytes": data} if isinstance(kept, dict) else data
         self._rows.append(row)
-        sample["output_path"] = self._rel(self.final)
+        sample["output_path"] = self.final
         if len(self._rows) >= self.buffer_rows:
             self._flush()
 
@@ -358,10 +344,9 @@ class ParquetShardWriter(ShardWriter):
         self._writer.close()
         _fsync_and_close(self._file)
         fault_point("shard:fsynced")
-        os.replace(self.tmp, self.final)
-        fault_point("shard:renamed")
-        fsync_dir(self.final.parent)
-        return [self._rel(self.final)]
+        self._publish(self.tmp, self.final)
+        self.store.sync(posixpath.dirname(self.final))
+        return [self.final]
 
     def _abort(self) -> None:
         self._rows = []
@@ -370,7 +355,7 @@ class ParquetShardWriter(ShardWriter):
                 closer()
             except Exception:  # noqa: BLE001
                 pass
-        self.tmp.unlink(missing_ok=True)
+        self.store.discard(self.tmp)
 
 
 def _input_compression(source: ParquetSource, shard: Shard) -> str:
@@ -396,9 +381,9 @@ class FolderShardWriter(ShardWriter):
     bytes overwriting those files.
     """
 
-    def __init__(self, shard: Shard, output_root: str | Path) -> None:
+    def __init__(self, shard: Shard, output_root: str | Path | OutputStore) -> None:
         super().__init__(shard, output_root)
-        self._pending: list[tuple[Path, Path]] = []
+        self._pending: list[tuple[Path, str]] = []
 
     def _write(self, sample: Sample, fields: tuple[str, ...]) -> None:
         paths = sample.get("__paths__") or {}
@@ -406,47 +391,42 @@ class FolderShardWriter(ShardWriter):
         for name in fields:  # defence in depth, before any file of the sample is created
             check_release_name(paths.get(name) or f"{sample['__key__']}.{name}")
         for name in fields:
-            relative = paths.get(name) or f"{sample['__key__']}.{name}"
-            final = self._final_path(relative)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = temp_path(final)
+            final = self._final(paths.get(name) or f"{sample['__key__']}.{name}")
+            tmp = self.store.staging_file(final)
             self._pending.append((tmp, final))
             with open(tmp, "wb") as fh:
                 fh.write(sample[name])
                 fh.flush()
                 os.fsync(fh.fileno())
             if name == sample["__image__"]:
-                image_rel = self._rel(final)
+                image_rel = final
         sample["output_path"] = image_rel
 
     def _commit(self) -> list[str]:
-        dirs = set()
-        written = []
+        written: list[str] = []
         fault_point("shard:fsynced")
         try:
             for tmp, final in self._pending:
-                os.replace(tmp, final)
-                fault_point("shard:renamed")
-                dirs.add(final.parent)
-                written.append(self._rel(final))
+                self._publish(tmp, final)
+                written.append(final)
         except BaseException:
             # Half a shard must not stay in place without its manifest: take back the files
             # already renamed (the shard is redone anyway), the rest are removed by abort.
             for relative in written:
-                (self.output_root / relative).unlink(missing_ok=True)
+                self.store.delete(relative)
             raise
-        for directory in sorted(dirs):
-            fsync_dir(directory)
+        for directory in sorted({posixpath.dirname(f) for f in written}):
+            self.store.sync(directory)
         self._pending = []
         return written
 
     def _abort(self) -> None:
         for tmp, _final in self._pending:
-            tmp.unlink(missing_ok=True)
+            self.store.discard(tmp)
         self._pending = []
 
 
-def open_writer(shard: Shard, output_root: str | Path, *, source: Source) -> ShardWriter:
+def open_writer(shard: Shard, output_root: str | Path | OutputStore, *, source: Source) -> ShardWriter:
     """The writer for ``shard``, writing under ``output_root/data``."""
     if shard.kind == "tar":
         return TarShardWriter(shard, output_root)
@@ -459,7 +439,7 @@ def open_writer(shard: Shard, output_root: str | Path, *, source: Source) -> Sha
     raise ValueError(f"unknown shard kind {shard.kind!r}")
 
 
-def read_released_image(output_root: str | Path, row: dict[str, Any], *,
+def read_released_image(output_root: str | Path | OutputStore, row: dict[str, Any], *,
                         image_column: str | None = None) -> bytes:
     """The released image bytes of a manifest row (for reports and audits).
 
@@ -469,22 +449,21 @@ def read_released_image(output_root: str | Path, row: dict[str, Any], *,
     only unreleased rows). ``image_column`` defaults to the one recorded in ``OUT/run.json``,
     else ``"image"``. Raises ``FileNotFoundError`` when the image is not there.
     """
-    root = Path(output_root)
+    store = as_store(output_root)
     relative = row.get("output_path")
     if not relative or row.get("status") not in RELEASABLE_STATUSES:
         raise FileNotFoundError(f"sample {row.get('key')!r} was not released")
-    path = root / relative
-    lower = path.name.lower()
+    lower = posixpath.basename(relative).lower()
     if lower.endswith((".tar", ".tar.gz", ".tgz")):
-        return _tar_image(path, row["key"])
+        return _tar_image(store, relative, row["key"])
     if lower.endswith(".parquet"):
-        return _parquet_image(root, path, row, image_column)
-    return path.read_bytes()
+        return _parquet_image(store, relative, row, image_column)
+    return store.read_bytes(relative)
 
 
-def _tar_image(path: Path, key: str) -> bytes:
-    with open(path, "rb") as raw:
-        stream: Any = gzip.GzipFile(fileobj=raw) if path.name.lower().endswith((".gz", ".tgz")) else raw
+def _tar_image(store: OutputStore, relative: str, key: str) -> bytes:
+    with store.open_read(relative) as raw:
+        stream: Any = gzip.GzipFile(fileobj=raw) if relative.lower().endswith((".gz", ".tgz")) else raw
         with tarfile.open(fileobj=stream, mode="r|") as tf:
             for info in tf:
                 parts = split_key(info.name)
@@ -492,33 +471,35 @@ def _tar_image(path: Path, key: str) -> bytes:
                     member = tf.extractfile(info)
                     if member is not None:
                         return member.read()
-    raise FileNotFoundError(f"no image of key {key!r} in {path}")
+    raise FileNotFoundError(f"no image of key {key!r} in {store.display(relative)}")
 
 
-def _parquet_image(root: Path, path: Path, row: dict[str, Any], image_column: str | None) -> bytes:
+def _parquet_image(store: OutputStore, relative: str, row: dict[str, Any],
+                   image_column: str | None) -> bytes:
     import json
 
     import pyarrow.parquet as pq
 
-    from veil.pipelines.manifest import manifest_path, read_manifest
+    from veil.pipelines.manifest import read_shard_manifest
 
     if image_column is None:
         try:
-            info = json.loads((root / "run.json").read_text())
+            info = json.loads(store.read_bytes("run.json"))
             image_column = str(info["config"]["image_column"])
         except (OSError, ValueError, KeyError, TypeError):
             image_column = "image"
-    manifest = read_manifest(manifest_path(root, row["shard"])).select(["index", "status"]).to_pylist()
+    manifest = read_shard_manifest(store, row["shard"]).select(["index", "status"]).to_pylist()
     position = sum(1 for r in manifest
                    if r["status"] in RELEASABLE_STATUSES and r["index"] < row["index"])
-    pf = pq.ParquetFile(path)
-    for group in range(pf.metadata.num_row_groups):
-        n = pf.metadata.row_group(group).num_rows
-        if position < n:
-            value = pf.read_row_group(group, columns=[image_column]).column(0)[position].as_py()
-            data = value.get("bytes") if isinstance(value, dict) else value
-            if data is None:
-                break
-            return bytes(data)
-        position -= n
-    raise FileNotFoundError(f"row {row.get('index')} of {path} holds no released image")
+    with store.open_read(relative) as handle:
+        pf = pq.ParquetFile(handle)
+        for group in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(group).num_rows
+            if position < n:
+                value = pf.read_row_group(group, columns=[image_column]).column(0)[position].as_py()
+                data = value.get("bytes") if isinstance(value, dict) else value
+                if data is None:
+                    break
+                return bytes(data)
+            position -= n
+    raise FileNotFoundError(f"row {row.get('index')} of {store.display(relative)} holds no released image")

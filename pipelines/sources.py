@@ -354,6 +354,13 @@ def _suffix_kind(name: str) -> str | None:
     return None
 
 
+def absolute_local(url: str) -> str:
+    """A local path made absolute; URLs (``s3://...``, ``file://...``) unchanged. Shards are
+    read by workers whose working directory is not the driver's (Beam SDK workers, Ray nodes),
+    and an unreadable shard's path is recorded in its manifest the same on every runner."""
+    return url if "://" in url else os.path.abspath(url)
+
+
 def _strip_protocol(url: str) -> str:
     import fsspec.core
 
@@ -597,9 +604,9 @@ class TarSource(Source):
     def __init__(self, urls: Sequence[str], *, root: str | None = None,
                  max_member_bytes: int | None = None) -> None:
         super().__init__()
-        self.urls = list(urls)
+        self.urls = [absolute_local(u) for u in urls]
         self.max_member_bytes = max_member_bytes
-        ids = shard_ids(self.urls, root)
+        ids = shard_ids(self.urls, None if root is None else absolute_local(root))
         self._shards = [Shard(id=i, url=u, kind="tar") for i, u in zip(ids, self.urls, strict=True)]
 
     def list_shards(self) -> list[Shard]:
@@ -853,9 +860,9 @@ class ParquetSource(Source):
     def __init__(self, urls: Sequence[str], *, image_column: str = "image",
                  root: str | None = None) -> None:
         super().__init__()
-        self.urls = list(urls)
+        self.urls = [absolute_local(u) for u in urls]
         self.image_column = image_column
-        ids = shard_ids(self.urls, root)
+        ids = shard_ids(self.urls, None if root is None else absolute_local(root))
         self._shards = [Shard(id=i, url=u, kind="parquet")
                         for i, u in zip(ids, self.urls, strict=True)]
         self._metadata: dict[str, Any] = {}

@@ -268,10 +268,12 @@ def cli_run(args: list[str], env: dict[str, str] | None = None, timeout: int = 6
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("runner", "fault"), [("ray", "shard:renamed:2"), ("beam", "manifest:tmp:2")])
+@pytest.mark.parametrize(("runner", "fault"), [("ray", "ray:commit-submitted:2"), ("beam", "manifest:tmp:2")])
 def test_kill_distributed_runner_resumes(runner, fault, inputs, references, tmp_path):
-    """The driver of a Ray run (which commits as samples stream back) and a Beam run (which
-    commits inside the pipeline, in this process on the direct runner) killed mid-commit."""
+    """The driver of a Ray run killed just after it started the second shard's commit task
+    (which runs on a Ray worker, and dies with the embedded Ray or finishes), and a Beam run
+    (which commits inside the pipeline, in this process on the direct runner) killed
+    mid-commit."""
     spec = inputs["tar"]
     out = tmp_path / "out"
     args = run_args(spec["input"], out, "--workers", "1", runner=runner)

@@ -335,7 +335,7 @@ def diffusion_dataset(tmp_path_factory, faces_dir) -> str:
 
 
 def _run(dataset, out, runner, model, **extra):
-    from veil.pipelines.driver import run
+    from veil.orchestrate import run
 
     cfg = RunConfig(input=dataset, output=str(out), runner=runner, progress=False, batch_size=2,
                     anonymize=AnonymizeConfig(method="diffusion"),

@@ -409,7 +409,7 @@ def test_fsap_run_gives_identical_bytes_on_local_and_ray(fsap_dataset, tmp_path,
     from test_pipeline import manifest_rows, tree_digest
 
     from veil.config import RunConfig
-    from veil.pipelines.driver import run
+    from veil.orchestrate import run
 
     outputs = {}
     for runner in ("local", "ray"):

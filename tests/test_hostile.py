@@ -215,7 +215,7 @@ def _manifest(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def hostile_local_run(hostile_tar, tmp_path_factory, models_dir):
     from veil.config import RunConfig
-    from veil.pipelines.driver import run
+    from veil.orchestrate import run  # the release and its report
 
     out = tmp_path_factory.mktemp("hostile-out") / "out"
     summary = run(RunConfig(input=str(hostile_tar), output=str(out), runner="local",
@@ -460,12 +460,16 @@ def test_output_inside_input_and_input_inside_output_are_refused(tmp_path, monke
     assert "inside the input" in _paths_error("sub/../", "./o2")
     os.symlink(inp / "sub", tmp_path / "looks-elsewhere")
     assert "inside the input" in _paths_error(str(inp), str(tmp_path / "looks-elsewhere" / "o"))
-    # Siblings are fine; so is an output next to a single input file; remote inputs are
-    # not checked, remote outputs are refused (they cannot be locked).
+    # Siblings are fine; so is an output next to a single input file; a local input and a
+    # remote output (or the reverse) cannot nest; two URLs are compared as paths.
     assert _paths_error(str(inp), str(tmp_path / "out")) is None
     assert _paths_error(str(inp / "sub" / "a.tar"), str(inp / "anon")) is None
     assert _paths_error("s3://bucket/shards/{000..009}.tar", str(tmp_path / "out")) is None
-    assert "must be a local folder" in _paths_error(str(inp), "s3://bucket/out")
+    assert _paths_error(str(inp), "s3://bucket/out") is None
+    assert "inside the input" in _paths_error("s3://bucket/raw/{000..009}.tar", "s3://bucket/raw/anon")
+    assert "inside the output" in _paths_error("s3://bucket/out/raw/{000..009}.tar", "s3://bucket/out/")
+    assert _paths_error("s3://bucket/raw/{000..009}.tar", "s3://bucket/release") is None
+    assert _paths_error("s3://bucket/raw/{000..009}.tar", "gs://bucket/raw/anon") is None
 
 
 def test_cli_refuses_nested_output_with_exit_2(tmp_path, capsys):

@@ -63,7 +63,7 @@ def manifest_rows(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def local_run(dataset, tmp_path_factory):
-    from veil.pipelines.driver import run
+    from veil.orchestrate import run  # the report too, as `veil run` writes it
 
     out = tmp_path_factory.mktemp("out-local")
     summary = run(make_config(dataset["pattern"], out, "local"))

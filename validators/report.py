@@ -32,25 +32,35 @@ from typing import Any
 
 import numpy as np
 
+from veil.pipelines.storage import OutputStore, as_store, is_remote
 from veil.transforms.stage import reason_code
 from veil.validators.state import json_safe
 
 MAX_GRID = 24
 
 
-def load_rows(output: Path) -> list[dict[str, Any]]:
+def load_rows(output: Path | OutputStore) -> list[dict[str, Any]]:
     from veil.pipelines.manifest import read_manifests
 
     return read_manifests(output).to_pylist()
 
 
-def compute_report(output: str | Path) -> dict[str, Any]:
+def compute_report(output: str | Path | OutputStore, *,
+                   validation_from: str | Path | None = None) -> dict[str, Any]:
     """The report's numbers: the run's (when ``output`` has manifests) and, when
     ``validation/summary.json`` exists, the validation's under ``"validation"``."""
-    output = Path(output)
-    has_run = (output / "manifest").is_dir()
-    report = compute_run_report(output) if has_run else {"output": str(output)}
-    validation = compute_validation(output)
+    if isinstance(output, OutputStore) or is_remote(output):
+        # A release on an object store: its manifests, run.json and images are read there;
+        # its validation tables were written to a local folder first (``validation_from``).
+        store = as_store(output)
+        has_run = bool(store.list_files("manifest"))
+        report = compute_run_report(store) if has_run else {"output": store.url}
+        validation = compute_validation(validation_from) if validation_from is not None else None
+    else:
+        output = Path(output)
+        has_run = (output / "manifest").is_dir()
+        report = compute_run_report(output) if has_run else {"output": str(output)}
+        validation = compute_validation(output)
     if validation is not None:
         report["validation"] = validation
     report["contents"] = [name for name, present in (("run", has_run), ("validation", validation is not None))
@@ -191,10 +201,13 @@ def gate_blocks(gate: dict[str, Any]) -> bool:
     return (gate.get("severity") or "critical") == "critical"
 
 
-def compute_run_report(output: Path) -> dict[str, Any]:
+def compute_run_report(output: Path | OutputStore) -> dict[str, Any]:
     """Numbers of a ``veil run`` output, from its manifests and ``run.json``."""
     rows = load_rows(output)
-    run_info = _read_json(output / "run.json") or {}
+    try:
+        run_info = json.loads(as_store(output).read_bytes("run.json"))
+    except (OSError, ValueError):
+        run_info = {}
     statuses = Counter(r["status"] for r in rows)
     reasons = Counter(reason_code(r["reason"]) for r in rows if r["status"] == "quarantined")
     per_shard: dict[str, Counter] = defaultdict(Counter)
@@ -244,7 +257,7 @@ def compute_run_report(output: Path) -> dict[str, Any]:
     summary = run_info.get("summary") or {}
     keys = Counter((r["shard"], r["key"]) for r in rows)
     report = {
-        "output": str(output),
+        "output": as_store(output).url,
         "samples": len(rows),
         "counts": dict(statuses),
         "quarantine_reasons": dict(reasons.most_common()),
@@ -365,37 +378,39 @@ def synthesis_summary(faces: list[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
-def build_report(output: str | Path) -> Path:
+def build_report(output: str | Path | OutputStore, *,
+                 validation_from: str | Path | None = None) -> Path | str:
     """Write report.json and index.html under OUT/report; returns the HTML path.
 
     ``output`` is a ``veil run`` output (``manifest/``), a validation output
-    (``validation/summary.json``), or both."""
-    from veil.pipelines.sinks import atomic_write_bytes
+    (``validation/summary.json``), or both. ``validation_from`` is the local folder holding
+    the validation of an object-store output (``veil run --gates`` validates there)."""
+    from veil.pipelines.sinks import store_write_bytes
     from veil.validators.report_html import render_page
 
-    output = Path(output)
-    has_run = (output / "manifest").is_dir()
-    if not has_run and not (output / VALIDATION_SUMMARY).is_file():
+    store = as_store(output)
+    has_run = bool(store.list_files("manifest"))
+    if not has_run and not store.exists(VALIDATION_SUMMARY.as_posix()) and validation_from is None:
         raise FileNotFoundError(
             f"{output} has no manifest/ folder (an output of 'veil run') and no {VALIDATION_SUMMARY} "
             "(an output of 'veil validate')")
-    report = compute_report(output)
+    report = compute_report(store if not store.is_local else store.local_path(),
+                            validation_from=validation_from)
     scores = report.pop("_scores", [])
     rows = report.pop("_rows", [])
     pool_sheet = report.pop("_pool_sheet", None)
     validation = report.get("validation")
     scan = validation.pop("_scan") if validation is not None else None
-    folder = output / "report"
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / "report.json", json.dumps(report, indent=2, sort_keys=True, default=str).encode())
+    store_write_bytes(store, "report/report.json",
+                      json.dumps(report, indent=2, sort_keys=True, default=str).encode())
     if pool_sheet:
         report["_pool_sheet"] = pool_sheet  # the page only, never report.json
     plots = _plots(report, scores) if has_run else {}
     if validation is not None:
         plots |= _validation_plots(validation, scan, kind=report["method"]["kind"])
-    page = render_page(report, plots, _grid(output, rows) if has_run else [])
-    atomic_write_bytes(folder / "index.html", page.encode())
-    return folder / "index.html"
+    page = render_page(report, plots, _grid(store, rows) if has_run else [])
+    store_write_bytes(store, "report/index.html", page.encode())
+    return store.local_path("report/index.html") if store.is_local else store.display("report/index.html")
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -488,7 +503,7 @@ def _plots(report: dict[str, Any], scores: list[float]) -> dict[str, str]:
     return plots
 
 
-def _grid(output: Path, rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+def _grid(output: Path | OutputStore, rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     """Crops around anonymized regions, cut from the released files."""
     from PIL import Image
 

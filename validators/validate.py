@@ -22,8 +22,9 @@
    ``RELEASE.json`` written; a failed
    validation removes a stale one. The report is rebuilt with the gate section.
 
-The same evaluator runs on a plain loop, on Ray Data (an actor pool, one evaluator per
-actor) or on Apache Beam (a DoFn whose ``setup`` loads the models).
+The evaluator is a :class:`~veil.pipelines.runners.ShardWorker`: every runner of ``veil run``
+executes it through ``Runner.map_shards`` (a plain loop, a Ray Data actor pool with one
+evaluator per actor, a Beam ``DoFn`` whose ``setup`` loads the models).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import sys
 import time
 import urllib.parse
@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from veil.pipelines.runners import ShardWorker, make_runner
 from veil.validators.pairing import (
     MISSING_ANONYMIZED,
     MISSING_ORIGINAL,
@@ -467,11 +468,12 @@ class ShardOutcome:
     seconds: float
 
 
-class ShardEvaluator:
+class ShardEvaluator(ShardWorker):
     """Evaluates shard pairs into files; holds plain settings until ``setup`` loads models.
 
-    It pickles cheaply (models are built on the worker), so the same object is handed to a
-    Ray actor or a Beam DoFn.
+    It pickles cheaply (models are built on the worker): it is the
+    :class:`~veil.pipelines.runners.ShardWorker` every runner's ``map_shards`` runs, one
+    shard pair per task.
     """
 
     def __init__(self, config: ValidateConfig, pairing: Pairing, veil_output: VeilOutput | None,
@@ -479,7 +481,9 @@ class ShardEvaluator:
         self.config = config
         self.pairing = pairing
         self.veil_output = veil_output
-        self.output = Path(output)
+        # Absolute: SDK workers of Beam's portable runners and Ray workers on other nodes run
+        # in a working directory of their own, where a relative path names another folder.
+        self.output = Path(output).absolute()
         self.config_fingerprint = config_fingerprint
         self._ready = False
 
@@ -533,6 +537,12 @@ class ShardEvaluator:
         self._ready = True
 
     # ------------------------------------------------------------------------------ shards
+
+    def __call__(self, pair: ShardPair) -> ShardOutcome:
+        return self.evaluate(pair)
+
+    def describe(self, pair: ShardPair) -> str:
+        return f"the evaluation of shard {pair.id!r}"
 
     def evaluate(self, pair: ShardPair) -> ShardOutcome:
         """Evaluate one shard pair and write its files; the state file is written last."""
@@ -998,86 +1008,6 @@ def _table(rows: list[dict[str, Any]], kind: str, recognizers: list[str], detect
 
 
 # --------------------------------------------------------------------------------------------
-# Runners: map shard pairs to evaluator calls
-# --------------------------------------------------------------------------------------------
-
-
-class _RayEvaluator:
-    def __init__(self, evaluator: ShardEvaluator) -> None:
-        self.evaluator = evaluator
-        self.evaluator.setup()
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out = [pickle.dumps(self.evaluator.evaluate(pickle.loads(b))) for b in batch["pair"]]
-        return {"outcome": np.array(out, dtype=object)}
-
-
-def _run_local(pairs: list[ShardPair], evaluator: ShardEvaluator) -> Iterator[ShardOutcome]:
-    evaluator.setup()
-    for pair in pairs:
-        yield evaluator.evaluate(pair)
-
-
-def _run_ray(pairs: list[ShardPair], evaluator: ShardEvaluator, config: ValidateConfig) -> Iterator[ShardOutcome]:
-    import ray
-
-    from veil.pipelines.runners import init_ray
-
-    init_ray(config.ray_address)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    total = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-    workers = config.workers or max(1, int(total))
-    ds = ray.data.from_items([{"pair": pickle.dumps(p)} for p in pairs], override_num_blocks=len(pairs))
-    ds = ds.map_batches(_RayEvaluator, fn_constructor_kwargs={"evaluator": evaluator}, batch_size=1,
-                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=min(workers, len(pairs))),
-                        num_cpus=min(1.0, max(0.1, (total - 0.25) / workers)))
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for blob in batch["outcome"]:
-            yield pickle.loads(blob)
-
-
-def _run_beam(pairs: list[ShardPair], evaluator: ShardEvaluator, config: ValidateConfig) -> Iterator[ShardOutcome]:
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    from veil.pipelines.runners import beam_pipeline_options
-
-    with beam.Pipeline(options=PipelineOptions(beam_pipeline_options(config.beam_options))) as p:
-        _ = (p | "Pairs" >> beam.Create([pickle.dumps(x) for x in pairs], reshuffle=False)
-             | "Evaluate" >> beam.ParDo(_EvaluateDoFn(evaluator)))
-    # Results are the files each DoFn wrote; the driver reads them back like any finished shard.
-    for pair in pairs:
-        data = json.loads(shard_file(evaluator.output, "state", pair.id, ".json").read_text())
-        yield ShardOutcome(pair.id, sum(data["state"]["counts"].get(s, 0) for s in
-                                        (PAIRED, ERROR, MISSING_ORIGINAL, MISSING_ANONYMIZED, NOT_RELEASED,
-                                         NO_IMAGE_RELEASED)),
-                           float(data["state"]["seconds"]))
-
-
-def _evaluate_dofn_class() -> type:
-    import apache_beam as beam
-
-    class EvaluateDoFn(beam.DoFn):
-        def __init__(self, evaluator: ShardEvaluator) -> None:
-            self.evaluator = evaluator
-
-        def setup(self) -> None:
-            self.evaluator.setup()
-
-        def process(self, blob: bytes) -> Iterator[str]:
-            yield self.evaluator.evaluate(pickle.loads(blob)).shard
-
-    return EvaluateDoFn
-
-
-def _EvaluateDoFn(evaluator: ShardEvaluator) -> Any:  # noqa: N802 - reads like the class it builds
-    return _evaluate_dofn_class()(evaluator)
-
-
-# --------------------------------------------------------------------------------------------
 # Dataset metrics
 # --------------------------------------------------------------------------------------------
 
@@ -1206,16 +1136,16 @@ def validate(config: ValidateConfig) -> ValidationResult:
     fingerprint = config.fingerprint()
     todo = [p for p in pairs if not is_pair_done(output, p, pair_fingerprint(fingerprint, p))]
     evaluator = ShardEvaluator(config, pairing, veil_out, output, fingerprint)
+    runner = make_runner(config.runner, ray_address=config.ray_address, beam_options=config.beam_options)
     start = time.perf_counter()
-    runs = {"local": lambda: _run_local(todo, evaluator), "ray": lambda: _run_ray(todo, evaluator, config),
-            "beam": lambda: _run_beam(todo, evaluator, config)}
-    if config.runner not in runs:
-        raise ValueError(f"unknown runner {config.runner!r}")
     bar = tqdm(total=len(todo), desc="validating shards", unit="shard", file=sys.stderr,
                disable=not config.progress, dynamic_ncols=True)
     images = 0
+    # Beam's workers return their outcomes through files next to the shard files they write.
+    outcomes = runner.map_shards(todo, evaluator, workers=config.workers,
+                                 scratch=str(evaluator.output / VALIDATION_DIR))
     with bar:
-        for outcome in (runs[config.runner]() if todo else ()):
+        for outcome in outcomes:
             images += outcome.samples
             bar.update(1)
             bar.set_postfix(images=images, refresh=False)
@@ -1376,16 +1306,16 @@ def release_record(config: ValidateConfig, summary: dict[str, Any], samples: Any
     """``RELEASE.json``: what was checked, how, and the fingerprint of exactly those bytes."""
     from veil import __version__
     from veil.pipelines.driver import environment_info
-    from veil.transforms.models import file_sha256
 
     released = samples[samples["anonymized_sha256"].notna()].sort_values("key")
     h = hashlib.sha256()
     for key, sha in zip(released["key"], released["anonymized_sha256"], strict=True):
         h.update(f"{key}\t{sha}\n".encode())
     manifests = {}
-    if veil_out is not None and (veil_out.root / "manifest").is_dir():
-        for path in sorted((veil_out.root / "manifest").rglob("*.parquet")):
-            manifests[str(path.relative_to(veil_out.root))] = file_sha256(path)
+    if veil_out is not None:
+        for relative in veil_out.root.list_files("manifest"):
+            if relative.endswith(".parquet"):
+                manifests[relative] = hashlib.sha256(veil_out.root.read_bytes(relative)).hexdigest()
     return {
         "releasable": True,
         "veil_version": __version__,
