@@ -230,12 +230,16 @@ def read_manifest(path: str | Path) -> pa.Table:
 
 def read_shard_manifest(output_root: str | Path | OutputStore, shard_id: str) -> pa.Table:
     """The manifest of ``shard_id`` in any store, with its metadata."""
-    store = as_store(output_root)
-    relative = manifest_relative(shard_id)
+    return _read_parquet(as_store(output_root), manifest_relative(shard_id), pq.read_table)
+
+
+def _read_parquet(store: OutputStore, relative: str, reader: Any) -> Any:
+    """``reader`` (``pq.read_table``, ``pq.read_metadata``) applied to a file of the store:
+    by path on a local disk (memory-mapped reads), through a file object elsewhere."""
     if store.is_local:
-        return pq.read_table(store.local_path(relative))
+        return reader(store.local_path(relative))
     with store.open_read(relative) as handle:
-        return pq.read_table(handle)
+        return reader(handle)
 
 
 def _manifest_files(store: OutputStore) -> list[str]:
@@ -248,11 +252,7 @@ def iter_manifests(output_root: str | Path | OutputStore) -> Iterator[pa.Table]:
     store = as_store(output_root)
     for relative in _manifest_files(store):
         try:
-            if store.is_local:
-                table = pq.read_table(store.local_path(relative))
-            else:
-                with store.open_read(relative) as handle:
-                    table = pq.read_table(handle)
+            table = _read_parquet(store, relative, pq.read_table)
         except Exception as exc:
             raise ValueError(f"manifest {store.display(relative)} is unreadable ({exc}); delete it "
                              f"to redo its shard") from exc
@@ -277,14 +277,9 @@ def is_shard_complete(output_root: str | Path | OutputStore, shard_id: str, run_
     store = as_store(output_root)
     relative = manifest_relative(shard_id)
     try:
-        if store.is_local:
-            path = store.local_path(relative)
-            if not path.is_file():
-                return False
-            meta = pq.read_metadata(path)
-        else:
-            with store.open_read(relative) as handle:
-                meta = pq.read_metadata(handle)
+        if store.is_local and not store.local_path(relative).is_file():
+            return False
+        meta = _read_parquet(store, relative, pq.read_metadata)
         kv = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items()}
         # A manifest without its data (deleted, or lost with a crashed disk cache) does not
         # make a shard committed.

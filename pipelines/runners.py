@@ -184,10 +184,11 @@ def _read_row(batch: list[Sample], unit: int, seq: int, *, last: bool, count: in
             "count": count}
 
 
-def ray_read_dataset(shards: Sequence[Shard], source: Source, batch_size: int) -> Any:
+def ray_read_dataset(shards: Sequence[Shard], source: Source, batch_size: int,
+                     units: Sequence[WorkUnit] | None = None) -> Any:
     """The Ray Dataset of a run's I/O batches: one read task per work unit, one row (and
     block) per batch of ``batch_size`` samples, end markers included. Row ``unit`` is the
-    index of the work unit in ``work_units(shards, source, batch_size)``."""
+    index of the work unit in ``units`` (default: ``work_units(shards, source, batch_size)``)."""
     import ray
 
     # Every row (an I/O batch) must be a block of its own, so that each batch is one task
@@ -199,7 +200,8 @@ def ray_read_dataset(shards: Sequence[Shard], source: Source, batch_size: int) -
     previous = data_ctx.target_max_block_size
     data_ctx.target_max_block_size = 1
     try:
-        units = work_units(shards, source, batch_size)
+        if units is None:
+            units = work_units(shards, source, batch_size)
         ds = ray.data.from_items([{"unit": pickle.dumps(u), "index": i} for i, u in enumerate(units)],
                                  override_num_blocks=len(units))
         return ds.flat_map(_ray_read_unit, fn_kwargs={"source": source, "batch_size": batch_size},
@@ -397,8 +399,8 @@ class RayRunner(Runner):
 
         store = as_store(ctx.output)
         # Parts carry their place in the input: batches need not come back in order.
-        ds = self._dataset(shards, ctx, output=store, ordered=False)
         units = work_units(shards, ctx.source, ctx.batch_size)
+        ds = self._dataset(shards, ctx, output=store, ordered=False, units=units)
         commit = ray.remote(num_cpus=self.commit_cpus, max_retries=3)(commit_parts)
         source_ref = ray.put(ctx.source)
         pending = {s.id: _ShardPending(s, units_left=0, parts=[]) for s in shards}
@@ -467,7 +469,7 @@ class RayRunner(Runner):
                 yield from pickle.loads(blob)
 
     def _dataset(self, shards: list[Shard], ctx: RunContext, *, output: OutputStore | None,
-                 ordered: bool) -> Any:
+                 ordered: bool, units: Sequence[WorkUnit] | None = None) -> Any:
         """Reads, then one actor pool per chain segment; with ``output`` the last pool writes
         parts there (:meth:`run`), else it returns the samples (:meth:`stream_samples`)."""
         import ray
@@ -482,7 +484,7 @@ class RayRunner(Runner):
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         if output is not None:
             output.delete_tree(PARTS_DIR)  # a killed run's parts: its shards are redone whole
-        ds = ray_read_dataset(shards, ctx.source, ctx.batch_size)
+        ds = ray_read_dataset(shards, ctx.source, ctx.batch_size, units)
         for i, pool in enumerate(pools):
             writes = output is not None and i == len(pools) - 1
             ds = ds.map_batches(

@@ -249,9 +249,6 @@ class FsspecStore(OutputStore):
         self.root = self.root.rstrip("/")
         self._staging: Path | None = None
 
-    def __getstate__(self) -> dict[str, Any]:  # pragma: no cover - pickled via __reduce__
-        return {"url": self.url}
-
     def _full(self, relative: str) -> str:
         return f"{self.root}/{clean_relative(relative)}"
 
