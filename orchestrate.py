@@ -70,6 +70,7 @@ def validate_config(config: RunConfig, *, output: str) -> Any:
         max_bytes=config.io.max_bytes, follow_symlinks=config.io.follow_symlinks,
         models=dict(config.models), models_dir=config.models_dir,
         allow_download=config.allow_download, progress=config.progress,
+        pii=asdict(config.pii),
         # The run's own gates need their verdict, not the full audit (`veil validate`):
         # metrics no gate reads are left out, which more than halves the cost.
         measure="gated")

@@ -53,6 +53,8 @@ MANIFEST_SCHEMA: pa.Schema = pa.schema([
     pa.field("timings", pa.string()),  # JSON {stage: seconds}
     pa.field("rescan_rounds", pa.int32()),
     pa.field("max_score", pa.float64()),
+    # JSON {entity type: n} of PII spans redacted from the sample's text fields (never values)
+    pa.field("redactions", pa.string()),
 ])
 
 #: Top-level config keys that do not change what a finished shard contains: how the run is
@@ -141,6 +143,8 @@ def manifest_row(sample: Sample) -> dict[str, Any]:
         "timings": canonical_json(timings),
         "rescan_rounds": int(sample.get("rescan_rounds") or 0),
         "max_score": _opt_float(max_score),
+        "redactions": (None if sample.get("redactions") is None
+                       else canonical_json(dict(sample["redactions"]))),
     }
 
 
@@ -256,7 +260,11 @@ def iter_manifests(output_root: str | Path | OutputStore) -> Iterator[pa.Table]:
         except Exception as exc:
             raise ValueError(f"manifest {store.display(relative)} is unreadable ({exc}); delete it "
                              f"to redo its shard") from exc
-        yield table.replace_schema_metadata(None).select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+        table = table.replace_schema_metadata(None)
+        for name in MANIFEST_SCHEMA.names:
+            if name not in table.column_names:  # a manifest from before the column existed
+                table = table.append_column(name, pa.nulls(table.num_rows, MANIFEST_SCHEMA.field(name).type))
+        yield table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
 
 
 def read_manifests(output_root: str | Path | OutputStore) -> pa.Table:

@@ -326,6 +326,28 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             kind="torch-state-dict",
             loader="veil.transforms.generators.load_generator",
         ),
+        ModelSpec(
+            name="ppocrv6_det_small",
+            filename="PP-OCRv6_det_small.onnx",
+            sha256="090f04abcd9d9a7498bc4ebf677e4cb9bdce1fe4197ddb7e529f1ef44e1ff94f",
+            license="Apache-2.0",
+            source="https://github.com/PaddlePaddle/PaddleOCR (PP-OCRv6 small, ONNX export as shipped in the rapidocr package, https://github.com/RapidAI/RapidOCR)",
+            description="PP-OCRv6 small text detector (DB segmentation, multilingual): finds text lines as quadrilaterals",
+            package_file=("rapidocr", "models/PP-OCRv6_det_small.onnx"),
+            kind="onnx",
+            loader="veil.transforms.ocr.OCREngine",
+        ),
+        ModelSpec(
+            name="ppocrv6_rec_small",
+            filename="PP-OCRv6_rec_small.onnx",
+            sha256="6f327246b50388f3c176ae304bd95767ea6dc0c9ae92153ef8cbe210b3c14884",
+            license="Apache-2.0",
+            source="https://github.com/PaddlePaddle/PaddleOCR (PP-OCRv6 small, ONNX export as shipped in the rapidocr package, https://github.com/RapidAI/RapidOCR)",
+            description="PP-OCRv6 small text recognizer (CTC, multilingual; character dictionary embedded in the ONNX metadata)",
+            package_file=("rapidocr", "models/PP-OCRv6_rec_small.onnx"),
+            kind="onnx",
+            loader="veil.transforms.ocr.OCREngine",
+        ),
     )
 }
 

@@ -42,8 +42,10 @@ from veil.config import (
     DiffusionConfig,
     FSAPConfig,
     ImageIOConfig,
+    PIIConfig,
     RescanConfig,
 )
+from veil.transforms.regions import RegionDetector, kind_methods
 from veil.transforms.stage import ANONYMIZED, CLEAN, Resources, Sample, SampleStage, quarantine
 
 
@@ -63,6 +65,8 @@ class RescanStage(SampleStage):
         seed: int,
         batch_size: int = 16,
         fsap: FSAPConfig | DiffusionConfig | None = None,
+        pii: PIIConfig | None = None,
+        detectors: list[RegionDetector] | None = None,
     ) -> None:
         self.rescan = rescan
         self.fsap = fsap if fsap is not None else FSAPConfig()
@@ -73,6 +77,12 @@ class RescanStage(SampleStage):
         self.models = models
         self.seed = seed
         self.batch_size = batch_size
+        #: Personal-data classes besides faces: their detectors look again at the released
+        #: pixels (a class whose policy is ``keep`` is not re-scanned).
+        self.pii = pii if pii is not None else PIIConfig(classes=["faces"])
+        methods = kind_methods(self.pii)
+        self.detectors = [d for d in (detectors or []) if methods.get(d.kind, "keep") != "keep"]
+        self.faces = "faces" in self.pii.classes
         self._detector = None
         self._anonymizer = None
         self._certifiers: list[Any] = []
@@ -83,7 +93,9 @@ class RescanStage(SampleStage):
         from veil.transforms.models import ModelRegistry
 
         registry = ModelRegistry(**self.models)
-        self._detector = build_detector(self.detect, registry)
+        self._detector = build_detector(self.detect, registry) if self.faces else None
+        for detector in self.detectors:
+            detector.setup()
         if self.synthesis:
             from veil.transforms.fsap import fallback_anonymizer
             from veil.transforms.recognizers import build_recognizer
@@ -93,6 +105,11 @@ class RescanStage(SampleStage):
             self._certifiers = [build_recognizer(name, registry) for name in self.fsap.certify]
         else:
             self._anonymizer = Anonymizer(self.anonymize, expand=self.detect.expand)
+        from veil.transforms.policy import PolicyAnonymizer
+
+        # Every kind strengthened by its own class's method; faces by the face method.
+        self._anonymizer = PolicyAnonymizer(kind_methods(self.pii), self.anonymize,
+                                            face=self._anonymizer, face_expand=self.detect.expand)
 
     def __getstate__(self) -> dict[str, Any]:
         # Models are per worker: never ship a loaded detector with the stage object.
@@ -111,7 +128,7 @@ class RescanStage(SampleStage):
             return sample
         if status not in (ANONYMIZED, CLEAN):
             return sample
-        if self._detector is None:
+        if self._anonymizer is None:
             self.setup()
 
         from veil.transforms.anonymize import sample_rng
@@ -123,30 +140,31 @@ class RescanStage(SampleStage):
             released = decode_image(
                 sample[field], ext=field, max_pixels=self.io.max_pixels, max_bytes=self.io.max_bytes
             )
-            areas = self._search_areas(sample, regions)
-            if areas is None:
-                detections = self._detector.detect(released.rgb)
-            else:
-                detections = self._detector.detect_near(
-                    released.rgb, areas, margin=self.rescan.context
-                )
-            found = [r.to_dict() for r in detections]
+            found = []
+            if self._detector is not None:
+                areas = self._search_areas(sample, regions)
+                if areas is None:
+                    detections = self._detector.detect(released.rgb)
+                else:
+                    detections = self._detector.detect_near(
+                        released.rgb, areas, margin=self.rescan.context
+                    )
+                found = [r.to_dict() for r in detections]
             if self.synthesis:
                 replaced = [r["box"] for r in regions if _is_synthesized(r)]
                 found = [r for r in found if not any(_overlaps(r["box"], box) for box in replaced)]
+            for detector in self.detectors:
+                for region in detector.residual(released.rgb, sample, regions):
+                    region["kind"] = detector.kind
+                    found.append(region)
             if not found:
                 sample["rescan_rounds"] = round_
                 if self.synthesis:
                     return self._certify(sample, released.rgb, regions)
                 return sample
-            best = max(r["score"] for r in found)
             if self.rescan.policy == "quarantine" or round_ == self.rescan.max_rounds:
                 sample["rescan_rounds"] = round_
-                return quarantine(
-                    sample,
-                    f"residual_face: {len(found)} face(s) still detected in the output "
-                    f"(max score {best:.2f}) after {round_} strengthening round(s)",
-                )
+                return quarantine(sample, residual_reason(found, round_))
             # Strengthen: anonymize the *released* pixels again, with what the re-scan found
             # added, at the next strength level. Working on the released pixels (not the
             # originals) matters for DP: re-processing a DP output costs no privacy budget,
@@ -156,16 +174,22 @@ class RescanStage(SampleStage):
                 region["rescan_round"] = round_ + 1
                 # A face found again where one was already anonymized is the same face, not
                 # a new one: it widens the area to strengthen but is not counted twice.
-                region["redetected"] = any(_overlaps(region["box"], r["box"]) for r in regions)
+                region["redetected"] = any(_overlaps(region["box"], r["box"]) for r in regions
+                                           if r.get("kind", "face") == region.get("kind", "face"))
             regions.extend(found)
             decoded = sample["_decoded"]
             # A synthesis method's replaced faces are not obscured: only what it left or missed.
             targets = [r for r in regions if not _is_synthesized(r)] if self.synthesis else regions
+            extra = {}
+            if self.synthesis and hasattr(self._anonymizer, "anonymizes"):
+                # A person strengthened around the faces the synthesis replaced, too.
+                extra["protect"] = [r for r in regions if _is_synthesized(r)]
             result = self._anonymizer.apply(
                 sample["_pixels"],
                 targets,
                 rng=sample_rng(self.seed, f"{sample['__key__']}#rescan{round_ + 1}"),
                 strength=round_ + 1,
+                **extra,
             )
             previous_mask = sample.get("_mask")
             if previous_mask is not None:
@@ -250,6 +274,27 @@ class RescanStage(SampleStage):
                         f"{v['threshold']}, margin {margin})",
                     )
         return sample
+
+
+def residual_reason(found: list[dict[str, Any]], rounds: int) -> str:
+    """The quarantine reason for what the re-scan still found: faces first (``residual_face``),
+    else the first other kind (``residual_text``, ``residual_plate``...), with counts per kind
+    and never what was read."""
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for region in found:
+        kinds.setdefault(str(region.get("kind") or "face"), []).append(region)
+    if "face" in kinds:
+        faces = kinds.pop("face")
+        best = max(float(r.get("score") or 0.0) for r in faces)
+        text = (f"residual_face: {len(faces)} face(s) still detected in the output "
+                f"(max score {best:.2f}) after {rounds} strengthening round(s)")
+    else:
+        kind = next(iter(kinds))
+        text = (f"residual_{kind}: {len(kinds.pop(kind))} {kind} region(s) still found in the "
+                f"output after {rounds} strengthening round(s)")
+    if kinds:
+        text += "; also " + ", ".join(f"{len(v)} {k}" for k, v in sorted(kinds.items()))
+    return text
 
 
 def changed_areas(

@@ -93,6 +93,8 @@ class VeilOutput:
     #: The run's detect configuration (run.json), to tell whether its detections can stand
     #: in for the validator's own on the originals.
     detect: dict[str, Any] = field(default_factory=dict)
+    #: The run's ``pii`` configuration (run.json): which classes it anonymized, and how.
+    pii: dict[str, Any] = field(default_factory=dict)
 
 
 def read_veil_output(path: str | Path) -> VeilOutput | None:
@@ -120,7 +122,7 @@ def read_veil_output(path: str | Path) -> VeilOutput | None:
     out = VeilOutput(root=root, data=root.display("data"), method=anonymize.get("method"),
                      run_input=config.get("input"),
                      mask_expand=expand + feather * (1 + 2 * expand) + 0.05,
-                     detect=dict(config.get("detect") or {}))
+                     detect=dict(config.get("detect") or {}), pii=dict(config.get("pii") or {}))
     if root.list_files("manifest"):
         for row in read_manifests(root).to_pylist():
             out.statuses[row["key"]] = row["status"]

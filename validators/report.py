@@ -221,6 +221,12 @@ def compute_run_report(output: Path | OutputStore) -> dict[str, Any]:
     synthesized: list[dict[str, Any]] = []
     pseudo_faces: list[str] = []
     pair_distances: list[float] = []
+    kinds: Counter[str] = Counter()
+    kind_samples: Counter[str] = Counter()
+    entities: Counter[str] = Counter()
+    kept: Counter[str] = Counter()
+    redactions: Counter[str] = Counter()
+    redacted_samples = 0
     for r in rows:
         shard = per_shard[r["shard"]]
         shard[r["status"]] += 1
@@ -231,11 +237,25 @@ def compute_run_report(output: Path | OutputStore) -> dict[str, Any]:
             faces_per_image.append(int(r.get("n_faces") or 0))
         regions = json.loads(r.get("regions") or "[]")
         timings = json.loads(r.get("timings") or "{}")
+        seen_kinds = set()
         for region in regions:
             if region.get("redetected"):
                 continue
-            scores.append(float(region.get("score", 0.0)))
+            kind = str(region.get("kind") or "face")
+            kinds[kind] += 1
+            seen_kinds.add(kind)
+            if region.get("entity"):
+                entities[str(region["entity"])] += 1
+            if region.get("policy") == "keep":
+                kept[kind] += 1
+            if kind == "face":
+                scores.append(float(region.get("score", 0.0)))
             detectors[region.get("detector", "?")] += 1
+        kind_samples.update(seen_kinds)
+        counted = json.loads(r.get("redactions") or "{}")
+        if counted:
+            redacted_samples += 1
+            redactions.update({str(k): int(v) for k, v in counted.items()})
         for stage, t in timings.items():
             stage_times[stage].append(float(t))
         for stage in SYNTHESIS_RECORDS:
@@ -291,6 +311,8 @@ def compute_run_report(output: Path | OutputStore) -> dict[str, Any]:
         "fingerprint": run_info.get("fingerprint"),
         "phase": run_info.get("phase"),
     }
+    report["pii"] = pii_summary(report["config"], kinds, kind_samples, entities, kept, redactions,
+                                redacted_samples, reasons)
     report["synthesis"] = synthesis_summary(synthesized)
     report["pairing"] = pairing_summary(pseudo_faces, pair_distances, report["config"])
     if report["pairing"] and report["pairing"].get("contact_sheet_png"):
@@ -300,6 +322,36 @@ def compute_run_report(output: Path | OutputStore) -> dict[str, Any]:
     report["_scores"] = scores  # for plots only, not written
     report["_rows"] = rows
     return report
+
+
+def pii_summary(config: dict[str, Any], kinds: Counter[str], kind_samples: Counter[str],
+                entities: Counter[str], kept: Counter[str], redactions: Counter[str],
+                redacted_samples: int, reasons: Counter[str]) -> dict[str, Any]:
+    """Per personal-data class: its policy, regions found and samples with one, regions kept,
+    samples quarantined because the re-scan still found it; entity types (never values) of
+    image text and of redacted text fields."""
+    from veil.transforms.regions import REGION_KINDS
+
+    pii = config.get("pii") or {}
+    enabled = pii.get("classes") or ["faces"]
+    policy = dict(pii.get("policy") or {})
+    defaults = {"persons": "blur", "plates": "fill", "text": "fill", "metadata": "redact"}
+    method = (config.get("anonymize") or {}).get("method")
+    classes = []
+    for name in enabled:
+        kind = REGION_KINDS.get(name)
+        classes.append({
+            "class": name,
+            "policy": method if name == "faces" else policy.get(name, defaults.get(name)),
+            "regions": kinds.get(kind, 0) if kind else None,
+            "samples": (kind_samples.get(kind, 0) if kind else redacted_samples),
+            "kept": kept.get(kind, 0) if kind else None,
+            "redactions": sum(redactions.values()) if name == "metadata" else None,
+            "residual_quarantined": reasons.get(f"residual_{kind or 'metadata'}", 0),
+        })
+    return {"classes": classes, "text_entities": dict(entities.most_common()),
+            "redacted_entities": dict(redactions.most_common()),
+            "text_scope": pii.get("text_scope")}
 
 
 #: Region records of the synthesis stages (FSAP, diffusion), by stage name.
@@ -596,6 +648,12 @@ _FIXED_LABELS = {
     "leakage.nmi_mean": "normalised mutual information of face regions, mean (SpinML eq. 1)",
     "residual.faces": "faces still detected in the anonymized images",
     "residual.samples": "samples with a face still detected",
+    "residual.text": "PII text items OCR still reads in the released images",
+    "residual.text_samples": "released images with PII text still read",
+    "residual.plates": "licence plates still read in the released images",
+    "residual.plates_samples": "released images with a plate still read",
+    "residual.metadata": "PII entities left in released text fields",
+    "residual.metadata_samples": "released samples with PII left in a text field",
     "faces_identity": "faces large enough for the recognizers",
     "faces_too_small": "faces too small for the recognizers (left to the residual-face check)",
     "faces_unconfirmed": "faces only the reference detector found (left out of identity metrics)",

