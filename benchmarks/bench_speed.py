@@ -49,7 +49,9 @@ from bench_pipeline import build_dataset, face_ssims, tree_rss_bytes  # noqa: E4
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-MODES = ("deface", "ray", "local", "beam", "ray-gates")
+#: ``ray-faces``: the default run with the face class alone (``--pii faces``), i.e. without the
+#: text, plate and metadata classes of the default ``--pii`` set: what they cost.
+MODES = ("deface", "ray", "ray-faces", "local", "beam", "ray-gates")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -166,6 +168,8 @@ def command(mode: str, inp: str, out: Path, workers: int | None) -> list[str]:
         cmd += ["--runner", mode]
     if mode == "ray-gates":
         cmd += ["--gates"]
+    if mode == "ray-faces":
+        cmd += ["--pii", "faces"]
     if workers:
         cmd += ["--workers", str(workers)]
     return cmd

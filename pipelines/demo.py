@@ -4,7 +4,9 @@ demo runs offline on a fresh machine.
 
 The samples are chosen to exercise what matters: a close-up that fills the frame, a small
 face, a greyscale photo, a rotated photo, EXIF metadata with GPS and an orientation tag, a
-PNG with alpha, a photo with no face, and a corrupt file that must be quarantined.
+PNG with alpha, a photo with no face, a photo with a sign and a caption that carry a name, an
+e-mail address and a phone number (text and metadata classes), and a corrupt file that must be
+quarantined.
 """
 
 from __future__ import annotations
@@ -75,6 +77,17 @@ def build_samples() -> list[list[tuple[str, dict[str, bytes]]]]:
     alpha[:12, :] = alpha[-12:, :] = alpha[:, :12] = alpha[:, -12:] = 0
     rgba.putalpha(Image.fromarray(alpha))
 
+    # A notice pinned over the coffee photo: a name, an e-mail address and a phone number
+    # (personal data in the image, for the text class), next to text that is not ("MENU").
+    import cv2
+
+    board = np.asarray(coffee.convert("RGB")).copy()
+    cv2.rectangle(board, (30, 20), (590, 170), (245, 245, 240), -1)
+    for y, line, scale in ((60, "MENU OF THE DAY", 1.0), (105, "Contact: Ada Lovelace", 0.9),
+                           (150, "ada.lovelace@example.com  +44 20 7946 0958", 0.62)):
+        cv2.putText(board, line, (45, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (20, 20, 20), 2, cv2.LINE_AA)
+    sign = Image.fromarray(board)
+
     def meta(caption: str) -> bytes:
         return json.dumps({"caption": caption, "license": "public domain"}).encode()
 
@@ -83,6 +96,7 @@ def build_samples() -> list[list[tuple[str, dict[str, bytes]]]]:
         ("hopper", {"jpg": _jpeg(hopper), "json": meta("portrait")}),
         ("closeup", {"jpg": _jpeg(closeup), "json": meta("close-up filling the frame")}),
         ("coffee", {"jpg": _jpeg(coffee), "json": meta("no person"), "cls": b"0"}),
+        ("notice", {"jpg": _jpeg(sign), "txt": b"Cafe notice photographed by Charles Babbage, call 020 7946 0018"}),
     ]
     shard1 = [
         ("small-face", {"jpg": _jpeg(small), "json": meta("small face")}),

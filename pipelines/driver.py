@@ -411,18 +411,28 @@ def models_info(config: RunConfig) -> list[dict[str, Any]]:
     from veil.transforms.models import ModelRegistry
 
     registry = ModelRegistry(**model_kwargs(config))
-    names = list(models_for(config.detect))
+    classes = config.pii.classes
+    names = list(models_for(config.detect)) if "faces" in classes else []
+    if "text" in classes or "plates" in classes:
+        from veil.transforms.ocr import DET_MODEL, REC_MODEL
+
+        names += [DET_MODEL, REC_MODEL]
+    extra: list[dict[str, Any]] = []
+    if "text" in classes or "metadata" in classes:
+        from veil.transforms.textpii import spacy_pipeline_provenance
+
+        # A class asked for whose analyzer cannot load stops the run here, before any work.
+        extra.append(spacy_pipeline_provenance(config.pii.spacy_model))
     if config.anonymize.method == "fsap":
         from veil.transforms.fsap import models_for_fsap
 
         names += models_for_fsap(config.fsap)
-    extra: list[dict[str, Any]] = []
     if config.anonymize.method == "diffusion":
         from veil.transforms.diffusion import diffusion_model_provenance, models_for_diffusion
 
         names += models_for_diffusion(config.diffusion)
         # A missing pipeline stops the run here, before any work.
-        extra = diffusion_model_provenance(config.diffusion, allow_download=config.allow_download)
+        extra += diffusion_model_provenance(config.diffusion, allow_download=config.allow_download)
     return [registry.provenance(name) for name in dict.fromkeys(names)] + extra
 
 

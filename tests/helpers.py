@@ -53,6 +53,9 @@ import matplotlib.pyplot, onnx, onnxruntime, pyarrow.parquet, cv2, PIL.Image
 import veil.cli, veil.pipelines.driver, veil.pipelines.runners, veil.validators.report
 import veil.transforms.detect, veil.transforms.imageio, veil.transforms.anonymize
 import veil.transforms.rescan
+# The personal-data classes: OCR, Presidio and spaCy cost ~10 s of imports per process.
+import rapidocr, presidio_analyzer, spacy, veil.transforms.text, veil.transforms.plates
+import veil.transforms.metadata
 
 
 def drop_dac_override():

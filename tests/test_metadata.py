@@ -216,3 +216,19 @@ def test_pickles_before_setup_and_checks_its_arguments():
 
 def test_looks_textual():
     assert looks_textual("tabs\tand\nnewlines\r\n") and not looks_textual("nul\x00") and not looks_textual("\x1b[31m")
+
+
+def test_residual_entities_count_what_a_release_still_holds(redact):
+    """Validation's check of released fields: placeholders left by a redaction are not
+    entities; planted values are counted by type; a field that is not text raises."""
+    from veil.transforms.metadata import MetadataError
+
+    original = tar_sample(txt=CAPTION.encode(), json=json.dumps(META).encode())
+    left = redact.residual_entities(dict(original))
+    assert left["PERSON"] == 3 and left["EMAIL_ADDRESS"] == 2
+    [released] = redact.process_batch([dict(original)])
+    assert redact.residual_entities(released) == {}
+    row = {"__key__": "r", "__row__": {"caption": "mail ada@example.org", "n": 3}}
+    assert redact.residual_entities(row) == {"EMAIL_ADDRESS": 1}
+    with pytest.raises(MetadataError, match="not UTF-8"):
+        redact.residual_entities(tar_sample(txt=b"\xff\xfe bad"))

@@ -271,13 +271,19 @@ def test_demo_dataset_runs_end_to_end(tmp_path):
 
     pattern = build_demo_dataset(tmp_path / "input")
     summary = run(RunConfig(input=pattern, output=str(tmp_path / "out"), runner="local", progress=False))
-    assert summary.counts == {"anonymized": 7, "clean": 1, "quarantined": 1}
+    assert summary.counts == {"anonymized": 8, "clean": 1, "quarantined": 1}
     rows = {r["key"]: r for r in manifest_rows(tmp_path / "out")}
     assert rows["corrupt"]["status"] == "quarantined"
     assert rows["coffee"]["status"] == "clean"
     assert rows["closeup"]["status"] == "anonymized"  # the close-up that fills the frame
     assert rows["small-face"]["status"] == "anonymized"
     assert rows["camera-man"]["status"] == "anonymized"  # greyscale
+    # The notice: its name, e-mail and phone number are covered, "MENU OF THE DAY" is not; the
+    # caption's name and phone number are redacted.
+    notice = json.loads(rows["notice"]["regions"])
+    assert rows["notice"]["status"] == "anonymized"
+    assert {r["entity"] for r in notice} >= {"PERSON", "EMAIL_ADDRESS", "PHONE_NUMBER"}
+    assert json.loads(rows["notice"]["redactions"]) == {"PERSON": 1, "PHONE_NUMBER": 1}
     # Stored sideways with EXIF orientation 8 (512x512 source rotated): output is upright and
     # carries no EXIF at all.
     import tarfile

@@ -353,11 +353,14 @@ def test_demo_validates_its_release_with_out_of_the_box_models(tmp_path, monkeyp
     out = capsys.readouterr().out
     assert "Validation PASSED" in out
     release = json.loads((tmp_path / "output" / "RELEASE.json").read_text())
-    assert release["dataset"]["samples"] == 8  # 9 inputs, the corrupt one not released
+    assert release["dataset"]["samples"] == 9  # 10 inputs, the corrupt one not released
     summary = json.loads((tmp_path / "output" / "validation" / "summary.json").read_text())
     assert summary["recognizers"]["dlib-resnet"]["available"] is True
     assert summary["recognizers"]["mobilefacenet"]["available"] is False
     assert summary["metrics"]["not_released"] == 1
+    # Text, plates and captions are checked again in the release, and nothing is left.
+    assert summary["metrics"]["residual.text_samples"] == 0
+    assert summary["metrics"]["residual.metadata_samples"] == 0
     # The sideways photo (a square stored with EXIF orientation 8) is released upright: Veil's
     # own release keeps every photo's orientation and size.
     assert summary["metrics"]["geometry.orientation_changed"] == 0

@@ -38,7 +38,14 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from veil.transforms.stage import ModelStage, Resources, Sample, SampleStage, quarantine
+from veil.transforms.stage import (
+    ModelStage,
+    Resources,
+    Sample,
+    SampleStage,
+    WorkerSetupError,
+    quarantine,
+)
 from veil.transforms.textpii import (
     DEFAULT_ENTITIES,
     DEFAULT_SPACY_MODEL,
@@ -143,9 +150,9 @@ class MetadataStage(ModelStage, SampleStage):
                                     spacy_model=spacy_model)
 
     def setup(self) -> None:
-        if self._ready:
-            return
-        self.analyzer.setup()
+        # The analyzer loads on the first text to analyse (``PIIAnalyzer.analyze``): samples
+        # without text fields never pay its ~10 s of imports. A load that fails stops the run
+        # (``AnalyzerUnavailableError`` is re-raised by ``SampleStage``), never a sample.
         self._ready = True
 
     def process_batch(self, batch: list[Sample]) -> list[Sample]:
@@ -182,6 +189,8 @@ class MetadataStage(ModelStage, SampleStage):
                 updates["__row__"] = new_row
         except MetadataError as exc:
             return quarantine(sample, f"metadata_error: {exc}")
+        except WorkerSetupError:
+            raise
         except Exception as exc:  # noqa: BLE001 - the analyzer failing is data for this sample
             return quarantine(sample, f"metadata_error: analyzer failed ({type(exc).__name__})")
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from veil.transforms.models import ModelRegistry
-from veil.transforms.stage import Sample
+from veil.transforms.stage import Sample, WorkerSetupError
 
 #: Registry names of the detector and recognizer models.
 DET_MODEL = "ppocrv6_det_small"
@@ -50,7 +50,7 @@ OCR_FIELD = "_ocr"
 log = logging.getLogger(__name__)
 
 
-class OCRUnavailableError(RuntimeError):
+class OCRUnavailableError(WorkerSetupError):
     """The OCR engine (rapidocr / onnxruntime) cannot be loaded; the message says what to install."""
 
 

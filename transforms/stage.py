@@ -48,6 +48,12 @@ class Resources:
     gpus: float = 0.0
 
 
+class WorkerSetupError(RuntimeError):
+    """A model or engine a stage needs cannot be loaded on this worker. It stops the run with
+    its message (what to install or where to put a file); it is never a per-sample
+    quarantine, which would hide a broken install behind a pile of failed samples."""
+
+
 class Stage(ABC):
     """A backend-neutral batch transform.
 
@@ -105,6 +111,8 @@ class SampleStage(Stage):
             with timed(sample, self.name):
                 try:
                     sample = self.process_sample(sample)
+                except WorkerSetupError:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - failures are data
                     quarantine(sample, f"{self.name}_error: {describe_exception(exc)}")
             out.append(sample)

@@ -108,9 +108,11 @@ class TextDetector(RegionDetector):
                                     spacy_model=spacy_model)
 
     def setup(self) -> None:
+        # The analyzer (spaCy and Presidio: ~10 s of imports) loads on the first text read, so
+        # a worker that never meets text never pays for it; a run checks before any work that
+        # its spaCy pipeline is installed (``spacy_pipeline_provenance``), and a load that
+        # fails later stops the run (``AnalyzerUnavailableError``), never a sample.
         self.engine.setup()
-        if self.scope == "pii":
-            self.analyzer.setup()
 
     def detect(self, rgb: np.ndarray, sample: Sample) -> list[dict[str, Any]]:
         return self.find(shared_read(sample, rgb, self.engine), rgb.shape[1], rgb.shape[0])

