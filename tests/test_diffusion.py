@@ -207,7 +207,10 @@ def test_build_stages_gives_diffusion_its_own_gpu_stage():
     stages = build_stages(cfg)
     (diffusion,) = [s for s in stages if s.name == "diffusion"]
     assert diffusion.resources.gpus == 0.5
-    assert [s.resources.gpus for s in stages if s.name != "diffusion"] == [0, 0, 0, 0]
+    # Every other stage (decode, metadata, detect, the text and plate classes, policy,
+    # encode, re-scan) stays on CPU.
+    others = [s for s in stages if s.name != "diffusion"]
+    assert len(others) >= 4 and all(s.resources.gpus == 0 for s in others)
     rescan = stages[-1]
     assert rescan.synthesis and rescan.fsap is cfg.diffusion  # its certifiers and fallback
 

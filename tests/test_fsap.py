@@ -269,7 +269,10 @@ def test_fsap_stage_declares_gpus_for_the_runner():
     stages = build_stages(cfg)
     fsap = [s for s in stages if s.name == "fsap"][0]
     assert fsap.resources.gpus == 0.5 and fsap.stateful
-    assert [s.resources.gpus for s in stages if s.name != "fsap"] == [0, 0, 0, 0]
+    # Every other stage (decode, metadata, detect, the text and plate classes, policy,
+    # encode, re-scan) stays on CPU.
+    others = [s for s in stages if s.name != "fsap"]
+    assert len(others) >= 4 and all(s.resources.gpus == 0 for s in others)
 
 
 # ---------------------------------------------------------------------------- identity re-scan

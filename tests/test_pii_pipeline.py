@@ -192,3 +192,37 @@ def test_ray_and_beam_release_the_same_bytes(local_run, dataset, tmp_path):
         other = tmp_path / runner
         _run(shard, other, runner)
         assert (other / "data" / "shard-000.tar").read_bytes() == local, runner
+
+
+def test_an_ocr_failure_on_one_sample_quarantines_it_and_the_rest_goes_on():
+    """A detector that fails on one image quarantines that sample with a reason; a setup
+    failure (a broken install) stops the batch instead of quarantining every sample."""
+    from veil.transforms.ocr import OCRUnavailableError
+    from veil.transforms.regions import RegionDetector, RegionDetectStage
+
+    class Flaky(RegionDetector):
+        pii_class, kind = "text", "text"
+
+        def detect(self, rgb, sample):
+            if sample["__key__"] == "bad":
+                raise RuntimeError("onnxruntime: invalid input")
+            return [{"box": [0, 0, 4, 4], "score": 0.9, "detector": "flaky"}]
+
+        def residual(self, rgb, sample, regions):
+            return []
+
+    def sample(key):
+        return {"__key__": key, "_pixels": np.zeros((8, 8, 3), np.uint8), "status": "pending", "regions": []}
+
+    stage = RegionDetectStage(Flaky())
+    out = stage.process_batch([sample("a"), sample("bad"), sample("c")])
+    assert [s["status"] for s in out] == ["pending", "quarantined", "pending"]
+    assert out[1]["reason"].startswith("detect_text_error: RuntimeError")
+    assert out[0]["regions"][0]["kind"] == "text"
+
+    class Broken(Flaky):
+        def detect(self, rgb, sample):
+            raise OCRUnavailableError("the OCR engine could not be loaded: no onnxruntime")
+
+    with pytest.raises(OCRUnavailableError):
+        RegionDetectStage(Broken()).process_batch([sample("a"), sample("c")])
