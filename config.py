@@ -482,6 +482,8 @@ class RescanConfig:
     #: anonymization changed, with ``context`` network pixels of margin (the first pass found
     #: no face elsewhere, and there the release differs only by JPEG re-encoding); the
     #: coarsest level always searches the whole image. "full": the whole image at every level.
+    #: Other classes (text, plates, persons) are read again with "changed" only in samples where
+    #: their first pass found something, with "full" in every re-scanned sample.
     #: Evidence for the default and the margin: BENCHMARKS.md, benchmarks/bench_stage_cost.py.
     scope: str = "changed"
     #: Margin (network pixels) around changed pixels for scope "changed". CenterFace reacts to

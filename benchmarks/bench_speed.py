@@ -6,7 +6,9 @@ WebDataset shards, then runs, in one sitting and alternated (the order is revers
 other repeat so that drift in the machine's load hits every command alike):
 
   deface      ``deface DIR`` (its defaults) on a fresh copy of the folder
-  ray         ``veil run --input IN --output OUT`` (defaults: Ray runner, blur, re-scan)
+  ray         ``veil run --input IN --output OUT`` (defaults: Ray runner, blur, re-scan,
+              ``--pii faces,plates,text,metadata``)
+  ray-faces   the same with ``--pii faces`` (the face pipeline alone)
   local       the same with ``--runner local``
   beam        the same with ``--runner beam``
   ray-gates   the defaults with ``--gates`` (run, then validation with the default gates)

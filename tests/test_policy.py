@@ -140,3 +140,37 @@ def test_manifest_counts_redactions_and_reads_older_manifests(tmp_path):
     pq.write_table(old, tmp_path / MANIFEST_DIR / "s.parquet")
     table = read_manifests(tmp_path)
     assert table.column("redactions").to_pylist() == [None]
+
+
+def test_rescan_reads_a_class_again_only_where_it_was_found_unless_scope_full():
+    from veil.config import DetectConfig, ImageIOConfig, RescanConfig
+    from veil.transforms.regions import RegionDetector
+    from veil.transforms.rescan import RescanStage
+
+    class Probe(RegionDetector):
+        def __init__(self, pii_class, kind):
+            self.pii_class, self.kind = pii_class, kind
+
+        def detect(self, rgb, sample):
+            return []
+
+        def residual(self, rgb, sample, regions):
+            return []
+
+    text, plates = Probe("text", "text"), Probe("plates", "plate")
+
+    def stage(scope):
+        return RescanStage(rescan=RescanConfig(scope=scope), detect=DetectConfig(), anonymize=AnonymizeConfig(),
+                           io=ImageIOConfig(), models={}, seed=0,
+                           pii=PIIConfig(classes=["faces", "plates", "text"]), detectors=[plates, text])
+
+    faces_only = [{"kind": "face", "box": [0, 0, 5, 5]}]
+    with_text = [*faces_only, {"kind": "text", "box": [0, 0, 5, 5]}]
+    assert stage("changed")._class_scans(faces_only) == []
+    assert stage("changed")._class_scans(with_text) == [text]
+    assert stage("full")._class_scans(faces_only) == [plates, text]
+    # A class whose policy is keep is never re-scanned (its regions are released as they are).
+    kept = RescanStage(rescan=RescanConfig(), detect=DetectConfig(), anonymize=AnonymizeConfig(),
+                       io=ImageIOConfig(), models={}, seed=0,
+                       pii=PIIConfig(classes=["text"], policy={"text": "keep"}), detectors=[text])
+    assert kept.detectors == []

@@ -153,7 +153,7 @@ class RescanStage(SampleStage):
             if self.synthesis:
                 replaced = [r["box"] for r in regions if _is_synthesized(r)]
                 found = [r for r in found if not any(_overlaps(r["box"], box) for box in replaced)]
-            for detector in self.detectors:
+            for detector in self._class_scans(regions):
                 for region in detector.residual(released.rgb, sample, regions):
                     region["kind"] = detector.kind
                     found.append(region)
@@ -213,6 +213,19 @@ class RescanStage(SampleStage):
             sample["output_sha256"] = sha256_hex(sample[field])
         return sample  # unreachable: the last round returns above
 
+
+    def _class_scans(self, regions: list[dict[str, Any]]) -> list[RegionDetector]:
+        """The class detectors to run on the released pixels. With scope "changed", a class
+        is scanned again only in samples where its first pass found something: the first pass
+        read the whole original, and the release differs from it only where regions were
+        obscured (blur, pixelate and fill remove detail, they never write text, plates or
+        people), plus re-encoding; for faces the same reasoning restricts the re-scan to the
+        changed areas. Scope "full" scans every class in every re-scanned sample. A class
+        found by a round of this re-scan is scanned again in the next round."""
+        if self.rescan.scope == "full":
+            return self.detectors
+        kinds = {str(r.get("kind") or "face") for r in regions}
+        return [d for d in self.detectors if d.kind in kinds]
 
     def _search_areas(
         self, sample: Sample, regions: list[dict[str, Any]]
