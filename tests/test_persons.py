@@ -156,3 +156,41 @@ def test_coverage_is_the_union_of_covering_boxes():
     assert coverage((0, 0, 10, 10), []) == 0
     assert coverage((0, 0, 10, 10), [(0, 0, 10, 5), (0, 5, 10, 10)]) == 1
     assert coverage((0, 0, 10, 10), [(0, 0, 5, 10), (0, 0, 5, 10)]) == pytest.approx(0.5)
+
+
+def test_a_run_blurs_the_person_around_the_face_which_keeps_the_face_method(standing_man, tmp_path):
+    """`--pii faces,persons` with faces pixelated: the body is blurred, the face region shows
+    the pixelation (the face policy), not a blur over it."""
+    import json
+
+    import pyarrow.parquet as pq
+    from helpers import jpeg_bytes
+
+    from veil.config import RunConfig
+    from veil.pipelines.driver import run
+
+    image, face = pasted(standing_man, 340)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "man.jpg").write_bytes(jpeg_bytes(image, quality=95))
+    run(RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), runner="local", progress=False,
+                  anonymize={"method": "pixelate"}, pii={"classes": ["faces", "persons"]}))
+    [row] = [r for f in (tmp_path / "out" / "manifest").iterdir() for r in pq.read_table(f).to_pylist()]
+    assert row["status"] == "anonymized"
+    counts = json.loads(row["region_counts"])
+    assert counts.get("person", 0) >= 1 and counts.get("face", 0) >= 1
+    params = json.loads(row["params"])
+    assert params["method"] == "pixelate" and params["classes"]["person"]["method"] == "blur"
+    released = np.asarray(Image.open(next((tmp_path / "out" / "data").rglob("man.jpg"))).convert("RGB"))
+    faces = [r for r in json.loads(row["regions"]) if r["kind"] == "face"]
+    x0, y0, x1, y1 = (int(v) for v in faces[0]["box"])
+    cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+    # The face centre is what the face method alone makes of it: the same run without the
+    # persons class gives the same pixels there (a blur over the face would not).
+    run(RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "faces"), runner="local", progress=False,
+                  anonymize={"method": "pixelate"}, pii={"classes": ["faces"]}))
+    alone = np.asarray(Image.open(next((tmp_path / "faces" / "data").rglob("man.jpg"))).convert("RGB"))
+    centre = (slice(cy - 6, cy + 6), slice(cx - 6, cx + 6))
+    assert np.abs(released[centre].astype(int) - alone[centre].astype(int)).mean() < 2.0
+    # The body below the face is changed (blurred) against the input.
+    body = (slice(y1 + 40, y1 + 120), slice(x0, x1))
+    assert np.abs(released[body].astype(int) - image[body].astype(int)).mean() > 3
