@@ -77,7 +77,7 @@ def build_stages(config: RunConfig, *, pseudo: Any = None) -> list[Stage]:
     from veil.transforms.anonymize import AnonymizeStage
     from veil.transforms.detect import DetectStage
     from veil.transforms.imageio import DecodeStage, EncodeStage
-    from veil.transforms.regions import RegionDetectStage
+    from veil.transforms.regions import RegionDetectStage, build_region_detectors
     from veil.transforms.rescan import RescanStage
 
     models = model_kwargs(config)
@@ -110,7 +110,8 @@ def build_stages(config: RunConfig, *, pseudo: Any = None) -> list[Stage]:
         pairing.append(PseudoIdentityStage(pseudo, batch_size=config.batch_size))
     classes = config.pii.classes
     faces = "faces" in classes
-    region_stages = [RegionDetectStage(d, batch_size=config.batch_size) for d in region_detectors(config)]
+    region_stages = [RegionDetectStage(d, batch_size=config.batch_size)
+                     for d in build_region_detectors(config.pii, models)]
     later: list[Stage] = []
     if region_stages:
         from veil.transforms.policy import PolicyStage
@@ -121,11 +122,7 @@ def build_stages(config: RunConfig, *, pseudo: Any = None) -> list[Stage]:
         from veil.transforms.metadata import MetadataStage
 
         # Text fields first: a caption that cannot be read quarantines before any image work.
-        later_meta: list[Stage] = [MetadataStage(
-            policy=config.pii.method_of("metadata"), entities=list(config.pii.entities),
-            score_threshold=config.pii.score_threshold, language=config.pii.language,
-            spacy_model=config.pii.spacy_model, fields=list(config.pii.metadata_fields) or None,
-            batch_size=config.batch_size)]
+        later_meta: list[Stage] = [MetadataStage.from_config(config.pii, batch_size=config.batch_size)]
     else:
         later_meta = []
     return [
@@ -143,31 +140,6 @@ def build_stages(config: RunConfig, *, pseudo: Any = None) -> list[Stage]:
                     fsap=config.diffusion if config.anonymize.method == "diffusion" else config.fsap,
                     pii=config.pii, detectors=[s.detector for s in region_stages]),
     ]
-
-
-def region_detectors(config: RunConfig) -> list[Any]:
-    """A fresh detector object per image class besides faces that the run enables (persons,
-    plates, text), in stage order. Their models load in each worker's ``setup()``."""
-    pii = config.pii
-    models = model_kwargs(config)
-    out: list[Any] = []
-    if "persons" in pii.classes:
-        from veil.transforms.persons import PersonDetector
-
-        out.append(PersonDetector(score_threshold=pii.person_threshold))
-    if "plates" in pii.classes:
-        from veil.transforms.plates import PlateDetector
-
-        out.append(PlateDetector(ocr_max_side=pii.ocr_max_side, ocr_min_score=pii.ocr_min_score,
-                                 haar=pii.plate_cascades, models=models))
-    if "text" in pii.classes:
-        from veil.transforms.text import TextDetector
-
-        out.append(TextDetector(scope=pii.text_scope, entities=list(pii.entities),
-                                score_threshold=pii.score_threshold, language=pii.language,
-                                spacy_model=pii.spacy_model, ocr_max_side=pii.ocr_max_side,
-                                ocr_min_score=pii.ocr_min_score, models=models))
-    return out
 
 
 def io_batch_size(config: RunConfig) -> int:

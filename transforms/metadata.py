@@ -52,6 +52,7 @@ from veil.transforms.textpii import (
     Entity,
     PIIAnalyzer,
     merge_spans,
+    replace_spans,
 )
 
 #: Field formats (last extension, lower case) that claim to be UTF-8 text.
@@ -148,6 +149,15 @@ class MetadataStage(ModelStage, SampleStage):
         # entity list and threshold when the run is configured, not on the first worker.
         self.analyzer = PIIAnalyzer(entities, score_threshold=score_threshold, language=language,
                                     spacy_model=spacy_model)
+
+    @classmethod
+    def from_config(cls, pii: Any, *, policy: str | None = None, batch_size: int = 16) -> MetadataStage:
+        """The stage for a run's ``pii`` configuration (``PIIConfig``); ``policy`` overrides its
+        metadata policy (validation always checks as for ``redact``)."""
+        return cls(policy=policy or pii.method_of("metadata"), entities=list(pii.entities),
+                   score_threshold=pii.score_threshold, language=pii.language,
+                   spacy_model=pii.spacy_model, fields=list(pii.metadata_fields) or None,
+                   batch_size=batch_size)
 
     def setup(self) -> None:
         # The analyzer loads on the first text to analyse (``PIIAnalyzer.analyze``): samples
@@ -259,9 +269,6 @@ class MetadataStage(ModelStage, SampleStage):
             return {k: self._value(column, v, scan, required=False) for k, v in value.items()}
         return value
 
-    def _entities(self, text: str) -> list[Entity]:
-        return self.analyzer.analyze(text)
-
     def residual_entities(self, sample: Sample) -> Counter[str]:
         """Entity counts (never values) still in a *released* sample's text fields, with the
         ``<TYPE>`` placeholders of a redaction not counted: what validation gates on. A field
@@ -270,9 +277,7 @@ class MetadataStage(ModelStage, SampleStage):
         counts: Counter[str] = Counter()
 
         def count(text: str) -> str:
-            placeholders = [m.span() for m in _PLACEHOLDER.finditer(text)]
-            counts.update(e.type for e in merge_spans(self._entities(text))
-                          if not any(s <= e.start and e.end <= t for s, t in placeholders))
+            counts.update(e.type for e in self._left(text))
             return text
 
         keys: dict[str, list[str]] = {}
@@ -291,17 +296,17 @@ class MetadataStage(ModelStage, SampleStage):
     def _scan(self, text: str) -> tuple[str, Counter[str]]:
         """``text`` with each entity span replaced by its placeholder (``redact``) or as it is
         (``keep``), and the count of (merged) entity spans per type."""
-        merged = merge_spans(self._entities(text))
+        merged = merge_spans(self.analyzer.analyze(text))
         counts: Counter[str] = Counter(e.type for e in merged)
         if self.policy != "redact" or not merged:
             return text, counts
-        out, last = [], 0
-        for e in merged:
-            out.append(text[last:e.start])
-            out.append(PLACEHOLDER.format(type=e.type))
-            last = e.end
-        out.append(text[last:])
-        return "".join(out), counts
+        return replace_spans(text, merged, PLACEHOLDER), counts
+
+    def _left(self, text: str) -> list[Entity]:
+        """Entities in written text, less those inside a redaction's ``<TYPE>`` placeholder."""
+        placeholders = [m.span() for m in _PLACEHOLDER.finditer(text)]
+        return [e for e in merge_spans(self.analyzer.analyze(text))
+                if not any(s <= e.start and e.end <= t for s, t in placeholders)]
 
     def _residual(self, changed: list[tuple[str, str]],
                   keys: dict[str, list[str]]) -> dict[str, Counter[str]]:
@@ -310,9 +315,7 @@ class MetadataStage(ModelStage, SampleStage):
         left: dict[str, Counter[str]] = {}
         key_texts = [(field, "\n".join(ks)) for field, ks in keys.items() if ks]
         for field, text in [*changed, *key_texts]:
-            placeholders = [m.span() for m in _PLACEHOLDER.finditer(text)]
-            found = [e for e in merge_spans(self._entities(text))
-                     if not any(s <= e.start and e.end <= t for s, t in placeholders)]
+            found = self._left(text)
             if found:
                 left.setdefault(field, Counter()).update(e.type for e in found)
         return left

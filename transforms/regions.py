@@ -15,33 +15,26 @@ only the entity type (``entity``), plates only ``kind: plate``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from veil.transforms.stage import ModelStage, Resources, Sample, SampleStage, is_quarantined, timed
+from veil.transforms.stage import ModelStage, Resources, Sample, SampleStage
+
+if TYPE_CHECKING:
+    from veil.config import PIIConfig
 
 #: Image classes and the region kind each one writes.
 REGION_KINDS: dict[str, str] = {"faces": "face", "persons": "person", "plates": "plate", "text": "text"}
-#: Every personal-data class ``--pii`` accepts, in the order stages run.
-PII_CLASSES: tuple[str, ...] = ("faces", "persons", "plates", "text", "metadata")
 
 
 def is_face(region: dict[str, Any]) -> bool:
     return str(region.get("kind") or "face") == "face"
 
 
-def kind_methods(pii: Any) -> dict[str, str]:
+def kind_methods(pii: PIIConfig) -> dict[str, str]:
     """Region kind -> policy method of the classes ``pii`` (a PIIConfig) enables besides faces."""
     return {REGION_KINDS[c]: pii.method_of(c) for c in pii.classes if c in REGION_KINDS and c != "faces"}
-
-
-def class_of_kind(kind: str) -> str:
-    """The class (``faces``, ``plates``...) whose detector writes regions of ``kind``."""
-    for name, k in REGION_KINDS.items():
-        if k == kind:
-            return name
-    return "faces"  # regions written before classes existed are faces
 
 
 class RegionDetector(ABC):
@@ -104,10 +97,27 @@ class RegionDetectStage(ModelStage, SampleStage):
         return sample
 
 
-def detectors_of(stages: list[Any]) -> list[RegionDetector]:
-    """The region detectors of a stage chain, in order (the re-scan runs them again)."""
-    return [s.detector for s in stages if isinstance(s, RegionDetectStage)]
+def build_region_detectors(pii: PIIConfig, models: dict[str, Any],
+                           classes: tuple[str, ...] = ("persons", "plates", "text")) -> list[RegionDetector]:
+    """A fresh detector per image class of ``classes`` that ``pii`` enables (in stage order),
+    configured from ``pii``; ``models``: model-registry keyword arguments. Their models load
+    in each worker's ``setup()``. The run's stages, its re-scan and validation all build them
+    here, so they read images the same way."""
+    out: list[RegionDetector] = []
+    if "persons" in classes and "persons" in pii.classes:
+        from veil.transforms.persons import PersonDetector
 
+        out.append(PersonDetector(score_threshold=pii.person_threshold))
+    if "plates" in classes and "plates" in pii.classes:
+        from veil.transforms.plates import PlateDetector
 
-__all__ = ["PII_CLASSES", "REGION_KINDS", "RegionDetectStage", "RegionDetector", "class_of_kind",
-           "detectors_of", "is_quarantined", "timed"]
+        out.append(PlateDetector(ocr_max_side=pii.ocr_max_side, ocr_min_score=pii.ocr_min_score,
+                                 haar=pii.plate_cascades, models=models))
+    if "text" in classes and "text" in pii.classes:
+        from veil.transforms.text import TextDetector
+
+        out.append(TextDetector(scope=pii.text_scope, entities=list(pii.entities),
+                                score_threshold=pii.score_threshold, language=pii.language,
+                                spacy_model=pii.spacy_model, ocr_max_side=pii.ocr_max_side,
+                                ocr_min_score=pii.ocr_min_score, models=models))
+    return out

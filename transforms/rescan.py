@@ -80,8 +80,8 @@ class RescanStage(SampleStage):
         #: Personal-data classes besides faces: their detectors look again at the released
         #: pixels (a class whose policy is ``keep`` is not re-scanned).
         self.pii = pii if pii is not None else PIIConfig(classes=["faces"])
-        methods = kind_methods(self.pii)
-        self.detectors = [d for d in (detectors or []) if methods.get(d.kind, "keep") != "keep"]
+        self.methods = kind_methods(self.pii)
+        self.detectors = [d for d in (detectors or []) if self.methods.get(d.kind, "keep") != "keep"]
         self.faces = "faces" in self.pii.classes
         self._detector = None
         self._anonymizer = None
@@ -105,11 +105,6 @@ class RescanStage(SampleStage):
             self._certifiers = [build_recognizer(name, registry) for name in self.fsap.certify]
         else:
             self._anonymizer = Anonymizer(self.anonymize, expand=self.detect.expand)
-        from veil.transforms.policy import PolicyAnonymizer
-
-        # Every kind strengthened by its own class's method; faces by the face method.
-        self._anonymizer = PolicyAnonymizer(kind_methods(self.pii), self.anonymize,
-                                            face=self._anonymizer, face_expand=self.detect.expand)
 
     def __getstate__(self) -> dict[str, Any]:
         # Models are per worker: never ship a loaded detector with the stage object.
@@ -133,6 +128,7 @@ class RescanStage(SampleStage):
 
         from veil.transforms.anonymize import sample_rng
         from veil.transforms.imageio import decode_image, encode_image, sha256_hex
+        from veil.transforms.policy import PolicyAnonymizer
 
         field = sample["__image__"]
         regions = list(sample.get("regions") or [])
@@ -180,16 +176,16 @@ class RescanStage(SampleStage):
             decoded = sample["_decoded"]
             # A synthesis method's replaced faces are not obscured: only what it left or missed.
             targets = [r for r in regions if not _is_synthesized(r)] if self.synthesis else regions
-            extra = {}
-            if self.synthesis and hasattr(self._anonymizer, "anonymizes"):
-                # A person strengthened around the faces the synthesis replaced, too.
-                extra["protect"] = [r for r in regions if _is_synthesized(r)]
-            result = self._anonymizer.apply(
+            # Every kind strengthened by its own class's method, faces by the face anonymizer
+            # (a synthesis method's fallback); a person around the faces the synthesis replaced.
+            policy = PolicyAnonymizer(self.methods, self.anonymize, face=self._anonymizer,
+                                      face_expand=self.detect.expand)
+            result = policy.apply(
                 sample["_pixels"],
                 targets,
                 rng=sample_rng(self.seed, f"{sample['__key__']}#rescan{round_ + 1}"),
                 strength=round_ + 1,
-                **extra,
+                protect=[r for r in regions if _is_synthesized(r)] if self.synthesis else None,
             )
             previous_mask = sample.get("_mask")
             if previous_mask is not None:

@@ -166,14 +166,19 @@ class PIIAnalyzer:
         if not entities:
             return text, Counter()
         merged = merge_spans(entities)
-        counts: Counter[str] = Counter(e.type for e in merged)
-        out, last = [], 0
-        for e in merged:
-            out.append(text[last:e.start])
-            out.append(replacement.format(type=e.type))
-            last = e.end
-        out.append(text[last:])
-        return "".join(out), counts
+        return replace_spans(text, merged, replacement), Counter(e.type for e in merged)
+
+
+def replace_spans(text: str, spans: Sequence[Entity], replacement: str) -> str:
+    """``text`` with each of ``spans`` (sorted, not overlapping: see :func:`merge_spans`)
+    replaced by ``replacement`` formatted with the span's ``type``."""
+    out, last = [], 0
+    for e in spans:
+        out.append(text[last:e.start])
+        out.append(replacement.format(type=e.type))
+        last = e.end
+    out.append(text[last:])
+    return "".join(out)
 
 
 def spacy_pipeline_provenance(name: str) -> dict[str, Any]:

@@ -330,19 +330,20 @@ def pii_summary(config: dict[str, Any], kinds: Counter[str], kind_samples: Count
     """Per personal-data class: its policy, regions found and samples with one, regions kept,
     samples quarantined because the re-scan still found it; entity types (never values) of
     image text and of redacted text fields."""
+    from veil.config import PIIConfig
     from veil.transforms.regions import REGION_KINDS
 
     pii = config.get("pii") or {}
-    enabled = pii.get("classes") or ["faces"]
-    policy = dict(pii.get("policy") or {})
-    defaults = {"persons": "blur", "plates": "fill", "text": "fill", "metadata": "redact"}
+    # A run from before the classes existed searched faces only.
+    conf = PIIConfig(**pii) if pii else PIIConfig(classes=["faces"])
+    enabled = conf.classes
     method = (config.get("anonymize") or {}).get("method")
     classes = []
     for name in enabled:
         kind = REGION_KINDS.get(name)
         classes.append({
             "class": name,
-            "policy": method if name == "faces" else policy.get(name, defaults.get(name)),
+            "policy": method if name == "faces" else conf.method_of(name),
             "regions": kinds.get(kind, 0) if kind else None,
             "samples": (kind_samples.get(kind, 0) if kind else redacted_samples),
             "kept": kept.get(kind, 0) if kind else None,
@@ -351,7 +352,7 @@ def pii_summary(config: dict[str, Any], kinds: Counter[str], kind_samples: Count
         })
     return {"classes": classes, "text_entities": dict(entities.most_common()),
             "redacted_entities": dict(redactions.most_common()),
-            "text_scope": pii.get("text_scope")}
+            "text_scope": conf.text_scope}
 
 
 #: Region records of the synthesis stages (FSAP, diffusion), by stage name.

@@ -37,6 +37,7 @@ import os
 import sys
 import time
 import urllib.parse
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -709,8 +710,6 @@ class ShardEvaluator(ShardWorker):
             state.counts[f"residual_{name}"] += len(found)
             state.counts[f"residual_{name}_samples"] += bool(found)
         if self.metadata_check is not None:
-            from collections import Counter
-
             from veil.transforms.metadata import MetadataError
 
             with _Clock(state)("residual_metadata"):
@@ -950,29 +949,16 @@ def residual_checks(pii: dict[str, Any] | None, models: dict[str, Any]) -> tuple
 
     if not pii:
         return {}, None
+    from veil.transforms.metadata import MetadataStage
+    from veil.transforms.regions import build_region_detectors
+
     conf = PIIConfig(**pii)
-    checks: dict[str, Any] = {}
-    if "text" in conf.classes:
-        from veil.transforms.text import TextDetector
-
-        checks["text"] = TextDetector(scope=conf.text_scope, entities=list(conf.entities),
-                                      score_threshold=conf.score_threshold, language=conf.language,
-                                      spacy_model=conf.spacy_model, ocr_max_side=conf.ocr_max_side,
-                                      ocr_min_score=conf.ocr_min_score, models=models)
-    if "plates" in conf.classes:
-        from veil.transforms.plates import PlateDetector
-
-        checks["plates"] = PlateDetector(ocr_max_side=conf.ocr_max_side, ocr_min_score=conf.ocr_min_score,
-                                         haar=conf.plate_cascades, models=models)
+    checks = {d.pii_class: d for d in build_region_detectors(conf, models, classes=("plates", "text"))}
     for checker in checks.values():
         checker.setup()
-    metadata = None
-    if "metadata" in conf.classes:
-        from veil.transforms.metadata import MetadataStage
-
-        metadata = MetadataStage(policy="redact", entities=list(conf.entities),
-                                 score_threshold=conf.score_threshold, language=conf.language,
-                                 spacy_model=conf.spacy_model, fields=list(conf.metadata_fields) or None)
+    # Released fields are checked against the analyzer whatever the run's metadata policy was.
+    metadata = MetadataStage.from_config(conf, policy="redact") if "metadata" in conf.classes else None
+    if metadata is not None:
         metadata.setup()
     return checks, metadata
 
