@@ -701,10 +701,13 @@ class ShardEvaluator(ShardWorker):
                       state: ValidationState) -> None:
         """Personal data of the other classes still in the released sample: text and plates
         read again in the released pixels (anywhere, as a reader of the dataset would), PII
-        entities in its released text fields. Counts only, never what was read."""
+        entities in its released text fields. Counts only, never what was read. The image
+        checkers get one working sample, so text and plates share a single OCR reading of the
+        released pixels (as in the run)."""
+        scratch: dict[str, Any] = {}
         for name, checker in self.pii_checks.items():
             with _Clock(state)(f"residual_{name}"):
-                found = checker.residual(view, {}, [])
+                found = checker.residual(view, scratch, [])
             row[f"residual_{name}"] = len(found)
             state.counts[f"checked_{name}"] += 1
             state.counts[f"residual_{name}"] += len(found)
