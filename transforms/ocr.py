@@ -20,6 +20,19 @@ quarter of a tile, so a line shorter than that lies whole in one tile, and a fra
 line cut by a tile border is dropped when a whole reading of it from the neighbouring tile
 covers it; a longer line, cut in both tiles, is stitched back from its two halves. Cost grows with the pixel count, as it must for the same recall.
 
+**Pre-scan.** Most photos hold no text, yet the detector at native resolution costs about as
+much as the face detector. So each image (or tile) is first run through the same detector at
+``prescan`` times its size (0.5: a quarter of the pixels and of the cost). Every place where
+that low-resolution probability map rises above :data:`PRESCAN_THRESHOLD` (below the 0.3 at
+which the detector's own post-processing starts a text region) becomes a window, grown by
+:data:`PRESCAN_CONTEXT` line heights of context on each side and snapped to the detector's
+32-pixel grid, and only these windows are read at native resolution (det and rec). An image
+with no such place is not read further; when the windows would cover more than
+:data:`PRESCAN_FULL_READ` of the image, it is read whole, as without the pre-scan. The text
+the pre-scan can miss is text the low-resolution map does not respond to at all; the evidence
+that it finds every line the native pass reads is in BENCHMARKS.md (issue 11), and
+``prescan: 0`` turns it off.
+
 :func:`shared_read` keeps one reading per image in the sample's working field ``_ocr``, keyed
 by a digest of the pixels, so the text and plate detectors share one OCR pass on the original
 and the re-scan of the released pixels gets its own. Readings never leave the worker: the
@@ -46,6 +59,19 @@ REC_MODEL = "ppocrv6_rec_small"
 DEFAULT_MAX_SIDE = 1600
 #: Working sample field holding the OCR readings per pixel digest.
 OCR_FIELD = "_ocr"
+#: Default scale of the low-resolution pre-scan (0 reads every image whole at native size).
+DEFAULT_PRESCAN = 0.5
+#: Pre-scan probability above which a place may hold text: a third of the detector's own
+#: binarisation threshold (0.3). Lines of 6-9 px characters were still found at 0.5 on the
+#: benchmark sets; the margin is for text the half-size map barely sees.
+PRESCAN_THRESHOLD = 0.1
+#: Context around a pre-scan candidate, in line heights (at least :data:`PRESCAN_MIN_MARGIN` px).
+PRESCAN_CONTEXT = 1.0
+PRESCAN_MIN_MARGIN = 24
+#: Windows covering more than this fraction of an image: one native read of the whole image.
+PRESCAN_FULL_READ = 0.5
+#: The detector's input grid: windows are multiples of it, so RapidOCR never resizes them.
+DET_GRID = 32
 
 log = logging.getLogger(__name__)
 
@@ -110,25 +136,30 @@ class OCREngine:
     """
 
     def __init__(self, *, max_side: int = DEFAULT_MAX_SIDE, min_score: float = 0.5,
-                 registry_kwargs: dict[str, Any] | None = None) -> None:
+                 prescan: float = DEFAULT_PRESCAN, registry_kwargs: dict[str, Any] | None = None) -> None:
         if max_side < 64:
             raise ValueError(f"OCR max_side must be at least 64 pixels, got {max_side}")
         if not 0.0 <= min_score <= 1.0:
             raise ValueError(f"OCR min_score must be in [0, 1], got {min_score}")
+        if not (prescan == 0 or 0.25 <= prescan < 1.0):
+            raise ValueError(f"OCR prescan must be 0 (off) or a scale in [0.25, 1), got {prescan}")
         self.max_side = int(max_side)
         self.min_score = float(min_score)
+        self.prescan = float(prescan)
         self.registry_kwargs = dict(registry_kwargs or {})
         self._ocr: Any = None
+        self._prescan_session: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_ocr"] = None
+        state["_prescan_session"] = None
         return state
 
     @property
     def signature(self) -> str:
         """What makes two engines read the same image the same way (the cache key part)."""
-        return f"{DET_MODEL}+{REC_MODEL}:{self.max_side}:{self.min_score}"
+        return f"{DET_MODEL}+{REC_MODEL}:{self.max_side}:{self.min_score}:{self.prescan}"
 
     def setup(self) -> None:
         if self._ocr is not None:
@@ -164,6 +195,9 @@ class OCREngine:
                     _ENGINES[key] = RapidOCR(params=params)
                 except Exception as exc:  # noqa: BLE001 - a broken install is one clear error
                     raise OCRUnavailableError(f"the OCR engine could not be loaded: {exc}") from exc
+            if self.prescan and str(det_path) not in _PRESCAN_SESSIONS:
+                _PRESCAN_SESSIONS[str(det_path)] = _det_session(det_path)
+            self._prescan_session = _PRESCAN_SESSIONS.get(str(det_path))
             self._ocr = _ENGINES[key]
 
     def read(self, rgb: np.ndarray) -> list[TextLine]:
@@ -185,6 +219,43 @@ class OCREngine:
         return _drop_fragments(lines)
 
     def _read_one(self, rgb: np.ndarray, dx: int, dy: int) -> list[TextLine]:
+        """The lines of one image or tile: read whole, or only in the pre-scan's windows."""
+        windows = self.windows(rgb) if self.prescan else None
+        if windows is None:
+            return self._read_native(rgb, dx, dy)
+        lines: list[TextLine] = []
+        for x0, y0, x1, y1 in windows:
+            lines.extend(self._read_native(rgb[y0:y1, x0:x1], dx + x0, dy + y0))
+        return lines
+
+    def windows(self, rgb: np.ndarray) -> list[tuple[int, int, int, int]] | None:
+        """The windows [x0, y0, x1, y1) of ``rgb`` that the pre-scan says may hold text (an
+        empty list: none), or None when the image is to be read whole (pre-scan off, an image
+        too small to be worth it, or windows covering more than :data:`PRESCAN_FULL_READ`)."""
+        import cv2
+
+        self.setup()
+        height, width = rgb.shape[:2]
+        if not self.prescan or min(height, width) < 4 * DET_GRID:
+            return None
+        prob, (sx, sy) = _det_probability(self._prescan_session, rgb, self.prescan)
+        mask = (prob > PRESCAN_THRESHOLD).astype(np.uint8)
+        count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        boxes = []
+        for x, y, w, h, _area in stats[1:count]:
+            # Back to native pixels; the line height is the smaller side of the component.
+            x0, y0, x1, y1 = x / sx, y / sy, (x + w) / sx, (y + h) / sy
+            margin = max(PRESCAN_MIN_MARGIN, PRESCAN_CONTEXT * min(x1 - x0, y1 - y0))
+            boxes.append(_snap(x0 - margin, y0 - margin, x1 + margin, y1 + margin, width, height))
+        boxes = _merge_windows(boxes, width, height)
+        covered = np.zeros((height, width), dtype=bool)
+        for x0, y0, x1, y1 in boxes:
+            covered[y0:y1, x0:x1] = True
+        if covered.mean() > PRESCAN_FULL_READ:
+            return None
+        return boxes
+
+    def _read_native(self, rgb: np.ndarray, dx: int, dy: int) -> list[TextLine]:
         # RapidOCR takes BGR arrays (its loader converts files to BGR).
         with _READ_LOCK:
             result = self._ocr(np.ascontiguousarray(rgb[:, :, ::-1]))
@@ -198,6 +269,76 @@ class OCREngine:
             q = np.asarray(quad, dtype=np.float64).reshape(4, 2) + (dx, dy)
             lines.append(TextLine(box=_box_of(q), quad=q, text=str(text), score=float(score)))
         return lines
+
+
+_PRESCAN_SESSIONS: dict[str, Any] = {}
+
+
+def _det_session(det_path: Any) -> Any:
+    """A one-thread onnxruntime session of the text detector, for the pre-scan."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(det_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - a broken install is one clear error
+        raise OCRUnavailableError(f"the OCR pre-scan detector could not be loaded: {exc}") from exc
+
+
+def _det_probability(session: Any, rgb: np.ndarray, scale: float) -> tuple[np.ndarray, tuple[float, float]]:
+    """The detector's text probability map of ``rgb`` shrunk by ``scale`` (to the 32-pixel
+    grid), and the (x, y) factors from native pixels to map pixels. Preprocessing is
+    RapidOCR's for this model: BGR, (x / 255 - 0.5) / 0.5."""
+    import cv2
+
+    height, width = rgb.shape[:2]
+    h = max(DET_GRID, int(round(height * scale / DET_GRID)) * DET_GRID)
+    w = max(DET_GRID, int(round(width * scale / DET_GRID)) * DET_GRID)
+    small = cv2.resize(np.ascontiguousarray(rgb[:, :, ::-1]), (w, h), interpolation=cv2.INTER_AREA)
+    x = (small.astype(np.float32) * (2.0 / 255.0) - 1.0).transpose(2, 0, 1)[None]
+    with _READ_LOCK:
+        prob = session.run(None, {session.get_inputs()[0].name: x})[0]
+    return prob.reshape(prob.shape[-2:]), (w / width, h / height)
+
+
+def _snap(x0: float, y0: float, x1: float, y1: float, width: int, height: int) -> tuple[int, int, int, int]:
+    """The window grown outward to multiples of :data:`DET_GRID` (at least two cells a side)
+    and moved, not cut, to fit inside the image where it can."""
+    def axis(a: float, b: float, size: int) -> tuple[int, int]:
+        lo = int(np.floor(max(a, 0.0) / DET_GRID)) * DET_GRID
+        hi = int(np.ceil(min(b, size) / DET_GRID)) * DET_GRID
+        hi = max(hi, lo + 2 * DET_GRID)
+        if hi > size:  # shift back inside; the image edge itself need not be on the grid
+            lo, hi = max(0, lo - (hi - size)), size
+        return lo, hi
+
+    ax0, ax1 = axis(x0, x1, width)
+    ay0, ay1 = axis(y0, y1, height)
+    return ax0, ay0, ax1, ay1
+
+
+def _merge_windows(boxes: list[tuple[int, int, int, int]], width: int,
+                   height: int) -> list[tuple[int, int, int, int]]:
+    """Overlapping windows joined into their bounding window until none overlap, so a line
+    whose low-resolution response broke into pieces is read whole in one window."""
+    boxes = list(boxes)
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                a, b = boxes[i], boxes[j]
+                if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
+                    boxes[i] = _snap(min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]),
+                                     width, height)
+                    del boxes[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return sorted(boxes, key=lambda b: (b[1], b[0]))
 
 
 def _drop_fragments(lines: list[TextLine]) -> list[TextLine]:
@@ -280,5 +421,5 @@ def shared_read(sample: Sample, rgb: np.ndarray, engine: OCREngine) -> list[Text
     return lines
 
 
-__all__ = ["DEFAULT_MAX_SIDE", "DET_MODEL", "OCR_FIELD", "OCREngine", "OCRUnavailableError", "REC_MODEL",
+__all__ = ["DEFAULT_MAX_SIDE", "DEFAULT_PRESCAN", "DET_MODEL", "OCR_FIELD", "OCREngine", "OCRUnavailableError", "REC_MODEL",
            "TextLine", "pixel_digest", "shared_read"]

@@ -34,7 +34,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from veil.transforms.ocr import DEFAULT_MAX_SIDE, OCREngine, TextLine, shared_read
+from veil.transforms.ocr import DEFAULT_MAX_SIDE, DEFAULT_PRESCAN, OCREngine, TextLine, shared_read
 from veil.transforms.regions import RegionDetector
 from veil.transforms.stage import Resources, Sample
 
@@ -77,8 +77,8 @@ def _overlaps(a: list[float], b: list[float]) -> bool:
 
 
 class PlateDetector(RegionDetector):
-    """Finds licence plates (see the module docstring). ``ocr_max_side``, ``ocr_min_score``:
-    the shared OCR engine's settings (equal settings share one OCR pass with the text class).
+    """Finds licence plates (see the module docstring). ``ocr_max_side``, ``ocr_min_score``,
+    ``ocr_prescan``: the shared OCR engine's settings (equal settings share one OCR pass with the text class).
     ``haar``: also run OpenCV's plate cascades. ``max_haar_checks``: most cascade boxes read per
     image. ``models``: keyword arguments of the model registry."""
 
@@ -86,11 +86,13 @@ class PlateDetector(RegionDetector):
     kind = "plate"
     resources = Resources(cpus=1.0)
 
-    def __init__(self, *, ocr_max_side: int = DEFAULT_MAX_SIDE, ocr_min_score: float = 0.5, haar: bool = True,
-                 max_haar_checks: int = 8, models: dict[str, Any] | None = None) -> None:
+    def __init__(self, *, ocr_max_side: int = DEFAULT_MAX_SIDE, ocr_min_score: float = 0.5,
+                 ocr_prescan: float = DEFAULT_PRESCAN, haar: bool = True, max_haar_checks: int = 8,
+                 models: dict[str, Any] | None = None) -> None:
         if max_haar_checks < 0:
             raise ValueError(f"max_haar_checks must be >= 0, got {max_haar_checks}")
-        self.engine = OCREngine(max_side=ocr_max_side, min_score=ocr_min_score, registry_kwargs=models)
+        self.engine = OCREngine(max_side=ocr_max_side, min_score=ocr_min_score, prescan=ocr_prescan,
+                                registry_kwargs=models)
         self.haar = haar
         self.max_haar_checks = int(max_haar_checks)
         self._cascades: list[Any] | None = None

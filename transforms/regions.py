@@ -112,6 +112,7 @@ def build_region_detectors(pii: PIIConfig, models: dict[str, Any],
         from veil.transforms.plates import PlateDetector
 
         out.append(PlateDetector(ocr_max_side=pii.ocr_max_side, ocr_min_score=pii.ocr_min_score,
+                                 ocr_prescan=pii.ocr_prescan,
                                  haar=pii.plate_cascades, models=models))
     if "text" in classes and "text" in pii.classes:
         from veil.transforms.text import TextDetector
@@ -119,5 +120,6 @@ def build_region_detectors(pii: PIIConfig, models: dict[str, Any],
         out.append(TextDetector(scope=pii.text_scope, entities=list(pii.entities),
                                 score_threshold=pii.score_threshold, language=pii.language,
                                 spacy_model=pii.spacy_model, ocr_max_side=pii.ocr_max_side,
-                                ocr_min_score=pii.ocr_min_score, models=models))
+                                ocr_min_score=pii.ocr_min_score, ocr_prescan=pii.ocr_prescan,
+                                models=models))
     return out

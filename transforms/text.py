@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from veil.transforms.ocr import DEFAULT_MAX_SIDE, OCREngine, TextLine, shared_read
+from veil.transforms.ocr import DEFAULT_MAX_SIDE, DEFAULT_PRESCAN, OCREngine, TextLine, shared_read
 from veil.transforms.regions import RegionDetector
 from veil.transforms.stage import Resources, Sample
 from veil.transforms.textpii import (
@@ -88,7 +88,7 @@ class TextDetector(RegionDetector):
 
     ``scope``: ``"pii"`` (entities only) or ``"all"`` (every line). ``entities``,
     ``score_threshold``, ``language``: the Presidio analyzer's settings. ``ocr_max_side``,
-    ``ocr_min_score``: the OCR engine's. ``models``: keyword arguments of the model registry.
+    ``ocr_min_score``, ``ocr_prescan``: the OCR engine's. ``models``: keyword arguments of the model registry.
     """
 
     pii_class = "text"
@@ -98,12 +98,13 @@ class TextDetector(RegionDetector):
 
     def __init__(self, scope: str = "pii", *, entities: Sequence[str] = DEFAULT_ENTITIES,
                  score_threshold: float = 0.35, language: str = "en", ocr_max_side: int = DEFAULT_MAX_SIDE,
-                 ocr_min_score: float = 0.5, spacy_model: str = DEFAULT_SPACY_MODEL,
-                 models: dict[str, Any] | None = None) -> None:
+                 ocr_min_score: float = 0.5, ocr_prescan: float = DEFAULT_PRESCAN,
+                 spacy_model: str = DEFAULT_SPACY_MODEL, models: dict[str, Any] | None = None) -> None:
         if scope not in TEXT_SCOPES:
             raise ValueError(f"text scope must be one of {', '.join(TEXT_SCOPES)}, got {scope!r}")
         self.scope = scope
-        self.engine = OCREngine(max_side=ocr_max_side, min_score=ocr_min_score, registry_kwargs=models)
+        self.engine = OCREngine(max_side=ocr_max_side, min_score=ocr_min_score, prescan=ocr_prescan,
+                                registry_kwargs=models)
         self.analyzer = PIIAnalyzer(entities, score_threshold=score_threshold, language=language,
                                     spacy_model=spacy_model)
 

@@ -947,7 +947,9 @@ RESIDUAL_CLASSES = ("text", "plates", "metadata")
 def residual_checks(pii: dict[str, Any] | None, models: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """The checkers of :data:`RESIDUAL_CLASSES` that ``pii`` enables: image detectors (their
     ``residual`` reads the released pixels) by class, and the text-field checker (or None).
-    A class asked for whose models cannot be loaded is an error, never a silent skip."""
+    A class asked for whose models cannot be loaded is an error, never a silent skip.
+    Released images are read whole (``ocr_prescan`` 0), never through the run's pre-scan, so
+    the check does not share that shortcut's blind spots."""
     from veil.config import PIIConfig
 
     if not pii:
@@ -955,7 +957,7 @@ def residual_checks(pii: dict[str, Any] | None, models: dict[str, Any]) -> tuple
     from veil.transforms.metadata import MetadataStage
     from veil.transforms.regions import build_region_detectors
 
-    conf = PIIConfig(**pii)
+    conf = PIIConfig(**{**pii, "ocr_prescan": 0.0})
     checks = {d.pii_class: d for d in build_region_detectors(conf, models, classes=("plates", "text"))}
     for checker in checks.values():
         checker.setup()
