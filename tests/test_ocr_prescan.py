@@ -120,16 +120,3 @@ def test_blank_scene_reading_is_unchanged_or_empty(engines):
     rgb = blank_scene(3300)[0]
     words = {_norm(line.text) for line in native.read(rgb) if len(_norm(line.text)) >= 3}
     assert words <= {_norm(line.text) for line in pre.read(rgb)}
-
-
-def test_read_areas_reads_only_around_the_areas_in_image_coordinates(engines):
-    native, _pre = engines
-    rgb = np.full((480, 640, 3), 235, np.uint8)
-    cv2.putText(rgb, "Maria Garcia", (40, 100), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (0, 0, 0), 2, cv2.LINE_AA)
-    cv2.putText(rgb, "John Smith", (360, 400), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (0, 0, 0), 2, cv2.LINE_AA)
-    whole = {_norm(line.text): line.box for line in native.read(rgb)}
-    assert set(whole) == {"mariagarcia", "johnsmith"}
-    near = native.read_areas(rgb, [(380, 380, 420, 395)])  # a small area on "John Smith"
-    assert [_norm(line.text) for line in near] == ["johnsmith"]
-    assert np.allclose(near[0].box, whole["johnsmith"], atol=3)
-    assert native.read_areas(rgb, []) == []

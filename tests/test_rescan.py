@@ -10,7 +10,6 @@ from veil.config import AnonymizeConfig, DetectConfig, ImageIOConfig, RescanConf
 from veil.transforms.anonymize import AnonymizeStage
 from veil.transforms.detect import Region, scan_fingerprint
 from veil.transforms.imageio import DecodeStage, EncodeStage
-from veil.transforms.regions import RegionDetector, kind_methods
 from veil.transforms.rescan import RescanStage
 from veil.transforms.stage import ANONYMIZED, QUARANTINED
 
@@ -259,62 +258,3 @@ def test_real_chain_restricts_the_rescan_and_agrees_with_the_whole_image_scan(fa
     if out["status"] == ANONYMIZED:
         final = decode_image(out["jpg"], ext="jpg", max_pixels=io_cfg.max_pixels, max_bytes=io_cfg.max_bytes)
         assert detector.detect(final.rgb) == []
-
-
-class ScriptedTextReader(RegionDetector):
-    """A text class whose residual reads are scripted; records the areas of each call."""
-
-    pii_class = "text"
-    kind = "text"
-    reads_areas = True
-
-    def __init__(self, script: list[list[dict]]) -> None:
-        self.script = list(script)
-        self.areas: list[list | None] = []
-
-    def detect(self, rgb, sample):
-        return []
-
-    def residual(self, rgb, sample, regions, areas=None):
-        self.areas.append(None if areas is None else list(areas))
-        return self.script.pop(0) if self.script else []
-
-
-def _text_stage(cfg, reader, **rescan):
-    from veil.config import PIIConfig
-
-    stage = make_stage(cfg, ScriptedDetector([]), **rescan)
-    stage.pii = PIIConfig(classes=["faces", "text"])
-    stage.methods = kind_methods(stage.pii)
-    stage.detectors = [reader]
-    return stage
-
-
-def test_text_is_read_again_where_a_blur_changed_pixels():
-    """A class whose first pass found nothing is still read in the anonymized areas (OCR can
-    read a blurred face as a word); what it finds is filled, then read whole next round."""
-    sample, cfg = prepared_sample()
-    inside = {"box": [60.0, 80.0, 100.0, 100.0], "score": 0.85, "detector": "scripted", "entity": "LOCATION"}
-    reader = ScriptedTextReader([[inside]])
-    [out] = _text_stage(cfg, reader).process_batch([sample])
-    assert out["status"] == ANONYMIZED, out.get("reason")
-    first, second = reader.areas
-    assert first is not None and _covers(first, BOX)
-    assert all(b[2] - b[0] < 160 or b[3] - b[1] < 180 for b in first), "not the whole image"
-    assert second is None, "a class found by the re-scan is read whole in the next round"
-    text = [r for r in out["regions"] if r.get("kind") == "text"]
-    assert len(text) == 1 and text[0]["rescan_round"] == 1
-    x0, y0, x1, y1 = (int(v) for v in inside["box"])
-    assert (out["_mask"][y0:y1, x0:x1] > 0).all()
-
-
-def test_full_scope_reads_text_whole_and_clean_samples_are_not_read():
-    sample, cfg = prepared_sample()
-    reader = ScriptedTextReader([])
-    _text_stage(cfg, reader, scope="full").process_batch([sample])
-    assert reader.areas == [None]
-    clean, _ = prepared_sample()
-    clean["regions"] = []
-    reader = ScriptedTextReader([])
-    _text_stage(cfg, reader).process_batch([clean])
-    assert reader.areas == []

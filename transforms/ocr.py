@@ -44,7 +44,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,9 +72,6 @@ PRESCAN_MIN_MARGIN = 24
 PRESCAN_FULL_READ = 0.5
 #: The detector's input grid: windows are multiples of it, so RapidOCR never resizes them.
 DET_GRID = 32
-#: Margin around an area read by :meth:`OCREngine.read_areas` (pixels): context for the
-#: detector around the changed pixels.
-AREA_MARGIN = 48
 
 log = logging.getLogger(__name__)
 
@@ -210,49 +206,17 @@ class OCREngine:
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"OCR expects an HxWx3 uint8 RGB image, got {rgb.dtype} {rgb.shape}")
         self.setup()
-        # The detector too can return a line as two overlapping pieces ("Tel:+49" and
-        # "9 30 1234567"), which the merge joins like two tiles' halves.
-        return _drop_fragments(self._read_at(rgb, 0, 0))
-
-    def read_areas(self, rgb: np.ndarray, areas: Sequence[Sequence[float]],
-                   margin: int = AREA_MARGIN) -> list[TextLine]:
-        """Text lines read only in windows around ``areas`` (boxes [x0, y0, x1, y1] in ``rgb``
-        pixels), each grown by ``margin`` pixels and snapped to the detector's grid; lines in
-        image coordinates. A line cut by a window's left or right edge is read again in a band
-        across the whole image width, so it is read whole. For a re-scan of the pixels an
-        anonymizer changed."""
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise ValueError(f"OCR expects an HxWx3 uint8 RGB image, got {rgb.dtype} {rgb.shape}")
-        self.setup()
-        height, width = rgb.shape[:2]
-        windows = _merge_windows([_snap(x0 - margin, y0 - margin, x1 + margin, y1 + margin, width, height)
-                                  for x0, y0, x1, y1 in areas], width, height)
-        lines: list[TextLine] = []
-        bands = []
-        for x0, y0, x1, y1 in windows:
-            found = self._read_at(rgb[y0:y1, x0:x1], x0, y0)
-            lines.extend(found)
-            for line in found:
-                cut_left = x0 > 0 and line.box[0] <= x0 + 2
-                cut_right = x1 < width and line.box[2] >= x1 - 2
-                if cut_left or cut_right:
-                    pad = max(float(margin), line.height)
-                    bands.append(_snap(0, line.box[1] - pad, width, line.box[3] + pad, width, height))
-        for x0, y0, x1, y1 in _merge_windows(bands, width, height):
-            lines.extend(self._read_at(rgb[y0:y1, x0:x1], x0, y0))
-        return _drop_fragments(lines)
-
-    def _read_at(self, rgb: np.ndarray, dx: int, dy: int) -> list[TextLine]:
-        """The lines of ``rgb`` (placed at dx, dy), tile by tile above ``max_side``."""
         height, width = rgb.shape[:2]
         if max(height, width) <= self.max_side:
-            return self._read_one(rgb, dx, dy)
+            # The detector too can return a line as two overlapping pieces ("Tel:+49" and
+            # "9 30 1234567"), which the merge joins like two tiles' halves.
+            return _drop_fragments(self._read_one(rgb, 0, 0))
         from veil.transforms.detect import tile_plan
 
         lines: list[TextLine] = []
         for x0, y0, x1, y1 in tile_plan(height, width, tile=self.max_side, overlap=self.max_side // 4):
-            lines.extend(self._read_one(rgb[y0:y1, x0:x1], dx + x0, dy + y0))
-        return lines
+            lines.extend(self._read_one(rgb[y0:y1, x0:x1], x0, y0))
+        return _drop_fragments(lines)
 
     def _read_one(self, rgb: np.ndarray, dx: int, dy: int) -> list[TextLine]:
         """The lines of one image or tile: read whole, or only in the pre-scan's windows."""
@@ -445,21 +409,17 @@ def pixel_digest(rgb: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def shared_read(sample: Sample, rgb: np.ndarray, engine: OCREngine,
-                areas: Sequence[Sequence[float]] | None = None) -> list[TextLine]:
-    """The text lines of ``rgb`` (only around ``areas`` when given, see
-    :meth:`OCREngine.read_areas`), read once per image, areas and engine configuration and kept
-    in ``sample["_ocr"]``: the text and plate detectors of one sample share a single OCR pass."""
+def shared_read(sample: Sample, rgb: np.ndarray, engine: OCREngine) -> list[TextLine]:
+    """The text lines of ``rgb``, read once per image and engine configuration and kept in
+    ``sample["_ocr"]``: the text and plate detectors of one sample share a single OCR pass."""
     cache = sample.setdefault(OCR_FIELD, {})
     key = f"{pixel_digest(rgb)}:{engine.signature}"
-    if areas is not None:
-        key += ":areas=" + ";".join(",".join(f"{float(v):.1f}" for v in box) for box in areas)
     lines = cache.get(key)
     if lines is None:
-        lines = engine.read(rgb) if areas is None else engine.read_areas(rgb, areas)
+        lines = engine.read(rgb)
         cache[key] = lines
     return lines
 
 
-__all__ = ["AREA_MARGIN", "DEFAULT_MAX_SIDE", "DEFAULT_PRESCAN", "DET_MODEL", "OCR_FIELD", "OCREngine", "OCRUnavailableError", "REC_MODEL",
+__all__ = ["DEFAULT_MAX_SIDE", "DEFAULT_PRESCAN", "DET_MODEL", "OCR_FIELD", "OCREngine", "OCRUnavailableError", "REC_MODEL",
            "TextLine", "pixel_digest", "shared_read"]

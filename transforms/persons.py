@@ -145,8 +145,7 @@ class PersonDetector(RegionDetector):
         return [{"box": [float(v) for v in boxes[i]], "score": scores[i], "detector": self.name,
                  "kind": self.kind} for i in nms(boxes, scores)]
 
-    def residual(self, rgb: np.ndarray, sample: Sample, regions: list[dict[str, Any]],
-                 areas: list[tuple[int, int, int, int]] | None = None) -> list[dict[str, Any]]:
+    def residual(self, rgb: np.ndarray, sample: Sample, regions: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """People found in the released pixels whose box is less than
         :data:`RESIDUAL_COVERAGE` covered by the person regions anonymized so far."""
         found = self.detect(rgb, sample)

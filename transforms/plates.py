@@ -84,7 +84,6 @@ class PlateDetector(RegionDetector):
 
     pii_class = "plates"
     kind = "plate"
-    reads_areas = True
     resources = Resources(cpus=1.0)
 
     def __init__(self, *, ocr_max_side: int = DEFAULT_MAX_SIDE, ocr_min_score: float = 0.5,
@@ -119,9 +118,8 @@ class PlateDetector(RegionDetector):
     def detect(self, rgb: np.ndarray, sample: Sample) -> list[dict[str, Any]]:
         return self.find(rgb, shared_read(sample, rgb, self.engine))
 
-    def residual(self, rgb: np.ndarray, sample: Sample, regions: list[dict[str, Any]],
-                 areas: list[tuple[int, int, int, int]] | None = None) -> list[dict[str, Any]]:
-        return self.find(rgb, shared_read(sample, rgb, self.engine, areas))
+    def residual(self, rgb: np.ndarray, sample: Sample, regions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self.find(rgb, shared_read(sample, rgb, self.engine))
 
     def find(self, rgb: np.ndarray, lines: list[TextLine]) -> list[dict[str, Any]]:
         """Plate regions in ``rgb`` given its OCR ``lines``."""

@@ -45,9 +45,6 @@ class RegionDetector(ABC):
     kind: str = ""
     #: What one worker of its stage needs.
     resources: Resources = Resources(cpus=0.5)
-    #: Whether :meth:`residual` can read only given areas of an image cheaply (the re-scan then
-    #: reads the pixels an anonymizer changed even in samples where this class found nothing).
-    reads_areas: bool = False
 
     def setup(self) -> None:  # noqa: B027 - optional hook
         """Load models once per worker."""
@@ -58,12 +55,9 @@ class RegionDetector(ABC):
         may carry working state shared between detectors (``_``-prefixed fields)."""
 
     @abstractmethod
-    def residual(self, rgb: np.ndarray, sample: Sample, regions: list[dict[str, Any]],
-                 areas: list[tuple[int, int, int, int]] | None = None) -> list[dict[str, Any]]:
+    def residual(self, rgb: np.ndarray, sample: Sample, regions: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Regions of this class still exposed in the *released* pixels ``rgb`` (decoded from
-        the encoded output). ``regions``: every region anonymized so far (all kinds).
-        ``areas``: boxes [x0, y0, x1, y1) to which a detector with :attr:`reads_areas` may
-        restrict its reading (the rest is known); others read the whole image."""
+        the encoded output). ``regions``: every region anonymized so far (all kinds)."""
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}

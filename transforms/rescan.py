@@ -46,15 +46,7 @@ from veil.config import (
     RescanConfig,
 )
 from veil.transforms.regions import RegionDetector, kind_methods
-from veil.transforms.stage import (
-    ANONYMIZED,
-    CLEAN,
-    Resources,
-    Sample,
-    SampleStage,
-    quarantine,
-    region_box,
-)
+from veil.transforms.stage import ANONYMIZED, CLEAN, Resources, Sample, SampleStage, quarantine
 
 
 class RescanStage(SampleStage):
@@ -145,8 +137,8 @@ class RescanStage(SampleStage):
                 sample[field], ext=field, max_pixels=self.io.max_pixels, max_bytes=self.io.max_bytes
             )
             found = []
-            areas = self._search_areas(sample, regions)
             if self._detector is not None:
+                areas = self._search_areas(sample, regions)
                 if areas is None:
                     detections = self._detector.detect(released.rgb)
                 else:
@@ -157,13 +149,8 @@ class RescanStage(SampleStage):
             if self.synthesis:
                 replaced = [r["box"] for r in regions if _is_synthesized(r)]
                 found = [r for r in found if not any(_overlaps(r["box"], box) for box in replaced)]
-            scans = self._class_scans(regions)
-            for detector in scans:
+            for detector in self._class_scans(regions):
                 for region in detector.residual(released.rgb, sample, regions):
-                    region["kind"] = detector.kind
-                    found.append(region)
-            for detector, changed in self._area_scans(regions, scans, areas):
-                for region in detector.residual(released.rgb, sample, regions, areas=changed):
                     region["kind"] = detector.kind
                     found.append(region)
             if not found:
@@ -224,32 +211,17 @@ class RescanStage(SampleStage):
 
 
     def _class_scans(self, regions: list[dict[str, Any]]) -> list[RegionDetector]:
-        """The class detectors to run on the whole released image. With scope "changed", a
-        class is scanned again whole only in samples where its first pass found something: the
-        first pass read the whole original, and the release differs from it only where regions
-        were anonymized, plus re-encoding; those areas are read by :meth:`_area_scans`, and
-        for faces the same reasoning restricts the re-scan to the changed areas. Scope "full" scans every class in every re-scanned sample. A class
+        """The class detectors to run on the released pixels. With scope "changed", a class
+        is scanned again only in samples where its first pass found something: the first pass
+        read the whole original, and the release differs from it only where regions were
+        obscured (blur, pixelate and fill remove detail, they never write text, plates or
+        people), plus re-encoding; for faces the same reasoning restricts the re-scan to the
+        changed areas. Scope "full" scans every class in every re-scanned sample. A class
         found by a round of this re-scan is scanned again in the next round."""
         if self.rescan.scope == "full":
             return self.detectors
         kinds = {str(r.get("kind") or "face") for r in regions}
         return [d for d in self.detectors if d.kind in kinds]
-
-    def _area_scans(
-        self, regions: list[dict[str, Any]], scans: list[RegionDetector],
-        areas: list[tuple[int, int, int, int]] | None,
-    ) -> list[tuple[RegionDetector, list[tuple[int, int, int, int]]]]:
-        """The class detectors that :meth:`_class_scans` skipped but that can read areas
-        (OCR), each with the areas anonymization changed: obscuring removes detail, yet OCR
-        can read a blurred face as a word (a released blur read as "PO", which the analyzer
-        tagged as a place, made the release fail its own ``residual-text`` gate). Areas are
-        the changed pixels (:meth:`_search_areas`) or, where those are not known, every
-        region's box."""
-        if self.rescan.scope == "full" or not regions:
-            return []
-        if areas is None:
-            areas = [region_box(r["box"]) for r in regions]
-        return [(d, areas) for d in self.detectors if d not in scans and d.reads_areas]
 
     def _search_areas(
         self, sample: Sample, regions: list[dict[str, Any]]

@@ -93,7 +93,6 @@ class TextDetector(RegionDetector):
 
     pii_class = "text"
     kind = "text"
-    reads_areas = True
     # One OCR pass is one core's work (onnxruntime runs on one thread).
     resources = Resources(cpus=1.0)
 
@@ -119,10 +118,9 @@ class TextDetector(RegionDetector):
     def detect(self, rgb: np.ndarray, sample: Sample) -> list[dict[str, Any]]:
         return self.find(shared_read(sample, rgb, self.engine), rgb.shape[1], rgb.shape[0])
 
-    def residual(self, rgb: np.ndarray, sample: Sample, regions: list[dict[str, Any]],
-                 areas: list[tuple[int, int, int, int]] | None = None) -> list[dict[str, Any]]:
+    def residual(self, rgb: np.ndarray, sample: Sample, regions: list[dict[str, Any]]) -> list[dict[str, Any]]:
         # Whatever was anonymized before, text still read in the released pixels is exposed.
-        return self.find(shared_read(sample, rgb, self.engine, areas), rgb.shape[1], rgb.shape[0])
+        return self.find(shared_read(sample, rgb, self.engine), rgb.shape[1], rgb.shape[0])
 
     def find(self, lines: list[TextLine], width: int, height: int) -> list[dict[str, Any]]:
         """Regions for ``lines`` read in a ``width`` x ``height`` image."""
