@@ -25,7 +25,7 @@ demo: install
 	$(BIN)/veil demo --output demo-out
 
 test: install
-	VEIL_MODELS=$${VEIL_MODELS:-$(abspath ../shared/models)} $(BIN)/python -m pytest -q tests
+	VEIL_MODELS=$${VEIL_MODELS:-$(abspath ../shared/models)} $(BIN)/python -m pytest -q --durations=25 tests
 
 lint: install
 	$(BIN)/ruff check .

@@ -212,3 +212,27 @@ def test_detector_pickles_before_and_after_setup(pii_detector):
     assert clone.engine._ocr is None and clone.analyzer._engine is None
     with pytest.raises(ValueError, match="text scope"):
         TextDetector(scope="names")
+
+
+def test_rows_too_short_to_name_anyone_carry_no_entity():
+    """OCR reads scraps such as "PO" out of a blurred face; spaCy tags it a place. A row with
+    fewer than three letters or digits carries no entity, but a short line in a longer row
+    ("Mr" "Li") keeps its entity."""
+    from veil.transforms.textpii import Entity
+
+    class EverythingIsAPlace:
+        def analyze(self, text):
+            return [Entity("LOCATION", 0, len(text), 0.85)] if text.strip() else []
+
+    def line(text, x0, y0, x1, y1):
+        q = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], float)
+        return TextLine(box=(x0, y0, x1, y1), quad=q, text=text, score=0.9)
+
+    detector = TextDetector()
+    detector.analyzer = EverythingIsAPlace()
+    assert detector.line_entities([line("PO", 26, 218, 106, 352)]) == [[]]
+    assert detector.line_entities([line("P.O", 26, 218, 106, 352)]) == [[]]
+    scraps = detector.line_entities([line("Mr", 100, 50, 130, 70), line("Li", 136, 50, 160, 70),
+                                     line("-", 300, 300, 310, 320)])
+    assert scraps[0] and scraps[1] and scraps[2] == []
+    assert detector.find([line("PO", 26, 218, 106, 352)], 640, 480) == []

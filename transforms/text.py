@@ -172,7 +172,17 @@ class TextDetector(RegionDetector):
         if len(rows) > 1:
             for row, row_start, text in row_texts:
                 spread(self.analyzer.analyze(text), row, row_start)
+        for row, _start, text in row_texts:
+            if sum(ch.isalnum() for ch in text) < MIN_ROW_CHARS:
+                for i in row:
+                    found[i] = []
         return [merge_spans(f) for f in found]
+
+
+#: A row of text with fewer letters and digits than this names no one on its own: its entities
+#: are dropped. OCR reads such scraps out of textures and blurred faces ("PO", which spaCy
+#: tags as a place, in a released blur on the speed benchmark); "Mr Li" is one row of four.
+MIN_ROW_CHARS = 3
 
 
 def text_rows(lines: list[TextLine]) -> list[list[int]]:
