@@ -426,29 +426,31 @@ def test_pool_faces_line_up_with_the_crop_frame(pool_path):
     assert np.abs(crop.astype(int) - stored).mean() < 6
 
 
-def test_latent_optimisation_moves_away_from_the_identity(latent_stage, faces_dir, pool_path):
+def test_latent_optimisation_moves_away_from_the_identity(latent_stage, faces_dir):
     """More identity steps lower |cos| of the optimised recognizer between the released face
-    and the real one (attribute and border losses off, so only identity pulls)."""
+    and the real one (attribute and border losses off, so only identity pulls). The start is
+    the real face itself: a paired synthetic face already starts near 0 (measured 1e-4), where
+    more steps only jitter around the optimum (the earlier form of this test, 1 against 6
+    steps from a pool face, passed or failed with the machine)."""
     from dataclasses import replace
 
-    from veil.transforms.diffusion import PairedLatentOptimizer, pool_face_crop
+    from veil.transforms.diffusion import PairedLatentOptimizer
     from veil.transforms.fsap import extract_crop, face_crop_matrix
-    from veil.transforms.pool import SyntheticPool
 
     opt = latent_stage._optimizer
     sample = _photo_sample(faces_dir)
     real = extract_crop(sample["_pixels"], face_crop_matrix(sample["regions"][0], 64), 64)[None]
-    start = pool_face_crop(SyntheticPool.load(pool_path), 0, 64)[None]
     sims = []
-    for steps in (1, 6):
+    for steps in (1, 4, 12):
         cfg = replace(latent_stage.config, steps=steps, weight_attribute=0.0, weight_border=0.0,
-                      learning_rate=0.2)
+                      learning_rate=0.02)
         o = PairedLatentOptimizer(opt.latent, opt.fsap.recognizer, opt.perceptual, cfg,
                                   latent_stage._crop_mask, "cpu")
-        (face,) = o.optimise(real, start)
+        (face,) = o.optimise(real, real)
         sims.append(abs(face.similarity))
         assert face.change.shape == (64, 64, 3)
-    assert sims[1] < sims[0], sims
+    # Measured 0.144 after 1 step, 0.007 and 0.017 after 4 and 12 (|cos| then stays near 0).
+    assert max(sims[1:]) < 0.5 * sims[0], sims
 
 
 def test_latent_mode_starts_from_the_paired_face_and_records_only_public_pairing(latent_stage, faces_dir):
