@@ -436,7 +436,7 @@ class PIIConfig:
     ocr_min_score: float = 0.5
     #: OCR pre-scan: the text detector first runs at this fraction of the image size, and only
     #: the places where it responds are read at native resolution (0 = read every image whole).
-    #: About 35 % less OCR CPU on photos without text; evidence in BENCHMARKS.md (issue 11).
+    #: A third to two thirds less OCR CPU on photos without text; evidence in BENCHMARKS.md (issue 11).
     #: Validation always reads released images whole.
     ocr_prescan: float = 0.5
     #: Plates: also run OpenCV's two plate cascades (confirmed by OCR). Off by default: they
