@@ -515,8 +515,12 @@ class RayRunner(Runner):
         # One block per task, so every task goes to whichever actor is free.
         ds = ray.data.from_items([{"index": i, "task": pickle.dumps(t, protocol=5)} for i, t in enumerate(tasks)],
                                  override_num_blocks=len(tasks))
+        # One task in flight per actor: a task is a whole shard, and Ray Data's default queues
+        # several on the first actor that is ready while the others still load their models
+        # (measured: two validation tasks ran one after the other on one actor of two).
         ds = ds.map_batches(_RayTaskActor, fn_constructor_kwargs={"worker": worker}, batch_size=1,
-                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool.size),
+                            batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=pool.size, max_tasks_in_flight_per_actor=1),
                             num_cpus=pool.num_cpus, num_gpus=pool.num_gpus or None)
         for block in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for blob in block["outcome"]:
