@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'veil run --gates' does (same verdict, about half the cost)")
     p.add_argument("--label-field", help="class labels for the train-on-anonymized protocol: cls or json:<field>")
     p.add_argument("--image-column", default="image")
-    p.add_argument("--folder-shard-size", type=int, default=100,
+    p.add_argument("--folder-shard-size", type=int,
                    help="folder inputs: files per validation task (default: 100, so that a folder of "
                         "a few hundred images is validated on every core)")
     p.add_argument("--follow-symlinks", action="store_true",
@@ -356,6 +356,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             kwargs[name] = [v.strip() for v in value.split(",") if v.strip()]
     if args.identity_min_face is not None:
         kwargs["identity_min_face"] = args.identity_min_face
+    if args.folder_shard_size is not None:
+        kwargs["folder_shard_size"] = args.folder_shard_size
     if args.pii:
         from veil.config import PIIConfig
 
@@ -365,7 +367,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                             gates=args.gates, method=args.method, runner=args.runner,
                             ray_address=args.ray_address, beam_options=args.beam_option,
                             workers=args.workers, label_field=args.label_field,
-                            image_column=args.image_column, folder_shard_size=args.folder_shard_size,
+                            image_column=args.image_column,
                             follow_symlinks=bool(args.follow_symlinks), models_dir=args.models_dir, allow_download=bool(args.allow_download),
                             progress=not args.no_progress, measure=args.measure, **kwargs)
     from dataclasses import asdict

@@ -83,6 +83,12 @@ def span_box(line: TextLine, start: int, end: int, width: int, height: int) -> l
     return _clip((pts[:, 0].min() - m, pts[:, 1].min() - m, pts[:, 0].max() + m, pts[:, 1].max() + m), width, height)
 
 
+#: A row of text with fewer letters and digits than this names no one on its own: its entities
+#: are dropped. OCR reads such scraps out of textures and blurred faces ("PO", which spaCy
+#: tags as a place, in a released blur on the speed benchmark); "Mr Li" is one row of four.
+MIN_ROW_CHARS = 3
+
+
 class TextDetector(RegionDetector):
     """Finds personal data in text read from images (see the module docstring).
 
@@ -169,20 +175,16 @@ class TextDetector(RegionDetector):
 
         every = [i for row in rows for i in row]
         spread(self.analyzer.analyze("\n".join(text for _, _, text in row_texts)), every, 0)
+        short = [sum(ch.isalnum() for ch in text) < MIN_ROW_CHARS for _, _, text in row_texts]
         if len(rows) > 1:
-            for row, row_start, text in row_texts:
-                spread(self.analyzer.analyze(text), row, row_start)
-        for row, _start, text in row_texts:
-            if sum(ch.isalnum() for ch in text) < MIN_ROW_CHARS:
+            for (row, row_start, text), too_short in zip(row_texts, short, strict=True):
+                if not too_short:
+                    spread(self.analyzer.analyze(text), row, row_start)
+        for (row, _start, _text), too_short in zip(row_texts, short, strict=True):
+            if too_short:
                 for i in row:
                     found[i] = []
         return [merge_spans(f) for f in found]
-
-
-#: A row of text with fewer letters and digits than this names no one on its own: its entities
-#: are dropped. OCR reads such scraps out of textures and blurred faces ("PO", which spaCy
-#: tags as a place, in a released blur on the speed benchmark); "Mr Li" is one row of four.
-MIN_ROW_CHARS = 3
 
 
 def text_rows(lines: list[TextLine]) -> list[list[int]]:
