@@ -9,6 +9,7 @@ other repeat so that drift in the machine's load hits every command alike):
   ray         ``veil run --input IN --output OUT`` (defaults: Ray runner, blur, re-scan,
               ``--pii faces,plates,text,metadata``)
   ray-faces   the same with ``--pii faces`` (the face pipeline alone)
+  ray-faces-int8  the same with ``--detect-precision int8`` (CenterFace's finest level in int8)
   local       the same with ``--runner local``
   beam        the same with ``--runner beam``
   ray-gates   the defaults with ``--gates`` (run, then validation with the default gates)
@@ -53,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 #: ``ray-faces``: the default run with the face class alone (``--pii faces``), i.e. without the
 #: text, plate and metadata classes of the default ``--pii`` set: what they cost.
-MODES = ("deface", "ray", "ray-faces", "local", "beam", "ray-gates")
+MODES = ("deface", "ray", "ray-faces", "ray-faces-int8", "local", "beam", "ray-gates")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -170,8 +171,10 @@ def command(mode: str, inp: str, out: Path, workers: int | None) -> list[str]:
         cmd += ["--runner", mode]
     if mode == "ray-gates":
         cmd += ["--gates"]
-    if mode == "ray-faces":
+    if mode in ("ray-faces", "ray-faces-int8"):
         cmd += ["--pii", "faces"]
+    if mode == "ray-faces-int8":
+        cmd += ["--detect-precision", "int8"]
     if workers:
         cmd += ["--workers", str(workers)]
     return cmd

@@ -390,6 +390,14 @@ def models_info(config: RunConfig) -> list[dict[str, Any]]:
 
         names += [DET_MODEL, REC_MODEL]
     extra: list[dict[str, Any]] = []
+    if "faces" in classes and "centerface" in config.detect.detectors and config.detect.precision == "int8":
+        from veil.transforms.models import ModelNotFoundError
+        from veil.transforms.quantize import int8_provenance
+
+        try:
+            extra.append(int8_provenance(registry))
+        except ModelNotFoundError:
+            pass  # the centerface row above already says it is missing
     if "text" in classes or "metadata" in classes:
         from veil.transforms.textpii import spacy_pipeline_provenance
 

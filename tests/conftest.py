@@ -39,6 +39,21 @@ def models_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def int8_centerface() -> Path:
+    """The int8 CenterFace derived from the installed float model into the user cache (as a
+    default run does; derived once per machine)."""
+    from veil.transforms.models import ModelNotFoundError, ModelRegistry
+    from veil.transforms.quantize import centerface_int8
+
+    registry = ModelRegistry(models_dir=None)
+    try:
+        source = registry.resolve("centerface")
+    except ModelNotFoundError as exc:
+        pytest.skip(str(exc))
+    return centerface_int8(source, registry.cache_dir)
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One embedded 2-CPU Ray for the whole session (ray.init costs ~5 s)."""
     ray = pytest.importorskip("ray")

@@ -102,13 +102,17 @@ def face_free_images() -> dict[str, np.ndarray]:
     }
 
 
-@pytest.fixture(scope="module")
-def centerface() -> CenterFaceDetector:
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def centerface(request, int8_centerface) -> CenterFaceDetector:
+    """Every CenterFace case runs twice: the published float network, and the int8 network
+    the run uses by default (``detect.precision``), which must find the same hard faces."""
     try:
         path = ModelRegistry(models_dir=None).resolve("centerface")
     except ModelNotFoundError as exc:
         pytest.skip(str(exc))
-    return CenterFaceDetector(path)
+    detector = CenterFaceDetector(path, int8_model=int8_centerface if request.param == "int8" else None)
+    assert detector.precision == request.param
+    return detector
 
 
 @pytest.fixture(scope="module")

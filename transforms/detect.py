@@ -433,8 +433,8 @@ class _PyramidDetector(FaceDetector):
         return max(self.max_side // m * m, 2 * self.tile_overlap)
 
     @abstractmethod
-    def _detect_scaled(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Run the network on one (already resized) image.
+    def _detect_scaled(self, rgb: np.ndarray, level: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Run the network on one (already resized) image of pyramid ``level`` (0 = finest).
 
         Returns ``boxes`` (N, 4) x0, y0, x1, y1 unclipped in this image's pixels, ``scores``
         (N,), and ``landmarks`` (N, 5, 2) or None, all for scores >= the threshold.
@@ -476,7 +476,7 @@ class _PyramidDetector(FaceDetector):
         else:
             interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
             image = cv2.resize(rgb, size, interpolation=interp)
-        boxes, scores, lms = self._detect_scaled(image)
+        boxes, scores, lms = self._detect_scaled(image, level)
         if len(boxes) == 0:
             return np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))
         keep = self._level_keep(boxes, level, levels)
@@ -612,7 +612,7 @@ class _PyramidDetector(FaceDetector):
                 if image.shape[:2] != (th, tw):
                     interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
                     image = cv2.resize(image, (tw, th), interpolation=interp)
-                boxes, scores, lms = self._detect_scaled(image)
+                boxes, scores, lms = self._detect_scaled(image, level)
                 if len(boxes) == 0:
                     continue
                 sx, sy = tw / (xs1 - xs0), th / (ys1 - ys0)
@@ -649,6 +649,12 @@ class CenterFaceDetector(_PyramidDetector):
     #: scoring >= 0.2 is 75% at 12 px, 96% at 14 px, 100% from 16 px; >= 0.5 is 88% at 16 px,
     #: 92% at 18 px, 100% from 20 px. Faces beyond ~320-450 px become partial boxes or vanish.
     MIN_FACE_BY_THRESHOLD = ((0.2, 14.0), (0.3, 16.0), (0.5, 20.0), (1.0, 24.0))
+    #: The int8 network's threshold sits this much below the float one's: its scores on
+    #: borderline faces run a little lower. With 0.01 it finds every ground-truth face the
+    #: float network finds on 300 generated scenes and on the same scenes lightly blurred (the
+    #: re-scan's case); with none it missed one 18-px blurred face, and with 0.02 the int8
+    #: re-scan flagged blur residue and quarantined 5 of 200 images instead of 2 (BENCHMARKS.md).
+    INT8_SCORE_MARGIN = 0.01
 
     def min_native_face(self) -> float:
         for upto, size in self.MIN_FACE_BY_THRESHOLD:
@@ -667,6 +673,7 @@ class CenterFaceDetector(_PyramidDetector):
         rotations: Sequence[int] = (0,),
         merge_iou: float = 0.4,
         threads: int = 1,
+        int8_model: str | Path | None = None,
     ) -> None:
         super().__init__(
             score_threshold=score_threshold,
@@ -677,18 +684,30 @@ class CenterFaceDetector(_PyramidDetector):
             merge_iou=merge_iou,
         )
         self.model_path = Path(model_path)
+        #: The int8 network derived from ``model_path`` (``detect.precision: int8``), or None.
+        #: It runs the finest pyramid level only, where nearly all the pixels are (16 times
+        #: the coarse level's at 640x480); the coarse levels, which see large faces whole, stay
+        #: in float32: on lightly blurred close-ups filling 1280x960 the int8 network lost 3
+        #: faces of about 960 px the float one found (benchmarks/bench_int8.py).
+        self.int8_model = Path(int8_model) if int8_model is not None else None
+        self.precision = "int8" if self.int8_model is not None else "fp32"
         self._session = _centerface_session(self.model_path, threads)
+        self._int8_session = (_centerface_session(self.model_path, threads, int8_model=self.int8_model)
+                              if self.int8_model is not None else None)
         self._input = self._session.get_inputs()[0].name
 
-    def _detect_scaled(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def _detect_scaled(self, rgb: np.ndarray, level: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         h, w = rgb.shape[:2]
         if h % 32 or w % 32:
             raise ValueError(f"CenterFace input must be a multiple of 32 pixels, got {w}x{h}")
         blob = rgb.transpose(2, 0, 1)[None].astype(np.float32)
-        heat, size, offset, lms = self._session.run(None, {self._input: blob})
+        session, threshold = self._session, self.score_threshold
+        if level == 0 and self._int8_session is not None:
+            session, threshold = self._int8_session, max(0.01, self.score_threshold - self.INT8_SCORE_MARGIN)
+        heat, size, offset, lms = session.run(None, {self._input: blob})
         heat = heat[0, 0]
         # Peaks: above threshold and the maximum of their 3x3 neighbourhood (one centre per face).
-        peaks = (heat >= self.score_threshold) & (heat >= cv2.dilate(heat, np.ones((3, 3), np.uint8)))
+        peaks = (heat >= threshold) & (heat >= cv2.dilate(heat, np.ones((3, 3), np.uint8)))
         ys, xs = np.nonzero(peaks)
         if len(ys) == 0:
             return np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))
@@ -705,8 +724,8 @@ class CenterFaceDetector(_PyramidDetector):
         return boxes, heat[ys, xs].astype(np.float64), points
 
 
-def _centerface_session(path: Path, threads: int) -> Any:
-    """An onnxruntime session for CenterFace with dynamic input size.
+def centerface_model(path: Path) -> Any:
+    """The published CenterFace graph with dynamic input size, as an ``onnx.ModelProto``.
 
     The published model declares a fixed 10x3x32x32 input and lists its weights as graph
     inputs (an old exporter's habit). Making H, W and the batch dynamic lets one session serve
@@ -714,7 +733,6 @@ def _centerface_session(path: Path, threads: int) -> Any:
     constants and fuse batch-norm into the convolutions, which halves inference time.
     """
     import onnx
-    import onnxruntime as ort
 
     model = onnx.load(str(path))
     initializers = {init.name for init in model.graph.initializer}
@@ -734,6 +752,14 @@ def _centerface_session(path: Path, threads: int) -> Any:
                 dim.ClearField("dim_value")
                 dim.dim_param = f"{out.name}_d{index}"
     del model.graph.value_info[:]
+    return model
+
+
+def _centerface_session(path: Path, threads: int, *, int8_model: Path | None = None) -> Any:
+    """An onnxruntime session for CenterFace: the float model from ``path`` made dynamic, or
+    the int8 model derived from it (:mod:`veil.transforms.quantize`), loaded as it is."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     # One thread per session: deterministic, and several workers share few cores without
     # oversubscription (parallelism comes from workers, not from intra-op threads).
@@ -741,7 +767,9 @@ def _centerface_session(path: Path, threads: int) -> Any:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    if int8_model is not None:
+        return ort.InferenceSession(str(int8_model), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(centerface_model(path).SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 class YuNetDetector(_PyramidDetector):
@@ -781,7 +809,7 @@ class YuNetDetector(_PyramidDetector):
         self.model_path = Path(model_path)
         self._net = cv2.FaceDetectorYN.create(str(self.model_path), "", (320, 320), self.score_threshold, nms_iou, top_k)
 
-    def _detect_scaled(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def _detect_scaled(self, rgb: np.ndarray, level: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         h, w = rgb.shape[:2]
         self._net.setInputSize((w, h))
         _, faces = self._net.detect(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
@@ -986,13 +1014,20 @@ def build_detector(cfg: DetectConfig, registry: ModelRegistry) -> FaceDetector:
         # detector's calibrated default.
         threshold = cfg.score_threshold if cfg.score_threshold is not None else DEFAULT_SCORE_THRESHOLDS[name]
         if name == "centerface":
+            path = registry.resolve("centerface")
+            int8_model = None
+            if getattr(cfg, "precision", "fp32") == "int8":
+                from veil.transforms.quantize import centerface_int8
+
+                int8_model = centerface_int8(path, registry.cache_dir)
             detectors.append(
                 CenterFaceDetector(
-                    registry.resolve("centerface"),
+                    path,
                     score_threshold=threshold,
                     min_face=cfg.min_face,
                     max_side=max_side,
                     rotations=rotations,
+                    int8_model=int8_model,
                 )
             )
         elif name == "mtcnn":

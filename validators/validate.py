@@ -520,9 +520,12 @@ class ShardEvaluator(ShardWorker):
         cfg = self.config
         registry = ModelRegistry(paths=dict(cfg.models), models_dir=cfg.models_dir,
                                  allow_download=cfg.allow_download)
+        # Validation scans in float32 whatever the run used: the int8 network is the run's
+        # shortcut, and a face it missed must still fail the release here.
         self.detectors = {
-            name: build_detector(DetectConfig(detectors=[name]) if i == 0 else
-                                 DetectConfig(detectors=[name], min_face=max(cfg.sdr_min_face, 14)), registry)
+            name: build_detector(DetectConfig(detectors=[name], precision="fp32") if i == 0 else
+                                 DetectConfig(detectors=[name], min_face=max(cfg.sdr_min_face, 14),
+                                              precision="fp32"), registry)
             for i, name in enumerate(cfg.detectors)}
         self.reuse_run_detections = reuses_run_detections(cfg, self.veil_output)
         self.recognizers: dict[str, Any] = {}
@@ -980,7 +983,10 @@ def reuses_run_detections(config: ValidateConfig, veil_output: VeilOutput | None
     A Veil run with exactly the reference detector's settings already found the faces of
     every original (deterministically: the same decode, model and code); its manifest
     regions of round 0 are reused. Any other output (another tool's, or a run with other
-    detect settings) gets its originals scanned by the reference detector here."""
+    detect settings) gets its originals scanned by the reference detector here. The run's
+    ``detect.precision`` does not count: an int8 run's faces of the originals are reused, and
+    the released images are still scanned in float32 (a face the int8 pass missed is a
+    residual face there)."""
     from veil.config import DetectConfig
 
     return veil_output is not None and _detect_settings(veil_output.detect) == _detect_settings(
