@@ -1,8 +1,8 @@
 """The OCR pre-scan against reading every image whole (issue 11): lines missed and CPU cost.
 
-For each image both engines read it in turn (``prescan 0``: the native pass over the whole
+For each image three engines read it in turn (``prescan 0``: the native pass over the whole
 image; ``prescan SCALE``: the detector at SCALE of the size picks the windows read at native
-resolution). A line of the native pass counts as missed when no line of the pre-scan covers
+resolution, with the pre-scan's detector in float32 and in int8). A line of the native pass counts as missed when no line of the pre-scan covers
 half of its box. Image sets:
 
   sign, plate, benign, blank  tests/pii_images.py generators (seeds from 3000, away from the tests')
@@ -112,9 +112,11 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     scale = ocr.DEFAULT_PRESCAN if args.scale is None else args.scale
-    native, pre = ocr.OCREngine(prescan=0), ocr.OCREngine(prescan=scale)
-    native.setup()
-    pre.setup()
+    native = ocr.OCREngine(prescan=0)
+    pre32 = ocr.OCREngine(prescan=scale, prescan_precision="fp32")
+    pre = ocr.OCREngine(prescan=scale, prescan_precision="int8")
+    for engine in (native, pre32, pre):
+        engine.setup()
     stats: dict[str, dict] = {}
     for kind, rgb in image_sets(args.scenes, work):
         rgb = np.ascontiguousarray(rgb)
@@ -122,22 +124,35 @@ def main() -> None:
         whole = native.read(rgb)
         t_native = time.process_time() - t
         t = time.process_time()
+        windowed32 = pre32.read(rgb)
+        t_pre32 = time.process_time() - t
+        t = time.process_time()
         windowed = pre.read(rgb)
         t_pre = time.process_time() - t
-        s = stats.setdefault(kind, {"images": 0, "native_ms": [], "prescan_ms": [], "lines": 0, "missed": []})
+        s = stats.setdefault(kind, {"images": 0, "native_ms": [], "prescan_fp32_ms": [], "prescan_ms": [],
+                                    "lines": 0, "missed_fp32": [], "missed": []})
         s["images"] += 1
         s["native_ms"].append(1000 * t_native)
+        s["prescan_fp32_ms"].append(1000 * t_pre32)
         s["prescan_ms"].append(1000 * t_pre)
         s["lines"] += len(whole)
+        s["missed_fp32"] += [(ln.text, round(ln.score, 2), [int(v) for v in ln.box]) for ln in whole
+                             if not covered(ln, windowed32)]
         s["missed"] += [(ln.text, round(ln.score, 2), [int(v) for v in ln.box]) for ln in whole
                         if not covered(ln, windowed)]
     print(f"pre-scan scale {scale}, threshold {ocr.PRESCAN_THRESHOLD}; CPU ms per image")
-    print("| set | images | native median (mean) | pre-scan median (mean) | lines read natively | missed |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("| set | images | native median (mean) | pre-scan fp32 median (mean) | pre-scan int8 median (mean) "
+          "| lines read natively | missed, fp32 pre-scan | missed, int8 pre-scan |")
+    print("|---|---:|---:|---:|---:|---:|---|---|")
+
+    def _ms(values: list[float]) -> str:
+        return f"{np.median(values):.0f} ({np.mean(values):.0f})"
+
     for kind, s in stats.items():
+        missed32 = ", ".join(f"'{t}' {sc}" for t, sc, _ in s["missed_fp32"]) or "0"
         missed = ", ".join(f"'{t}' {sc}" for t, sc, _ in s["missed"]) or "0"
-        print(f"| {kind} | {s['images']} | {np.median(s['native_ms']):.0f} ({np.mean(s['native_ms']):.0f}) | "
-              f"{np.median(s['prescan_ms']):.0f} ({np.mean(s['prescan_ms']):.0f}) | {s['lines']} | {missed} |")
+        print(f"| {kind} | {s['images']} | {_ms(s['native_ms'])} | {_ms(s['prescan_fp32_ms'])} | "
+              f"{_ms(s['prescan_ms'])} | {s['lines']} | {missed32} | {missed} |")
     sensitivity = {}
     base = ocr.PRESCAN_THRESHOLD
     try:

@@ -398,6 +398,15 @@ def models_info(config: RunConfig) -> list[dict[str, Any]]:
             extra.append(int8_provenance(registry))
         except ModelNotFoundError:
             pass  # the centerface row above already says it is missing
+    if (("text" in classes or "plates" in classes) and config.pii.ocr_prescan
+            and config.pii.ocr_prescan_precision == "int8"):
+        from veil.transforms.models import ModelNotFoundError
+        from veil.transforms.quantize import int8_provenance
+
+        try:
+            extra.append(int8_provenance(registry, "text-detector"))
+        except ModelNotFoundError:
+            pass  # the detector's own row says it is missing
     if "text" in classes or "metadata" in classes:
         from veil.transforms.textpii import spacy_pipeline_provenance
 

@@ -18,6 +18,8 @@ from veil.transforms.quantize import (
     centerface_int8,
     int8_model_name,
     int8_provenance,
+    text_calibration_images,
+    text_detector_int8,
 )
 
 
@@ -116,3 +118,56 @@ def test_validation_scans_in_float32(monkeypatch, tmp_path):
     with pytest.raises(Stop):
         ShardEvaluator(config, None, None, tmp_path, "fp").setup()
     assert [cfg.precision for cfg in asked] == ["fp32"]
+
+
+def test_text_calibration_images_are_fixed_and_at_the_prescan_sizes():
+    first, again = text_calibration_images(6), text_calibration_images(6)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert {im.shape for im in first} == {(480, 640, 3), (256, 320, 3)}
+
+
+def test_prescan_detector_in_int8_keeps_the_text_probability_map(tmp_path):
+    """The int8 text detector's probability map, at the pre-scan's size, marks the same text
+    the float one marks (above the pre-scan threshold) on a generated sign."""
+    import cv2
+
+    from veil.transforms.ocr import (
+        DET_MODEL,
+        PRESCAN_THRESHOLD,
+        OCREngine,
+        _det_probability,
+        _det_session,
+    )
+
+    registry = ModelRegistry(models_dir=None, cache_dir=str(tmp_path))
+    try:
+        source = registry.resolve(DET_MODEL)
+    except ModelNotFoundError as exc:
+        pytest.skip(str(exc))
+    int8 = text_detector_int8(source, tmp_path)
+    meta = json.loads(int8.with_suffix(".json").read_text())
+    assert meta["sha256"] == file_sha256(int8) and meta["source_sha256"] == file_sha256(source)
+    rgb = np.full((480, 640, 3), 200, np.uint8)
+    cv2.putText(rgb, "Anna Berg 0734 567 826", (40, 200), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (20, 20, 20), 2)
+    cv2.putText(rgb, "tiny line of text", (300, 400), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (20, 20, 20), 1)
+    p32, _ = _det_probability(_det_session(source), rgb, 0.5)
+    p8, _ = _det_probability(_det_session(int8), rgb, 0.5)
+    on32, on8 = p32 > PRESCAN_THRESHOLD, p8 > PRESCAN_THRESHOLD
+    assert on32.sum() > 100
+    assert (on8 & on32).sum() >= 0.8 * on32.sum()  # most of the float map (measured: 87 %)
+    assert (on8 & ~on32).sum() <= 0.5 * on32.sum()
+    # The engine's pre-scan uses it by default, and its windows cover both lines.
+    engine = OCREngine(registry_kwargs={"models_dir": None, "cache_dir": str(tmp_path)})
+    assert engine.prescan_precision == "int8"
+    windows = engine.windows(rgb)
+    assert windows is not None and len(windows) >= 1
+    assert any(x0 <= 40 and x1 >= 400 and y0 <= 180 <= y1 for x0, y0, x1, y1 in windows)
+    assert any(x0 <= 300 and y0 <= 395 <= y1 for x0, y0, x1, y1 in windows)
+    with pytest.raises(ValueError, match="prescan_precision"):
+        OCREngine(prescan_precision="int4")
+
+
+def test_the_run_records_the_int8_text_detector(tmp_path):
+    row = int8_provenance(ModelRegistry(models_dir=None, cache_dir=str(tmp_path)), "text-detector")
+    assert row["name"] == "ppocrv6_det_small-int8"
+    assert row["sha256"] == file_sha256(row["path"])

@@ -34,7 +34,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-from veil.transforms.ocr import DEFAULT_MAX_SIDE, DEFAULT_PRESCAN, OCREngine, TextLine, shared_read
+from veil.transforms.ocr import (
+    DEFAULT_MAX_SIDE,
+    DEFAULT_PRESCAN,
+    DEFAULT_PRESCAN_PRECISION,
+    OCREngine,
+    TextLine,
+    shared_read,
+)
 from veil.transforms.regions import RegionDetector
 from veil.transforms.stage import Resources, Sample
 
@@ -87,12 +94,12 @@ class PlateDetector(RegionDetector):
     resources = Resources(cpus=1.0)
 
     def __init__(self, *, ocr_max_side: int = DEFAULT_MAX_SIDE, ocr_min_score: float = 0.5,
-                 ocr_prescan: float = DEFAULT_PRESCAN, haar: bool = True, max_haar_checks: int = 8,
-                 models: dict[str, Any] | None = None) -> None:
+                 ocr_prescan: float = DEFAULT_PRESCAN, ocr_prescan_precision: str = DEFAULT_PRESCAN_PRECISION,
+                 haar: bool = True, max_haar_checks: int = 8, models: dict[str, Any] | None = None) -> None:
         if max_haar_checks < 0:
             raise ValueError(f"max_haar_checks must be >= 0, got {max_haar_checks}")
         self.engine = OCREngine(max_side=ocr_max_side, min_score=ocr_min_score, prescan=ocr_prescan,
-                                registry_kwargs=models)
+                                prescan_precision=ocr_prescan_precision, registry_kwargs=models)
         self.haar = haar
         self.max_haar_checks = int(max_haar_checks)
         self._cascades: list[Any] | None = None

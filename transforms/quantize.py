@@ -16,6 +16,12 @@ the derived model is the same on every machine with the same onnxruntime and nee
 set. Evidence that it finds the faces the float32 network finds is in BENCHMARKS.md
 (``benchmarks/bench_int8.py``). It is not the default: validation scans in float32, and
 near the threshold the two networks disagree on false detections, both ways.
+
+The same recipe derives the OCR pre-scan's text detector (``pii.ocr_prescan_precision``,
+int8 by default), calibrated on scikit-image's scenes, page and sign with invented lines of
+text drawn on them. There int8 is the default: the pre-scan only chooses the windows, which
+the published float detector and recognizer then read, so what a run reports is still the
+float models' reading (``benchmarks/bench_ocr_prescan.py``: no line of real text missed).
 """
 
 from __future__ import annotations
@@ -66,11 +72,7 @@ def calibration_images(count: int = CALIBRATION_IMAGES, *, seed: int = CALIBRATI
     images = []
     for index in range(count):
         width, height = (640, 480) if index % 3 else (320, 256)
-        scene = _rgb(scenes[int(rng.integers(len(scenes)))])
-        sh, sw = scene.shape[:2]
-        ch, cw = int(sh * rng.uniform(0.5, 1.0)), int(sw * rng.uniform(0.5, 1.0))
-        y, x = int(rng.integers(0, sh - ch + 1)), int(rng.integers(0, sw - cw + 1))
-        canvas = cv2.resize(scene[y:y + ch, x:x + cw], (width, height), interpolation=cv2.INTER_AREA)
+        canvas = _scene_crop(rng, scenes, width, height)
         for _ in range(int(rng.integers(1, 5))):
             if rng.random() < 0.5:
                 face = _rgb(portraits[int(rng.integers(len(portraits)))])
@@ -82,10 +84,60 @@ def calibration_images(count: int = CALIBRATION_IMAGES, *, seed: int = CALIBRATI
             tile = tile[:, : width - 1]
             ty, tx = int(rng.integers(0, height - tile.shape[0] + 1)), int(rng.integers(0, width - tile.shape[1] + 1))
             canvas[ty:ty + tile.shape[0], tx:tx + tile.shape[1]] = tile
-        gamma, gain = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0)))), float(rng.uniform(0.6, 1.3))
-        exposed = np.clip(255.0 * gain * (canvas / 255.0) ** gamma, 0, 255)
-        images.append(exposed.astype(np.uint8))
+        images.append(_exposed(rng, canvas))
     return images
+
+
+#: Words and numbers drawn on the text detector's calibration images (invented, no one's).
+CALIBRATION_TEXT = ("Main Street 12", "OPEN", "Tel 0734 567 826", "ab-123-cd", "j.doe@example.org",
+                    "SALE 50%", "Platform 3", "KX 4821", "Rue des Lilas", "No parking", "2026-12-04")
+
+
+def text_calibration_images(count: int = CALIBRATION_IMAGES, *, seed: int = CALIBRATION_SEED) -> list[np.ndarray]:
+    """``count`` RGB uint8 images at the OCR pre-scan's input sizes (320x256 and 640x480:
+    half of 640x480 photos and of 1280x960 close-ups): scikit-image's scenes, its scanned
+    page and its text-on-a-sign photo, with 0-6 lines of text drawn at 4-40 px character
+    heights, dark on light or light on dark, then a random exposure."""
+    import cv2
+    import skimage.data
+
+    rng = np.random.default_rng(seed + 1)
+    scenes = [skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket(), skimage.data.astronaut(),
+              skimage.data.page(), skimage.data.text(), skimage.data.camera(), skimage.data.immunohistochemistry()]
+    images = []
+    for index in range(count):
+        width, height = (320, 256) if index % 3 else (640, 480)
+        canvas = _scene_crop(rng, scenes, width, height)
+        for _ in range(int(rng.integers(0, 7))):
+            text = CALIBRATION_TEXT[int(rng.integers(len(CALIBRATION_TEXT)))]
+            scale = float(rng.uniform(0.15, 1.6))
+            (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+            tx, ty = int(rng.integers(0, max(1, width - tw))), int(rng.integers(th + 2, height))
+            light = rng.random() < 0.5
+            if rng.random() < 0.6:  # a board behind the text
+                cv2.rectangle(canvas, (tx - 3, ty - th - 3), (tx + tw + 3, ty + 4),
+                              (30, 30, 30) if light else (230, 230, 230), -1)
+            cv2.putText(canvas, text, (tx, ty), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                        (245, 245, 245) if light else (15, 15, 15), max(1, int(scale * 2)), cv2.LINE_AA)
+        images.append(_exposed(rng, canvas))
+    return images
+
+
+def _scene_crop(rng: np.random.Generator, scenes: list[np.ndarray], width: int, height: int) -> np.ndarray:
+    """A random crop of half to all of a random scene, resized to ``width`` x ``height``."""
+    import cv2
+
+    scene = _rgb(scenes[int(rng.integers(len(scenes)))])
+    sh, sw = scene.shape[:2]
+    ch, cw = int(sh * rng.uniform(0.5, 1.0)), int(sw * rng.uniform(0.5, 1.0))
+    y, x = int(rng.integers(0, sh - ch + 1)), int(rng.integers(0, sw - cw + 1))
+    return np.ascontiguousarray(cv2.resize(scene[y:y + ch, x:x + cw], (width, height), interpolation=cv2.INTER_AREA))
+
+
+def _exposed(rng: np.random.Generator, canvas: np.ndarray) -> np.ndarray:
+    """``canvas`` under a random exposure: gamma 0.5-2, gain 0.6-1.3."""
+    gamma, gain = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0)))), float(rng.uniform(0.6, 1.3))
+    return np.clip(255.0 * gain * (canvas / 255.0) ** gamma, 0, 255).astype(np.uint8)
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
@@ -94,18 +146,28 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, :3])
 
 
-def int8_model_name(source_sha256: str) -> str:
+def int8_model_name(source_sha256: str, kind: str = "centerface") -> str:
     import onnxruntime as ort
 
-    return f"centerface-int8-{source_sha256[:16]}-c{CALIBRATION_VERSION}-ort{ort.__version__}.onnx"
+    return f"{kind}-int8-{source_sha256[:16]}-c{CALIBRATION_VERSION}-ort{ort.__version__}.onnx"
 
 
 def centerface_int8(source: Path, cache_dir: Path) -> Path:
     """The int8 CenterFace derived from ``source``: from the cache when a checked copy is
     there, otherwise derived now (a few seconds; one process at a time per cache, the
     others wait for it and reuse its file)."""
+    return _cached_int8(source, cache_dir, "centerface")
+
+
+def text_detector_int8(source: Path, cache_dir: Path) -> Path:
+    """The int8 text detector (PP-OCR det) derived from ``source``, for the OCR pre-scan
+    (``pii.ocr_prescan_precision``); cached like :func:`centerface_int8`."""
+    return _cached_int8(source, cache_dir, "text-detector")
+
+
+def _cached_int8(source: Path, cache_dir: Path, kind: str) -> Path:
     source_sha = file_sha256(source)
-    target = Path(cache_dir) / "derived" / int8_model_name(source_sha)
+    target = Path(cache_dir) / "derived" / int8_model_name(source_sha, kind)
     cached = _checked(target, source_sha)
     if cached is not None:
         return cached
@@ -117,8 +179,8 @@ def centerface_int8(source: Path, cache_dir: Path) -> Path:
         cached = _checked(target, source_sha)
         if cached is not None:
             return cached
-        log.info("deriving int8 CenterFace from %s into %s", source, target)
-        _derive(source, target)
+        log.info("deriving int8 %s from %s into %s", kind, source, target)
+        _derive(source, target, kind)
         sidecar = {"source": str(source), "source_sha256": source_sha, "sha256": file_sha256(target),
                    "calibration_version": CALIBRATION_VERSION, "calibration_images": CALIBRATION_IMAGES,
                    "calibration_seed": CALIBRATION_SEED}
@@ -126,16 +188,21 @@ def centerface_int8(source: Path, cache_dir: Path) -> Path:
     return target
 
 
-def int8_provenance(registry: ModelRegistry) -> dict[str, Any]:
-    """The audit row of the int8 CenterFace a run uses (deriving it now if needed, so the
-    driver does it once before any worker starts): its path and sha256, and the checksum of
-    the float model it comes from."""
-    source = registry.resolve("centerface")
-    path = centerface_int8(source, registry.cache_dir)
+#: Registry name of the float model each int8 recipe is derived from.
+INT8_SOURCES = {"centerface": "centerface", "text-detector": "ppocrv6_det_small"}
+
+
+def int8_provenance(registry: ModelRegistry, kind: str = "centerface") -> dict[str, Any]:
+    """The audit row of an int8 model a run uses (deriving it now if needed, so the driver
+    does it once before any worker starts): its path and sha256, and the checksum of the
+    float model it comes from."""
+    name = INT8_SOURCES[kind]
+    source = registry.resolve(name)
+    path = _cached_int8(source, registry.cache_dir, kind)
     meta = json.loads(path.with_suffix(".json").read_text())
-    spec = registry.spec("centerface")
-    return {"name": "centerface-int8", "path": str(path), "sha256": meta["sha256"], "license": spec.license,
-            "source": f"derived from centerface (sha256 {meta['source_sha256']}) by veil.transforms.quantize, "
+    spec = registry.spec(name)
+    return {"name": f"{name}-int8", "path": str(path), "sha256": meta["sha256"], "license": spec.license,
+            "source": f"derived from {name} (sha256 {meta['source_sha256']}) by veil.transforms.quantize, "
                       f"calibration v{meta['calibration_version']}"}
 
 
@@ -149,7 +216,7 @@ def _checked(target: Path, source_sha: str) -> Path | None:
         return None
     actual = file_sha256(target)
     if meta.get("source_sha256") != source_sha or meta.get("sha256") != actual:
-        log.warning("cached int8 CenterFace %s does not match its record (sha256 %s); deriving it again",
+        log.warning("cached int8 model %s does not match its record (sha256 %s); deriving it again",
                     target, actual)
         return None
     return target
@@ -168,7 +235,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _derive(source: Path, target: Path) -> None:
+def _derive(source: Path, target: Path, kind: str) -> None:
     import onnx
     from onnx import version_converter
     from onnxruntime.quantization import (
@@ -180,22 +247,32 @@ def _derive(source: Path, target: Path) -> None:
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from veil.transforms.detect import centerface_model
+    if kind == "centerface":
+        from veil.transforms.detect import centerface_model
 
-    # Per-channel quantization needs opset 13 (DequantizeLinear's axis); the published model
-    # is opset 9. Nodes are named so the first convolution can be kept in float32: on a
-    # 3-channel input, int8 is slower than float (measured: 4.6 against 2.6 ms at 640x480).
-    model = version_converter.convert_version(centerface_model(source), 13)
-    images = calibration_images()
+        # Per-channel quantization needs opset 13 (DequantizeLinear's axis); the published
+        # model is opset 9. The first convolution is kept in float32: on a 3-channel input,
+        # int8 is slower than float (measured: 4.6 against 2.6 ms at 640x480).
+        model = version_converter.convert_version(centerface_model(source), 13)
+        blobs = [rgb.transpose(2, 0, 1)[None].astype(np.float32) for rgb in calibration_images()]
+        keep_first_conv = True
+    elif kind == "text-detector":
+        model = onnx.load(str(source))
+        # The pre-scan's input: BGR, (x / 255 - 0.5) / 0.5, at half the images' size.
+        blobs = [(rgb[:, :, ::-1].astype(np.float32) * (2.0 / 255.0) - 1.0).transpose(2, 0, 1)[None]
+                 for rgb in text_calibration_images()]
+        keep_first_conv = False
+    else:
+        raise ValueError(f"no int8 recipe for {kind!r}")
     input_name = model.graph.input[0].name
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._blobs = iter(images)
+            self._blobs = iter(blobs)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            rgb = next(self._blobs, None)
-            return None if rgb is None else {input_name: rgb.transpose(2, 0, 1)[None].astype(np.float32)}
+            blob = next(self._blobs, None)
+            return None if blob is None else {input_name: blob}
 
     import onnxruntime as ort
 
@@ -210,14 +287,14 @@ def _derive(source: Path, target: Path) -> None:
         folded = onnx.load(str(prepared))
         for index, node in enumerate(folded.graph.node):
             node.name = f"{node.op_type}_{index}"
-        first_conv = next(node.name for node in folded.graph.node if node.op_type == "Conv")
+        exclude = [next(node.name for node in folded.graph.node if node.op_type == "Conv")] if keep_first_conv else []
         onnx.save(folded, str(prepared))
         try:
             quantize_static(str(prepared), str(quantized), Reader(), quant_format=QuantFormat.QOperator,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=[first_conv])
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude)
         except Exception as exc:  # noqa: BLE001 - re-raised with what to do
             raise QuantizationError(
-                f"could not derive int8 CenterFace from {source}: {exc}. "
-                "Run with detect.precision: fp32 to use the float model.") from exc
+                f"could not derive the int8 {kind} from {source}: {exc}. Run with detect.precision: "
+                "fp32 / pii.ocr_prescan_precision: fp32 to use the float model.") from exc
         _write_atomic(target, quantized.read_bytes())

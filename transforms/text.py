@@ -27,7 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from veil.transforms.ocr import DEFAULT_MAX_SIDE, DEFAULT_PRESCAN, OCREngine, TextLine, shared_read
+from veil.transforms.ocr import (
+    DEFAULT_MAX_SIDE,
+    DEFAULT_PRESCAN,
+    DEFAULT_PRESCAN_PRECISION,
+    OCREngine,
+    TextLine,
+    shared_read,
+)
 from veil.transforms.regions import RegionDetector
 from veil.transforms.stage import Resources, Sample
 from veil.transforms.textpii import (
@@ -105,12 +112,13 @@ class TextDetector(RegionDetector):
     def __init__(self, scope: str = "pii", *, entities: Sequence[str] = DEFAULT_ENTITIES,
                  score_threshold: float = 0.35, language: str = "en", ocr_max_side: int = DEFAULT_MAX_SIDE,
                  ocr_min_score: float = 0.5, ocr_prescan: float = DEFAULT_PRESCAN,
+                 ocr_prescan_precision: str = DEFAULT_PRESCAN_PRECISION,
                  spacy_model: str = DEFAULT_SPACY_MODEL, models: dict[str, Any] | None = None) -> None:
         if scope not in TEXT_SCOPES:
             raise ValueError(f"text scope must be one of {', '.join(TEXT_SCOPES)}, got {scope!r}")
         self.scope = scope
         self.engine = OCREngine(max_side=ocr_max_side, min_score=ocr_min_score, prescan=ocr_prescan,
-                                registry_kwargs=models)
+                                prescan_precision=ocr_prescan_precision, registry_kwargs=models)
         self.analyzer = PIIAnalyzer(entities, score_threshold=score_threshold, language=language,
                                     spacy_model=spacy_model)
 
