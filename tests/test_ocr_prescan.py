@@ -120,3 +120,14 @@ def test_blank_scene_reading_is_unchanged_or_empty(engines):
     rgb = blank_scene(3300)[0]
     words = {_norm(line.text) for line in native.read(rgb) if len(_norm(line.text)) >= 3}
     assert words <= {_norm(line.text) for line in pre.read(rgb)}
+
+
+def test_an_unwritable_model_cache_falls_back_to_the_float_prescan(engines, tmp_path):
+    cache = tmp_path / "not-a-folder"  # the int8 detector cannot be derived into it
+    cache.write_text("x")
+    engine = OCREngine(prescan=0.5, registry_kwargs={"cache_dir": str(cache)})
+    engine.setup()
+    assert engine._prescan_session is not engines[1]._prescan_session
+    img = sign_scene(3000)[0]
+    read = {_norm(line.text) for line in engine.read(img)}
+    assert read and read == {_norm(line.text) for line in engines[0].read(img)}

@@ -171,3 +171,48 @@ def test_the_run_records_the_int8_text_detector(tmp_path):
     row = int8_provenance(ModelRegistry(models_dir=None, cache_dir=str(tmp_path)), "text-detector")
     assert row["name"] == "ppocrv6_det_small-int8"
     assert row["sha256"] == file_sha256(row["path"])
+
+
+def test_dynamic_centerface_is_cached_and_detects_exactly_as_the_graph_edited_in_memory(
+        centerface_path, tmp_path, faces_dir):
+    import cv2
+
+    from veil.transforms.quantize import centerface_dynamic
+
+    path = centerface_dynamic(centerface_path, tmp_path)
+    assert path.parent == tmp_path / "derived" and path.is_file()
+    assert json.loads(path.with_suffix(".json").read_text())["sha256"] == file_sha256(path)
+    mtime = path.stat().st_mtime_ns
+    assert centerface_dynamic(centerface_path, tmp_path) == path and path.stat().st_mtime_ns == mtime
+    rgb = cv2.cvtColor(cv2.imread(str(faces_dir / "obama.jpg")), cv2.COLOR_BGR2RGB)
+    in_memory = CenterFaceDetector(centerface_path).detect(rgb)
+    cached = CenterFaceDetector(centerface_path, dynamic_model=path).detect(rgb)
+    assert len(in_memory) == len(cached) >= 1
+    for a, b in zip(in_memory, cached, strict=True):
+        assert a.box == b.box and a.score == b.score
+    # A damaged copy is derived again, not loaded.
+    path.write_bytes(path.read_bytes()[:500])
+    assert file_sha256(centerface_dynamic(centerface_path, tmp_path)) == json.loads(
+        path.with_suffix(".json").read_text())["sha256"]
+
+
+def test_workers_with_a_warm_cache_do_not_import_onnx(centerface_path, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from veil.config import DetectConfig; from veil.transforms.models import ModelRegistry; "
+            "from veil.transforms.detect import build_detector; "
+            f"d = build_detector(DetectConfig(), ModelRegistry(cache_dir={str(tmp_path)!r})); "
+            "print('onnx' in sys.modules, d.detectors[0].dynamic_model if hasattr(d, 'detectors') else d.dynamic_model)")
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert first[0] == "True"  # derived: the graph was edited with onnx once
+    assert second == ["False", first[1]] and str(tmp_path) in first[1]
+
+
+def test_read_only_cache_still_builds_the_detector(centerface_path, tmp_path):
+    cache = tmp_path / "not-a-folder"  # (tests run as root here: permissions would not stop a write)
+    cache.write_text("x")
+    detector = build_detector(DetectConfig(), ModelRegistry(cache_dir=cache))
+    found = detector.detectors[0] if hasattr(detector, "detectors") else detector
+    assert found.dynamic_model is None

@@ -674,6 +674,7 @@ class CenterFaceDetector(_PyramidDetector):
         merge_iou: float = 0.4,
         threads: int = 1,
         int8_model: str | Path | None = None,
+        dynamic_model: str | Path | None = None,
     ) -> None:
         super().__init__(
             score_threshold=score_threshold,
@@ -691,8 +692,11 @@ class CenterFaceDetector(_PyramidDetector):
         #: faces of about 960 px the float one found (benchmarks/bench_int8.py).
         self.int8_model = Path(int8_model) if int8_model is not None else None
         self.precision = "int8" if self.int8_model is not None else "fp32"
-        self._session = _centerface_session(self.model_path, threads)
-        self._int8_session = (_centerface_session(self.model_path, threads, int8_model=self.int8_model)
+        #: ``model_path`` already made dynamic and cached (:func:`veil.transforms.quantize.centerface_dynamic`),
+        #: or None to edit the graph in memory here.
+        self.dynamic_model = Path(dynamic_model) if dynamic_model is not None else None
+        self._session = _centerface_session(self.model_path, threads, prepared=self.dynamic_model)
+        self._int8_session = (_centerface_session(self.model_path, threads, prepared=self.int8_model)
                               if self.int8_model is not None else None)
         self._input = self._session.get_inputs()[0].name
 
@@ -755,9 +759,10 @@ def centerface_model(path: Path) -> Any:
     return model
 
 
-def _centerface_session(path: Path, threads: int, *, int8_model: Path | None = None) -> Any:
+def _centerface_session(path: Path, threads: int, *, prepared: Path | None = None) -> Any:
     """An onnxruntime session for CenterFace: the float model from ``path`` made dynamic, or
-    the int8 model derived from it (:mod:`veil.transforms.quantize`), loaded as it is."""
+    ``prepared``, a model already derived from it (:mod:`veil.transforms.quantize`: the
+    dynamic graph or the int8 network), loaded as it is."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -767,8 +772,8 @@ def _centerface_session(path: Path, threads: int, *, int8_model: Path | None = N
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    if int8_model is not None:
-        return ort.InferenceSession(str(int8_model), options, providers=["CPUExecutionProvider"])
+    if prepared is not None:
+        return ort.InferenceSession(str(prepared), options, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(centerface_model(path).SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -1002,6 +1007,16 @@ def scan_fingerprint(cfg: DetectConfig) -> str:
     return json.dumps(asdict(cfg), sort_keys=True, default=str)
 
 
+def _cached_or_none(derive: Any, path: Path, cache_dir: Path) -> Path | None:
+    """``derive(path, cache_dir)``, or None (the caller prepares the model in memory) when the
+    model cache cannot be written: a read-only cache costs time, never the run."""
+    try:
+        return derive(path, cache_dir)
+    except OSError as exc:
+        log.warning("model cache %s not usable (%s); preparing %s in memory", cache_dir, exc, path.name)
+        return None
+
+
 def build_detector(cfg: DetectConfig, registry: ModelRegistry) -> FaceDetector:
     """The detector a run configuration asks for (a union when it names several)."""
     # ``rotations`` and ``max_side`` are read with defaults so this works with configs that
@@ -1014,11 +1029,11 @@ def build_detector(cfg: DetectConfig, registry: ModelRegistry) -> FaceDetector:
         # detector's calibrated default.
         threshold = cfg.score_threshold if cfg.score_threshold is not None else DEFAULT_SCORE_THRESHOLDS[name]
         if name == "centerface":
+            from veil.transforms.quantize import centerface_dynamic, centerface_int8
+
             path = registry.resolve("centerface")
             int8_model = None
             if getattr(cfg, "precision", "fp32") == "int8":
-                from veil.transforms.quantize import centerface_int8
-
                 int8_model = centerface_int8(path, registry.cache_dir)
             detectors.append(
                 CenterFaceDetector(
@@ -1028,6 +1043,7 @@ def build_detector(cfg: DetectConfig, registry: ModelRegistry) -> FaceDetector:
                     max_side=max_side,
                     rotations=rotations,
                     int8_model=int8_model,
+                    dynamic_model=_cached_or_none(centerface_dynamic, path, registry.cache_dir),
                 )
             )
         elif name == "mtcnn":

@@ -207,7 +207,12 @@ class OCREngine:
             if self.prescan and self.prescan_precision == "int8":
                 from veil.transforms.quantize import text_detector_int8
 
-                prescan_path = text_detector_int8(det_path, registry.cache_dir)
+                try:
+                    prescan_path = text_detector_int8(det_path, registry.cache_dir)
+                except OSError as exc:
+                    # The published detector chooses the same windows, only slower.
+                    log.warning("model cache %s not usable (%s); the OCR pre-scan runs in float32",
+                                registry.cache_dir, exc)
             if self.prescan and str(prescan_path) not in _PRESCAN_SESSIONS:
                 _PRESCAN_SESSIONS[str(prescan_path)] = _det_session(prescan_path)
             self._prescan_session = _PRESCAN_SESSIONS.get(str(prescan_path))

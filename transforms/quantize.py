@@ -22,6 +22,9 @@ int8 by default), calibrated on scikit-image's scenes, page and sign with invent
 text drawn on them. There int8 is the default: the pre-scan only chooses the windows, which
 the published float detector and recognizer then read, so what a run reports is still the
 float models' reading (``benchmarks/bench_ocr_prescan.py``: no line of real text missed).
+
+The same cache keeps the float CenterFace made dynamic (:func:`centerface_dynamic`), so that
+a worker loads a checked file instead of importing ``onnx`` to edit the graph each time.
 """
 
 from __future__ import annotations
@@ -166,8 +169,35 @@ def text_detector_int8(source: Path, cache_dir: Path) -> Path:
 
 
 def _cached_int8(source: Path, cache_dir: Path, kind: str) -> Path:
+    return _cached_derived(source, cache_dir, int8_model_name(file_sha256(source), kind),
+                           lambda target: _derive(source, target, kind),
+                           {"calibration_version": CALIBRATION_VERSION, "calibration_images": CALIBRATION_IMAGES,
+                            "calibration_seed": CALIBRATION_SEED})
+
+
+#: Bump when :func:`veil.transforms.detect.centerface_model` edits the graph differently.
+DYNAMIC_VERSION = 1
+
+
+def centerface_dynamic(source: Path, cache_dir: Path) -> Path:
+    """The published CenterFace made dynamic (:func:`veil.transforms.detect.centerface_model`),
+    as a file in the model cache. Deriving it imports ``onnx`` (about 0.6 s) and re-serialises
+    the graph; from the cache, each worker hands the checked file straight to onnxruntime."""
+    def derive(target: Path) -> None:
+        from veil.transforms.detect import centerface_model
+
+        _write_atomic(target, centerface_model(source).SerializeToString())
+
+    name = f"centerface-dynamic-{file_sha256(source)[:16]}-v{DYNAMIC_VERSION}.onnx"
+    return _cached_derived(source, cache_dir, name, derive, {"dynamic_version": DYNAMIC_VERSION})
+
+
+def _cached_derived(source: Path, cache_dir: Path, name: str, derive: Any, record: dict[str, Any]) -> Path:
+    """``<cache_dir>/derived/<name>``, made by ``derive(target)`` unless a copy whose sha256
+    matches its sidecar record (and whose source is ``source``) is already there. One process
+    at a time derives (a file lock); the others wait for it and reuse its file."""
     source_sha = file_sha256(source)
-    target = Path(cache_dir) / "derived" / int8_model_name(source_sha, kind)
+    target = Path(cache_dir) / "derived" / name
     cached = _checked(target, source_sha)
     if cached is not None:
         return cached
@@ -179,11 +209,9 @@ def _cached_int8(source: Path, cache_dir: Path, kind: str) -> Path:
         cached = _checked(target, source_sha)
         if cached is not None:
             return cached
-        log.info("deriving int8 %s from %s into %s", kind, source, target)
-        _derive(source, target, kind)
-        sidecar = {"source": str(source), "source_sha256": source_sha, "sha256": file_sha256(target),
-                   "calibration_version": CALIBRATION_VERSION, "calibration_images": CALIBRATION_IMAGES,
-                   "calibration_seed": CALIBRATION_SEED}
+        log.info("deriving %s from %s", target, source)
+        derive(target)
+        sidecar = {"source": str(source), "source_sha256": source_sha, "sha256": file_sha256(target), **record}
         _write_atomic(target.with_suffix(".json"), json.dumps(sidecar, indent=1).encode())
     return target
 
@@ -216,7 +244,7 @@ def _checked(target: Path, source_sha: str) -> Path | None:
         return None
     actual = file_sha256(target)
     if meta.get("source_sha256") != source_sha or meta.get("sha256") != actual:
-        log.warning("cached int8 model %s does not match its record (sha256 %s); deriving it again",
+        log.warning("cached derived model %s does not match its record (sha256 %s); deriving it again",
                     target, actual)
         return None
     return target
