@@ -1007,16 +1007,6 @@ def scan_fingerprint(cfg: DetectConfig) -> str:
     return json.dumps(asdict(cfg), sort_keys=True, default=str)
 
 
-def _cached_or_none(derive: Any, path: Path, cache_dir: Path) -> Path | None:
-    """``derive(path, cache_dir)``, or None (the caller prepares the model in memory) when the
-    model cache cannot be written: a read-only cache costs time, never the run."""
-    try:
-        return derive(path, cache_dir)
-    except OSError as exc:
-        log.warning("model cache %s not usable (%s); preparing %s in memory", cache_dir, exc, path.name)
-        return None
-
-
 def build_detector(cfg: DetectConfig, registry: ModelRegistry) -> FaceDetector:
     """The detector a run configuration asks for (a union when it names several)."""
     # ``rotations`` and ``max_side`` are read with defaults so this works with configs that
@@ -1029,7 +1019,7 @@ def build_detector(cfg: DetectConfig, registry: ModelRegistry) -> FaceDetector:
         # detector's calibrated default.
         threshold = cfg.score_threshold if cfg.score_threshold is not None else DEFAULT_SCORE_THRESHOLDS[name]
         if name == "centerface":
-            from veil.transforms.quantize import centerface_dynamic, centerface_int8
+            from veil.transforms.quantize import cached_or_none, centerface_dynamic, centerface_int8
 
             path = registry.resolve("centerface")
             int8_model = None
@@ -1043,7 +1033,7 @@ def build_detector(cfg: DetectConfig, registry: ModelRegistry) -> FaceDetector:
                     max_side=max_side,
                     rotations=rotations,
                     int8_model=int8_model,
-                    dynamic_model=_cached_or_none(centerface_dynamic, path, registry.cache_dir),
+                    dynamic_model=cached_or_none(centerface_dynamic, path, registry.cache_dir),
                 )
             )
         elif name == "mtcnn":

@@ -205,14 +205,10 @@ class OCREngine:
                     raise OCRUnavailableError(f"the OCR engine could not be loaded: {exc}") from exc
             prescan_path = det_path
             if self.prescan and self.prescan_precision == "int8":
-                from veil.transforms.quantize import text_detector_int8
+                from veil.transforms.quantize import cached_or_none, text_detector_int8
 
-                try:
-                    prescan_path = text_detector_int8(det_path, registry.cache_dir)
-                except OSError as exc:
-                    # The published detector chooses the same windows, only slower.
-                    log.warning("model cache %s not usable (%s); the OCR pre-scan runs in float32",
-                                registry.cache_dir, exc)
+                # Without a usable cache the published detector chooses the same windows, only slower.
+                prescan_path = cached_or_none(text_detector_int8, det_path, registry.cache_dir) or det_path
             if self.prescan and str(prescan_path) not in _PRESCAN_SESSIONS:
                 _PRESCAN_SESSIONS[str(prescan_path)] = _det_session(prescan_path)
             self._prescan_session = _PRESCAN_SESSIONS.get(str(prescan_path))

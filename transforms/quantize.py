@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -169,7 +170,7 @@ def text_detector_int8(source: Path, cache_dir: Path) -> Path:
 
 
 def _cached_int8(source: Path, cache_dir: Path, kind: str) -> Path:
-    return _cached_derived(source, cache_dir, int8_model_name(file_sha256(source), kind),
+    return _cached_derived(source, cache_dir, lambda source_sha: int8_model_name(source_sha, kind),
                            lambda target: _derive(source, target, kind),
                            {"calibration_version": CALIBRATION_VERSION, "calibration_images": CALIBRATION_IMAGES,
                             "calibration_seed": CALIBRATION_SEED})
@@ -188,16 +189,29 @@ def centerface_dynamic(source: Path, cache_dir: Path) -> Path:
 
         _write_atomic(target, centerface_model(source).SerializeToString())
 
-    name = f"centerface-dynamic-{file_sha256(source)[:16]}-v{DYNAMIC_VERSION}.onnx"
-    return _cached_derived(source, cache_dir, name, derive, {"dynamic_version": DYNAMIC_VERSION})
+    return _cached_derived(source, cache_dir,
+                           lambda source_sha: f"centerface-dynamic-{source_sha[:16]}-v{DYNAMIC_VERSION}.onnx",
+                           derive, {"dynamic_version": DYNAMIC_VERSION})
 
 
-def _cached_derived(source: Path, cache_dir: Path, name: str, derive: Any, record: dict[str, Any]) -> Path:
-    """``<cache_dir>/derived/<name>``, made by ``derive(target)`` unless a copy whose sha256
-    matches its sidecar record (and whose source is ``source``) is already there. One process
-    at a time derives (a file lock); the others wait for it and reuse its file."""
+def cached_or_none(derived: Callable[[Path, Path], Path], source: Path, cache_dir: Path) -> Path | None:
+    """``derived(source, cache_dir)`` (e.g. :func:`centerface_dynamic`), or None when the model
+    cache cannot be written: the caller then uses the published model (prepared in memory),
+    so a read-only cache costs time, never the run."""
+    try:
+        return derived(source, cache_dir)
+    except OSError as exc:
+        log.warning("model cache %s not usable (%s); using %s as published", cache_dir, exc, Path(source).name)
+        return None
+
+
+def _cached_derived(source: Path, cache_dir: Path, name_for: Callable[[str], str],
+                    derive: Callable[[Path], None], record: dict[str, Any]) -> Path:
+    """``<cache_dir>/derived/<name_for(source sha256)>``, made by ``derive(target)`` unless a
+    copy whose sha256 matches its sidecar record (and whose source is ``source``) is already
+    there. One process at a time derives (a file lock); the others wait for it and reuse its file."""
     source_sha = file_sha256(source)
-    target = Path(cache_dir) / "derived" / name
+    target = Path(cache_dir) / "derived" / name_for(source_sha)
     cached = _checked(target, source_sha)
     if cached is not None:
         return cached
