@@ -20,6 +20,10 @@ For each dataset it runs, as subprocesses of the ``veil`` command line (``--runn
              *before* certification, the independent figure (FSAP optimises against
              MobileFaceNet, never dlib).
 
+For the FSAP release it also measures dlib re-identification after an attacker's attempts to
+undo the perturbation (JPEG q50, Gaussian blur, down- then up-scaling of the released image):
+a change made of fragile high-frequency detail would come undone there.
+
 Then it writes ``WORK/results.json`` (raw figures), ``WORK/results.md`` (the table) and
 ``WORK/fsap_vs_blur.png`` (FSAP and blurred faces side by side, never an original, and the
 per-face dlib distances of both with the 0.6 threshold). Finished steps are recorded in
@@ -321,7 +325,66 @@ def validation_figures(audit: Path) -> dict[str, Any]:
     }
 
 
-def collect(work: Path, datasets: list[str], steps: dict[str, dict]) -> dict[str, Any]:
+#: An attacker's attempts to undo a perturbation before matching (applied to the whole
+#: released image): re-encoding, smoothing, and down- then up-scaling, which strip fine
+#: adversarial detail. Each is judged by dlib at its 0.6 threshold on the faces FSAP replaced.
+RESTORATIONS = ("jpeg-q50", "blur-1", "blur-2", "rescale-0.5", "rescale-0.25")
+
+
+def restore(rgb: np.ndarray, attack: str) -> np.ndarray:
+    """One of :data:`RESTORATIONS` applied to an RGB image (same size out)."""
+    from PIL import Image, ImageFilter
+
+    image = Image.fromarray(rgb)
+    kind, _, arg = attack.partition("-")
+    if kind == "jpeg":
+        buf = io.BytesIO()
+        image.save(buf, "JPEG", quality=int(arg[1:]))
+        return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    if kind == "blur":
+        return np.asarray(image.filter(ImageFilter.GaussianBlur(float(arg))))
+    if kind == "rescale":
+        small = image.resize((max(1, round(image.width * float(arg))), max(1, round(image.height * float(arg)))),
+                             Image.BICUBIC)
+        return np.asarray(small.resize(image.size, Image.BICUBIC))
+    raise ValueError(f"unknown restoration {attack!r}")
+
+
+def restoration_figures(original_input: str, out: Path) -> dict[str, Any]:
+    """dlib re-identification of the faces FSAP replaced, as released and after each of
+    :data:`RESTORATIONS`: does the identity change survive an attacker's clean-up, or was it
+    fragile high-frequency detail? Faces are compared at the original's regions, as
+    validation does; the original's own JPEG q50 and down/up x0.25 are the reference (a
+    restoration that leaves an untouched face recognisable)."""
+    from veil.transforms.models import ModelRegistry
+    from veil.transforms.recognizers import build_recognizer
+    from veil.validators.pairing import read_veil_output
+
+    originals = _shard_images(Path(original_input))
+    released = _released(out)
+    regions = read_veil_output(out).regions
+    dlib = build_recognizer("dlib-resnet", ModelRegistry())
+    attacks = ("released", *RESTORATIONS, "original-jpeg-q50", "original-rescale-0.25")
+    scores: dict[str, list[float]] = {a: [] for a in attacks}
+    for key in sorted(released):
+        faces = [r for r in regions.get(key, []) if (r.get("fsap") or {}).get("status") == "optimised"]
+        if not faces or key not in originals:
+            continue
+        rgb_o, rgb_a = originals[key], released[key]
+        for attack in attacks:
+            if attack == "released":
+                probe = rgb_a
+            elif attack.startswith("original-"):
+                probe = restore(rgb_o, attack.removeprefix("original-"))
+            else:
+                probe = restore(rgb_a, attack)
+            e_o, e_a = dlib.embed_pair(rgb_o, probe, faces)
+            scores[attack] += [float(d) for d in np.linalg.norm(e_o - e_a, axis=1)]
+    return {a: {"faces": len(v), "reidentified": int(sum(d <= DLIB_THRESHOLD for d in v)),
+                "median": _quantile(v, 0.5)} for a, v in scores.items()}
+
+
+def collect(work: Path, datasets: list[str], steps: dict[str, dict], inputs: dict[str, str]) -> dict[str, Any]:
     """Figures of every finished step, by dataset and method; what is missing is said so."""
     results: dict[str, Any] = {}
     for ds in datasets:
@@ -336,6 +399,8 @@ def collect(work: Path, datasets: list[str], steps: dict[str, dict]) -> dict[str
             else:
                 rec["run_wall_s"] = run_step["wall_s"]
                 rec["manifest"] = manifest_figures(work / "out" / f"{ds}-{method}")
+                if method == "fsap":
+                    rec["restoration"] = restoration_figures(inputs[ds], work / "out" / f"{ds}-{method}")
             if method != "fsap-raw":
                 if val_step is None:
                     rec["validation_missing"] = "validation not done"
@@ -360,6 +425,15 @@ def _reid_cell(reid: dict | None) -> str:
     if not reid:
         return "n/a"
     return f"{_pct(reid['rate'])} ({reid['reidentified']}/{reid['pairs']})"
+
+
+def _worst_restoration(figures: dict[str, dict]) -> str:
+    """The restoration that re-identifies most FSAP faces, with its count and median distance."""
+    attack = max(RESTORATIONS, key=lambda a: (figures[a]["reidentified"], -(figures[a]["median"] or 9.0)))
+    f = figures[attack]
+    if not f["faces"]:
+        return "-"
+    return f"{_pct(f['reidentified'] / f['faces'])} ({f['reidentified']}/{f['faces']}, {attack}, median {f['median']:.3f})"
 
 
 def table_markdown(results: dict[str, Any]) -> str:
@@ -402,6 +476,11 @@ def table_markdown(results: dict[str, Any]) -> str:
         lambda r: f"{min(v(r)['dlib_scores']):.3f} / {float(np.median(v(r)['dlib_scores'])):.3f}")
     row("dlib re-ID before certification (raw transfer, fsap-raw run)",
         lambda r: "-")
+    row("dlib re-ID after an attacker's restoration, worst of " + ", ".join(RESTORATIONS),
+        lambda r: _worst_restoration(r["restoration"]))
+    row("reference: the same on the untouched original, JPEG q50 / down-up x0.25",
+        lambda r: " / ".join(f"{r['restoration'][a]['reidentified']}/{r['restoration'][a]['faces']}"
+                             for a in ("original-jpeg-q50", "original-rescale-0.25")))
     row("detection rate, CenterFace", lambda r: _pct(v(r)["detection"]["centerface"]))
     row("detection rate, MTCNN", lambda r: _pct(v(r)["detection"]["mtcnn"]))
     row("face-region SSIM (mean)", lambda r: _num(v(r)["face_ssim"]))
@@ -476,19 +555,26 @@ def targets_markdown(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def _released(out: Path) -> dict[str, np.ndarray]:
-    """key -> released RGB pixels of a Veil output (quarantined samples are absent)."""
+def _shard_images(tar_path: Path) -> dict[str, np.ndarray]:
+    """key -> RGB pixels of every image of one WebDataset shard."""
     import tarfile
 
     from PIL import Image
 
     images: dict[str, np.ndarray] = {}
+    with tarfile.open(tar_path) as tar:
+        for m in tar.getmembers():
+            stem, _, ext = m.name.rpartition(".")
+            if ext in ("jpg", "jpeg", "png"):
+                images[stem] = np.asarray(Image.open(tar.extractfile(m)).convert("RGB"))
+    return images
+
+
+def _released(out: Path) -> dict[str, np.ndarray]:
+    """key -> released RGB pixels of a Veil output (quarantined samples are absent)."""
+    images: dict[str, np.ndarray] = {}
     for tar_path in sorted((out / "data").glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for m in tar.getmembers():
-                stem, _, ext = m.name.rpartition(".")
-                if ext in ("jpg", "jpeg", "png"):
-                    images[stem] = np.asarray(Image.open(tar.extractfile(m)).convert("RGB"))
+        images.update(_shard_images(tar_path))
     return images
 
 
@@ -590,7 +676,7 @@ def main() -> None:
         done = json.loads(record.read_text()) if record.exists() else {}
     else:
         done = run_steps(work, steps, fresh=args.fresh)
-    results = collect(work, datasets, done)
+    results = collect(work, datasets, done, inputs)
     command = "VEIL_MODELS=../shared/models .venv/bin/python benchmarks/bench_fsap.py " + shlex.join(
         a for a in sys.argv[1:] if a != "--report-only")
     table = table_markdown(results)
