@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detectors", help="comma-separated detectors for the detection rate; the first also "
                                        "finds the original faces (default: centerface,mtcnn)")
     p.add_argument("--features", help="comma-separated: mobilenetv2 (FD-MobileNetV2), inception (FID, needs weights)")
+    p.add_argument("--restorations",
+                   help="comma-separated restoration attacks scored after the plain one (jpeg-q50, blur-2, "
+                        "rescale-0.25, ...), or 'none'; default: all five for fsap/diffusion, none otherwise")
     p.add_argument("--identity-min-face", type=int, help="smallest face side for identity metrics (default: 24)")
     p.add_argument("--measure", choices=["all", "gated"], default="all",
                    help="all: every metric (default); gated: only what an enabled gate reads, as "
@@ -358,6 +361,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value:
             kwargs[name] = [v.strip() for v in value.split(",") if v.strip()]
+    if args.restorations:
+        kwargs["restorations"] = ([] if args.restorations.strip().lower() == "none"
+                                  else [v.strip() for v in args.restorations.split(",") if v.strip()])
     if args.identity_min_face is not None:
         kwargs["identity_min_face"] = args.identity_min_face
     if args.folder_shard_size is not None:

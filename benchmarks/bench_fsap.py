@@ -325,46 +325,30 @@ def validation_figures(audit: Path) -> dict[str, Any]:
     }
 
 
-#: An attacker's attempts to undo a perturbation before matching (applied to the whole
-#: released image): re-encoding, smoothing, and down- then up-scaling, which strip fine
-#: adversarial detail. Each is judged by dlib at its 0.6 threshold on the faces FSAP replaced.
-RESTORATIONS = ("jpeg-q50", "blur-1", "blur-2", "rescale-0.5", "rescale-0.25")
+def _restorations() -> tuple[str, ...]:
+    """The restoration attacks validation scores (JPEG, blur, down/up-scaling)."""
+    from veil.validators.identity import RESTORATIONS
 
-
-def restore(rgb: np.ndarray, attack: str) -> np.ndarray:
-    """One of :data:`RESTORATIONS` applied to an RGB image (same size out)."""
-    from PIL import Image, ImageFilter
-
-    image = Image.fromarray(rgb)
-    kind, _, arg = attack.partition("-")
-    if kind == "jpeg":
-        buf = io.BytesIO()
-        image.save(buf, "JPEG", quality=int(arg[1:]))
-        return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-    if kind == "blur":
-        return np.asarray(image.filter(ImageFilter.GaussianBlur(float(arg))))
-    if kind == "rescale":
-        small = image.resize((max(1, round(image.width * float(arg))), max(1, round(image.height * float(arg)))),
-                             Image.BICUBIC)
-        return np.asarray(small.resize(image.size, Image.BICUBIC))
-    raise ValueError(f"unknown restoration {attack!r}")
+    return RESTORATIONS
 
 
 def restoration_figures(original_input: str, out: Path) -> dict[str, Any]:
     """dlib re-identification of the faces FSAP replaced, as released and after each of
-    :data:`RESTORATIONS`: does the identity change survive an attacker's clean-up, or was it
-    fragile high-frequency detail? Faces are compared at the original's regions, as
-    validation does; the original's own JPEG q50 and down/up x0.25 are the reference (a
-    restoration that leaves an untouched face recognisable)."""
+    validation's restoration attacks (``veil.validators.identity.RESTORATIONS``): does the
+    identity change survive an attacker's clean-up, or was it fragile high-frequency detail?
+    Faces are compared at the run's regions (validation uses its own detections, so the two
+    may differ by a face); the original's own JPEG q50 and down/up x0.25 are the reference
+    (a restoration that leaves an untouched face recognisable)."""
     from veil.transforms.models import ModelRegistry
     from veil.transforms.recognizers import build_recognizer
+    from veil.validators.identity import restore
     from veil.validators.pairing import read_veil_output
 
     originals = _shard_images(Path(original_input))
     released = _released(out)
     regions = read_veil_output(out).regions
     dlib = build_recognizer("dlib-resnet", ModelRegistry())
-    attacks = ("released", *RESTORATIONS, "original-jpeg-q50", "original-rescale-0.25")
+    attacks = ("released", *_restorations(), "original-jpeg-q50", "original-rescale-0.25")
     scores: dict[str, list[float]] = {a: [] for a in attacks}
     for key in sorted(released):
         faces = [r for r in regions.get(key, []) if (r.get("fsap") or {}).get("status") == "optimised"]
@@ -429,7 +413,7 @@ def _reid_cell(reid: dict | None) -> str:
 
 def _worst_restoration(figures: dict[str, dict]) -> str:
     """The restoration that re-identifies most FSAP faces, with its count and median distance."""
-    attack = max(RESTORATIONS, key=lambda a: (figures[a]["reidentified"], -(figures[a]["median"] or 9.0)))
+    attack = max(_restorations(), key=lambda a: (figures[a]["reidentified"], -(figures[a]["median"] or 9.0)))
     f = figures[attack]
     if not f["faces"]:
         return "-"
@@ -476,7 +460,7 @@ def table_markdown(results: dict[str, Any]) -> str:
         lambda r: f"{min(v(r)['dlib_scores']):.3f} / {float(np.median(v(r)['dlib_scores'])):.3f}")
     row("dlib re-ID before certification (raw transfer, fsap-raw run)",
         lambda r: "-")
-    row("dlib re-ID after an attacker's restoration, worst of " + ", ".join(RESTORATIONS),
+    row("dlib re-ID after an attacker's restoration, worst of " + ", ".join(_restorations()),
         lambda r: _worst_restoration(r["restoration"]))
     row("reference: the same on the untouched original, JPEG q50 / down-up x0.25",
         lambda r: " / ".join(f"{r['restoration'][a]['reidentified']}/{r['restoration'][a]['faces']}"

@@ -783,3 +783,63 @@ def test_euclidean_state_round_trips_and_old_states_load_as_cosine() -> None:
     loaded_i = IdentificationAttack.from_dict(json.loads(json.dumps(old_i)))
     assert loaded_v.metric == loaded_i.metric == "cosine"
     assert loaded_v.compute() == cos_v.compute() and loaded_i.ranks() == cos_i.ranks()
+
+
+# ------------------------------------------------------------------------- restoration attack
+
+
+def test_restorations_keep_size_and_change_pixels_as_named() -> None:
+    from veil.validators.identity import RESTORATIONS, restore
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(61, 83, 3), dtype=np.uint8)
+    for attack in RESTORATIONS:
+        out = restore(rgb, attack)
+        assert out.shape == rgb.shape and out.dtype == np.uint8, attack
+        # Every restoration smooths noise away: the result is closer to flat than the input.
+        assert out.astype(float).std() < rgb.astype(float).std(), attack
+    # Stronger settings remove more.
+    def loss(attack: str) -> float:
+        return float(np.abs(restore(rgb, attack).astype(float) - rgb).mean())
+
+    assert loss("blur-2") > loss("blur-1")
+    assert loss("rescale-0.25") > loss("rescale-0.5")
+    assert loss("jpeg-q20") > loss("jpeg-q90")
+
+
+@pytest.mark.parametrize("bad", ["blur", "blur-0", "blur-x", "jpeg-50", "jpeg-q0", "jpeg-q50.5",
+                                 "rescale-1", "rescale-2", "sharpen-1", ""])
+def test_unknown_restorations_are_refused_with_the_accepted_forms(bad: str) -> None:
+    from veil.validators.identity import check_restoration
+
+    with pytest.raises(ValueError, match="jpeg-q<1..100>"):
+        check_restoration(bad)
+
+
+def test_restored_score_keeps_the_attackers_best_restoration_per_face() -> None:
+    """Per face, the restoration that brings the face closest to its original is kept, its
+    name recorded, and the face judged at the recognizer's threshold on that score."""
+    from veil.validators.validate import RESTORED_SUFFIX, ShardEvaluator, ValidationState
+
+    class Stub:
+        name, metric, threshold = "stub", "euclidean", 0.6
+
+        def embed_pair(self, original, anonymized, faces):
+            # Face j's anonymized embedding sits at anonymized[0, j, 0] / 100 from the original.
+            e_o = np.zeros((len(faces), 2), np.float32)
+            e_a = np.zeros((len(faces), 2), np.float32)
+            e_a[:, 0] = anonymized[0, : len(faces), 0] / 100.0
+            return e_o, e_a
+
+    orig = np.zeros((4, 4, 3), np.uint8)
+    a = np.zeros((4, 4, 3), np.uint8)
+    b = np.zeros((4, 4, 3), np.uint8)
+    a[0, :2, 0] = (90, 30)  # face 0 at 0.9 under "a", face 1 at 0.3
+    b[0, :2, 0] = (70, 80)  # face 0 at 0.7 under "b", face 1 at 0.8
+    state, rows = ValidationState(), [{}, {}]
+    ShardEvaluator._score_restored(state, "stub", Stub(), orig, {"a": a, "b": b}, [{}, {}], ["k#0", "k#1"], rows)
+    assert [r["restored_by_stub"] for r in rows] == ["b", "a"]
+    assert [round(r["restored_score_stub"], 3) for r in rows] == [0.7, 0.3]
+    assert [r["restored_reidentified_stub"] for r in rows] == [False, True]
+    result = state.verification[f"stub{RESTORED_SUFFIX}"].compute()
+    assert result["pairs"] == 2 and result["reidentified"] == 1

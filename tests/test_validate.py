@@ -197,14 +197,17 @@ def test_gated_measurement_keeps_whatever_a_gate_reads():
 
     config = ValidateConfig(original="o", anonymized="a", output="x", features=["mobilenetv2", "inception"])
     assert set(unmeasured(config, load_gates(None, method="blur"))) == {
-        "attributes", "lpips", "fd.face", "detection.mtcnn", "features.mobilenetv2", "features.inception"}
-    # Synthesis gates read the detection rates, KID/FID, LPIPS and attributes: all kept.
+        "attributes", "lpips", "fd.face", "detection.mtcnn", "features.mobilenetv2", "features.inception",
+        "restoration"}
+    # Synthesis gates read the detection rates, KID/FID, LPIPS, attributes and the restoration
+    # attack: all kept.
     assert unmeasured(config, load_gates(None, method="fsap")) == ["fd.face"]
     custom = parse_gates({"version": 1, "gates": [
         {"name": "a", "metric": "pairs", "min": 1,
          "evidence": {"table": "faces", "where": {"detected_mtcnn": False}, "order_by": "lpips"}},
         {"name": "b", "table": "faces", "column": "age_original", "min": 0}]})
-    assert set(unmeasured(config, custom)) == {"fd.face", "features.mobilenetv2", "features.inception"}
+    assert set(unmeasured(config, custom)) == {"fd.face", "features.mobilenetv2", "features.inception",
+                                               "restoration"}
     labelled = ValidateConfig(original="o", anonymized="a", output="x", label_field="cls")
     assert "features.mobilenetv2" not in unmeasured(labelled, custom)
 
@@ -468,3 +471,32 @@ def test_a_blur_release_is_reported_honestly_against_the_synthesis_gates(blur_au
     assert results["detection-rate-centerface"].status == "failed"
     assert results["face-lpips"].status == "failed"
     assert results["reidentification-dlib-resnet"].status == "passed"
+
+
+def test_restoration_attack_catches_faces_a_filter_brings_back(none_run, dataset, tmp_path):
+    """Judged as an FSAP release, untouched faces stay recognised after the attacker's
+    restorations: the restored verification rate is measured per face (with the restoration
+    that worked best) and its required gate fails. Blur releases are not measured by default."""
+    import pandas as pd
+
+    from veil.validators.validate import default_restorations, validate
+
+    assert default_restorations("fsap") and default_restorations("diffusion")
+    assert default_restorations("blur") == [] and default_restorations("unknown") == []
+    out, _ = none_run
+    result = validate(vconfig(dataset["pattern"], str(out), tmp_path / "audit", method="fsap", report=False,
+                              restorations=["blur-1", "rescale-0.5"], recognizers=["dlib-resnet"]))
+    m = result.metrics
+    assert m["restored.dlib-resnet.verification_rate"] == 1.0
+    assert m["identity.dlib-resnet.verification_rate"] == 1.0
+    gates = {g["name"]: g for g in json.loads(Path(result.summary_path).read_text())["gates"]}
+    assert gates["restored-reidentification-dlib-resnet"]["status"] == "failed"
+    faces = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "audit" / "validation" / "faces").glob("*"))])
+    scored = faces.dropna(subset=["score_dlib-resnet"])
+    assert len(scored) >= 5
+    assert set(scored["restored_by_dlib-resnet"]) <= {"blur-1", "rescale-0.5"}
+    assert scored["restored_reidentified_dlib-resnet"].all()
+    # A restoration changes the pixels, so its distance is not the plain one.
+    assert (scored["restored_score_dlib-resnet"] != scored["score_dlib-resnet"]).any()
+    with pytest.raises(ValueError, match="unknown restoration"):
+        validate(vconfig(dataset["pattern"], str(out), tmp_path / "bad", method="fsap", restorations=["sharpen-1"]))

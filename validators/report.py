@@ -616,6 +616,7 @@ _PAIRING = {
 
 _FAMILIES = {
     "identity": "Identity: re-identification attacks",
+    "restored": "Identity after an attacker's restoration (JPEG, blur, rescale of the release)",
     "distribution": "Distribution distances: Frechet distance and KID",
     "attributes": "Attributes kept",
     "detection": "Detection: faces found again at the original place",
@@ -688,6 +689,8 @@ def metric_label(name: str) -> str:
     parts = name.split(".")
     if len(parts) == 3 and parts[0] == "identity" and parts[2] in _IDENTITY_LABELS:
         return f"{parts[1]}: {_IDENTITY_LABELS[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "restored" and parts[2] in _IDENTITY_LABELS:
+        return f"{parts[1]}: after restoration, {_IDENTITY_LABELS[parts[2]]}"
     if len(parts) == 3 and parts[:2] == ["fd", "face"]:
         return f"Frechet distance of {parts[2]} face embeddings"
     if len(parts) == 3 and parts[0] == "detection" and parts[2] == "rate":

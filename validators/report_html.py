@@ -51,7 +51,7 @@ _STATUS_LABELS = {
 #: Detail groups: title and the metric families they show. Detection goes to privacy for
 #: obscuring methods (a face found again is a leak) and to utility for synthesis (it must be).
 _GROUPS = {
-    "privacy": ("Privacy", ("identity", "leakage", "residual")),
+    "privacy": ("Privacy", ("identity", "restored", "leakage", "residual")),
     "utility": ("Utility", ("attributes", "utility")),
     "quality": ("Quality", ("distribution", "background", "face")),
     "run": ("Run", ("other",)),

@@ -73,8 +73,9 @@ RELEASE_FILE = "RELEASE.json"
 ERROR = "error"
 #: 2: per-face SSIM and LPIPS columns and means; 3: geometry (orientation, scale) of each
 #: pair, which measures rotated and resized releases that earlier versions counted as errors,
-#: and the no_image_released status.
-STATE_VERSION = "3"
+#: and the no_image_released status; 4: the restoration attack (per-face restored columns,
+#: ``<recognizer>@restored`` verification states).
+STATE_VERSION = "4"
 
 #: Recognizers tried by default; those whose weights are missing are reported unavailable.
 DEFAULT_RECOGNIZERS = ("dlib-resnet", "mobilefacenet", "facenet-vggface2")
@@ -96,6 +97,22 @@ def default_features(method: str) -> list[str]:
     return list(DEFAULT_FEATURES) if method in FID_METHODS else ["mobilenetv2"]
 
 
+#: Key suffix, in ``ValidationState.verification``, of a recognizer's restoration attack.
+RESTORED_SUFFIX = "@restored"
+
+#: Methods whose release is a face an attacker might try to restore (an adversarial or
+#: generated change), scored by default after every restoration of
+#: :data:`veil.validators.identity.RESTORATIONS`.
+RESTORATION_METHODS = ("fsap", "diffusion")
+
+
+def default_restorations(method: str) -> list[str]:
+    """The restoration attacks validation scores by default for ``method``."""
+    from veil.validators.identity import RESTORATIONS
+
+    return list(RESTORATIONS) if method in RESTORATION_METHODS else []
+
+
 #: ``measure`` settings: every metric, or only what an enabled gate reads.
 MEASURE_MODES = ("all", "gated")
 
@@ -113,6 +130,9 @@ def optional_measurements(config: ValidateConfig) -> dict[str, tuple[str, ...]]:
         "lpips": ("face.lpips_", "lpips"),
         "fd.face": ("fd.face.",),
     }
+    # None = not decided yet (method-aware default); an empty list measures nothing to skip.
+    if config.restorations is None or config.restorations:
+        out["restoration"] = ("restored.", "restored_")
     # The reference detector's anonymized-image detections are the residual faces (always
     # needed); the other detectors' are only their detection rate.
     for name in config.detectors[1:]:
@@ -165,6 +185,12 @@ class ValidateConfig:
     detectors: list[str] = field(default_factory=lambda: list(DEFAULT_DETECTORS))
     #: None = method-aware (:func:`default_features`): FID for synthesis methods and audits.
     features: list[str] | None = None
+    #: Restoration attacks (:data:`veil.validators.identity.RESTORATIONS`: JPEG, blur,
+    #: down/up-scaling of the released image) after which every recognizer scores each face
+    #: again; a face counts as re-identified when any restoration brings it back. None =
+    #: method-aware (:func:`default_restorations`): all of them for fsap and diffusion, none
+    #: for obscuring methods and other tools' output.
+    restorations: list[str] | None = None
     #: "all": every metric (audits, reports). "gated": leave out what no enabled gate reads
     #: (:func:`unmeasured`: attributes, face LPIPS, face-embedding FD, the second detector on
     #: the anonymized image, image features), which ``veil run --gates`` uses: the verdict
@@ -212,7 +238,7 @@ class ValidateConfig:
         from veil import __version__
 
         keep = {k: v for k, v in asdict(self).items()
-                if k in ("recognizers", "detectors", "features", "identity_min_face", "sdr_min_face",
+                if k in ("recognizers", "detectors", "features", "restorations", "identity_min_face", "sdr_min_face",
                          "pii_expand", "label_field", "max_pixels", "max_bytes", "models",
                          "follow_symlinks", "skipped", "pii")}
         keep["veil"] = __version__
@@ -851,6 +877,13 @@ class ShardEvaluator(ShardWorker):
         state.counts["faces_unconfirmed"] += sum(large) - len(usable)
         sel = [faces[i] for i in usable]
         keys = [rows[i]["face_key"] for i in usable]
+        restorations = list(self.config.restorations or []) if "restoration" not in skipped else []
+        restored: dict[str, np.ndarray] = {}
+        if sel and restorations:
+            from veil.validators.identity import restore
+
+            with clock("restoration"):
+                restored = {attack: restore(anon, attack) for attack in restorations}
         for name, recognizer in self.recognizers.items():
             row[f"max_score_{name}"] = None
             row[f"reidentified_{name}"] = 0
@@ -880,6 +913,10 @@ class ShardEvaluator(ShardWorker):
             worst = float(scores.max() if recognizer.metric == "cosine" else scores.min())
             row[f"max_score_{name}"] = worst
             row[f"reidentified_{name}"] = int(same.sum())
+            if restored:
+                with clock(f"restored_{name}"):
+                    self._score_restored(state, name, recognizer, orig, restored, sel, keys,
+                                         [rows[i] for i in usable])
         if sel and self.attribute_models.models:
             from veil.validators.attributes import AttributeAgreement
 
@@ -894,6 +931,39 @@ class ShardEvaluator(ShardWorker):
                     rows[i][f"{attr}_original"] = a.get(attr)
                     rows[i][f"{attr}_anonymized"] = b.get(attr)
         face_rows.extend(rows)
+
+    @staticmethod
+    def _score_restored(state: ValidationState, name: str, recognizer: Any, orig: np.ndarray,
+                        restored: dict[str, np.ndarray], faces: list[dict[str, Any]], keys: list[str],
+                        rows: list[dict[str, Any]]) -> None:
+        """Score each face again on every restored anonymized image; keep, per face, the
+        restoration that brings it closest to its original (the attacker picks the best)."""
+        from veil.validators.identity import VerificationAttack
+
+        best_emb: np.ndarray | None = None
+        best_score: np.ndarray | None = None
+        best_attack = [""] * len(faces)
+        e_orig = None
+        for attack, image in restored.items():
+            e_o, e_r = recognizer.embed_pair(orig, image, faces)
+            e_orig = e_o if e_orig is None else e_orig
+            score = (_cosine_rows(e_o, e_r) if recognizer.metric == "cosine"
+                     else np.linalg.norm(e_o - e_r, axis=1))
+            if best_score is None:
+                best_emb, best_score, best_attack = e_r.copy(), score.copy(), [attack] * len(faces)
+                continue
+            closer = score > best_score if recognizer.metric == "cosine" else score < best_score
+            for j in np.flatnonzero(closer):
+                best_emb[j], best_score[j], best_attack[j] = e_r[j], score[j], attack
+        key = f"{name}{RESTORED_SUFFIX}"
+        if key not in state.verification:
+            state.verification[key] = VerificationAttack(recognizer.threshold, name, metric=recognizer.metric)
+        state.verification[key].update(keys, e_orig, best_emb)
+        same = state.verification[key].is_reidentified(best_score)
+        for j, row in enumerate(rows):
+            row[f"restored_score_{name}"] = float(best_score[j])
+            row[f"restored_reidentified_{name}"] = bool(same[j])
+            row[f"restored_by_{name}"] = best_attack[j]
 
     def _attack_state(self, state: ValidationState, name: str, recognizer: Any) -> Any:
         from veil.validators.identity import IdentificationAttack, VerificationAttack
@@ -1080,7 +1150,8 @@ def _table(rows: list[dict[str, Any]], kind: str, recognizers: list[str], detect
                   ("expression_original", string), ("expression_anonymized", string)]
         for r in recognizers:
             fields += [(f"score_{r}", f64), (f"reidentified_{r}", boolean), (f"rank_{r}", i64),
-                       (f"sim_{r}", f64)]
+                       (f"sim_{r}", f64), (f"restored_score_{r}", f64),
+                       (f"restored_reidentified_{r}", boolean), (f"restored_by_{r}", string)]
         fields += [(f"detected_{d}", boolean) for d in detectors]
     schema = pa.schema(fields)
     columns = {name: [r.get(name) for r in rows] for name in schema.names}
@@ -1128,6 +1199,8 @@ def dataset_metrics(state: ValidationState, recognizers: Sequence[str], detector
             for suffix in ("verification_rate", "verification_ci95_high", "top1_rate", "top5_rate",
                            "top1_chance", "top1_excess"):
                 m[f"identity.{name}.{suffix}"] = None
+            m[f"restored.{name}.verification_rate"] = None
+            m[f"restored.{name}.verification_ci95_high"] = None
             m[f"leakage.sim.{name}"] = None
             m[f"fd.face.{name}"] = None
             continue
@@ -1143,6 +1216,15 @@ def dataset_metrics(state: ValidationState, recognizers: Sequence[str], detector
         m[f"identity.{name}.top1_excess"] = (max(0.0, ir["top1"]["rate"] - 1.0 / ir["gallery"])
                                              if ir["top1"]["rate"] is not None and ir["gallery"] else None)
         m[f"leakage.sim.{name}"] = state.mean(f"sim.{name}").mean
+        restored = state.verification.get(f"{name}{RESTORED_SUFFIX}")
+        if restored is not None:
+            rr = restored.compute()
+            details["identity"][name]["restored"] = rr
+            m[f"restored.{name}.verification_rate"] = rr["rate"]
+            m[f"restored.{name}.verification_ci95_high"] = rr["ci95"][1]
+        else:
+            m[f"restored.{name}.verification_rate"] = None
+            m[f"restored.{name}.verification_ci95_high"] = None
         stats = state.face_stats.get(name) if distributions else None
         m[f"fd.face.{name}"] = (frechet_distance(stats.real.mean, stats.real.covariance, stats.fake.mean,
                                                  stats.fake.covariance) if stats and stats.real.n >= 2 else None)
@@ -1215,6 +1297,12 @@ def validate(config: ValidateConfig) -> ValidationResult:
     gates = load_gates(config.gates, method=method)  # a bad gates file fails before any work
     if config.features is None:
         config = replace(config, features=default_features(method))
+    if config.restorations is None:
+        config = replace(config, restorations=default_restorations(method))
+    from veil.validators.identity import check_restoration
+
+    for attack in config.restorations:
+        check_restoration(attack)
     if config.measure not in MEASURE_MODES:
         raise ValueError(f"unknown measure {config.measure!r}; choose from {', '.join(MEASURE_MODES)}")
     if config.measure == "gated":
