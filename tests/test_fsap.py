@@ -249,6 +249,53 @@ def test_config_refuses_to_certify_with_the_optimised_recognizer():
     assert FSAPConfig(certify="dlib-resnet").certify == ["dlib-resnet"]
 
 
+def test_config_checks_the_restorations_certified_against():
+    from veil.transforms.restoration import RESTORATIONS
+
+    assert FSAPConfig().certify_restorations == list(RESTORATIONS)
+    assert FSAPConfig(certify_restorations="blur-2, jpeg-q30").certify_restorations == ["blur-2", "jpeg-q30"]
+    assert FSAPConfig(certify_restorations="none").certify_restorations == []
+    with pytest.raises(ConfigError, match="fsap.certify_restorations: unknown restoration 'sharpen-1'"):
+        FSAPConfig(certify_restorations=["sharpen-1"])
+
+
+class _ContrastRecognizer:
+    """A stand-in certifier whose "identity distance" is the released image's contrast / 80:
+    a flat original against a noisy release is far apart, and smoothing brings them close."""
+
+    name, metric, threshold = "contrast", "euclidean", 0.6
+
+    def embed_pair(self, original, released, regions):
+        e_o = np.zeros((len(regions), 2), np.float32)
+        e_a = np.zeros((len(regions), 2), np.float32)
+        e_a[:, 0] = released.astype(np.float32).std() / 80.0
+        return e_o, e_a
+
+
+def test_certification_counts_a_face_a_filter_brings_back():
+    """A release far enough from the original on its own pixels, but matched once an
+    attacker blurs it, is not certified when restorations are checked; the verdict names the
+    restoration, and the reason says so."""
+    from veil.transforms.fsap import certify_faces, matched_by
+
+    rng = np.random.default_rng(1)
+    original = np.full((64, 64, 3), 128, np.uint8)
+    released = np.clip(128 + rng.normal(0, 80, original.shape), 0, 255).astype(np.uint8)
+    regions = [{"box": [8, 8, 56, 56]}]
+    rec = _ContrastRecognizer()
+    plain = certify_faces([rec], original, released, regions, margin=0.1)[0]["contrast"]
+    assert plain["score"] > 0.7 and not plain["matched"] and "restored" not in plain
+    verdict = certify_faces([rec], original, released, regions, margin=0.1, restorations=["jpeg-q90", "blur-2"])[0]
+    v = verdict["contrast"]
+    assert v["score"] == plain["score"]
+    assert v["restored"]["by"] == "blur-2" and v["restored"]["score"] < 0.6 and v["restored"]["matched"]
+    assert v["matched"]
+    assert "after restoration blur-2" in matched_by(verdict)
+    # A restoration that does not bring the face back leaves the plain verdict alone.
+    mild = certify_faces([rec], original, released, regions, margin=0.1, restorations=["jpeg-q90"])[0]["contrast"]
+    assert mild["restored"]["by"] == "jpeg-q90" and not mild["restored"]["matched"] and not mild["matched"]
+
+
 def test_gpu_asked_for_but_missing_is_a_clear_error(monkeypatch):
     from veil.transforms.fsap import resolve_device
 

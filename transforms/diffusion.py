@@ -487,6 +487,7 @@ class DiffusionStage(ModelStage):
         out: dict[str, Any] = {
             "mode": cfg.mode, "model": self._model_name, "steps": cfg.steps, "crop_size": self._size,
             "certify": list(cfg.certify), "certify_margin": cfg.certify_margin,
+            "certify_restorations": list(cfg.certify_restorations),
             "max_resamples": cfg.max_resamples, "min_face": cfg.min_face, "fallback": cfg.fallback,
             "device": self.device,
         }
@@ -660,7 +661,8 @@ class DiffusionStage(ModelStage):
                 try:
                     verdicts = certify_faces(self._certifiers, originals[i],
                                              released_pixels(batch[i], masks[i], self.io), regions,
-                                             margin=cfg.certify_margin)
+                                             margin=cfg.certify_margin,
+                                             restorations=cfg.certify_restorations)
                 except Exception as exc:  # noqa: BLE001 - failures are data
                     failed[i] = f"certify_error: {describe_exception(exc)}"
                     continue

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -420,19 +421,42 @@ def certifier_verdict(recognizer: Any, original: np.ndarray, released: np.ndarra
 
 
 def certify_faces(certifiers: list[Any], original: np.ndarray, released: np.ndarray,
-                  regions: list[dict[str, Any]], *, margin: float) -> list[dict[str, dict[str, Any]]]:
+                  regions: list[dict[str, Any]], *, margin: float,
+                  restorations: Sequence[str] = ()) -> list[dict[str, dict[str, Any]]]:
     """Per face, each certifying recognizer's verdict on ``released`` against ``original`` at
     the original face's geometry: ``{name: {score, metric, threshold, margin, matched}}``.
-    Used by the FSAP stage (before release) and the re-scan (on the encoded output)."""
+
+    With ``restorations`` (:mod:`veil.transforms.restoration`) the face is also scored on each
+    restored copy of ``released``, at the recognizer's own threshold as validation's
+    restoration gate judges it; the attacker's best is kept as ``restored: {score, by,
+    matched}``, and a restored match makes the face ``matched``. Used by the synthesis stages
+    (before release) and the re-scan (on the encoded output)."""
     out: list[dict[str, dict[str, Any]]] = [{} for _ in regions]
     if not regions:
         return out
+    restored_images: dict[str, np.ndarray] = {}
+    if restorations:
+        from veil.transforms.restoration import restore
+
+        restored_images = {attack: restore(released, attack) for attack in restorations}
     for rec in certifiers:
         emb_o, emb_a = rec.embed_pair(original, released, regions)
         for i in range(len(regions)):
             score, matched = certifier_verdict(rec, emb_o[i], emb_a[i], margin=margin)
             out[i][rec.name] = {"score": round(score, 4), "metric": rec.metric,
                                 "threshold": rec.threshold, "margin": margin, "matched": bool(matched)}
+        best: list[tuple[float, str, bool] | None] = [None] * len(regions)
+        for attack, image in restored_images.items():
+            _, emb_r = rec.embed_pair(original, image, regions)
+            for i in range(len(regions)):
+                score, matched = certifier_verdict(rec, emb_o[i], emb_r[i])
+                closer = best[i] is None or (score < best[i][0] if rec.metric == "euclidean" else score > best[i][0])
+                if closer:
+                    best[i] = (score, attack, bool(matched))
+        for i, worst in enumerate(best):
+            if worst is not None:
+                out[i][rec.name]["restored"] = {"score": round(worst[0], 4), "by": worst[1], "matched": worst[2]}
+                out[i][rec.name]["matched"] = out[i][rec.name]["matched"] or worst[2]
     return out
 
 
@@ -479,9 +503,16 @@ def render_changes(batch: list[Sample], samples: list[int], base_pixels: dict[in
 
 
 def matched_by(verdict: dict[str, dict[str, Any]]) -> str:
-    """The certifiers that still match a face, with score and threshold, for a reason."""
-    return ", ".join(f"{n} ({v['metric']} {v['score']:.3f}, threshold {v['threshold']})"
-                     for n, v in verdict.items() if v["matched"])
+    """The certifiers that still match a face, with score and threshold, for a reason (and the
+    restoration that brought it back, where one did)."""
+    def why(v: dict[str, Any]) -> str:
+        text = f"{v['metric']} {v['score']:.3f}, threshold {v['threshold']}"
+        restored = v.get("restored") or {}
+        if restored.get("matched"):
+            text += f"; {restored['score']:.3f} after restoration {restored['by']}"
+        return text
+
+    return ", ".join(f"{n} ({why(v)})" for n, v in verdict.items() if v["matched"])
 
 
 def finish_replacement(batch: list[Sample], todo: list[int], failed: dict[int, str],
@@ -618,6 +649,7 @@ class FSAPStage(ModelStage):
         return {
             "latent": self._latent_name, "recognizer": self.config.recognizer,
             "certify": list(self.config.certify), "certify_margin": self.config.certify_margin,
+            "certify_restorations": list(self.config.certify_restorations),
             "steps": self.config.steps,
             "inner_steps": self.config.inner_steps, "tau": self.config.tau,
             "lambda_id": opt.lambda_id, "lambda_attr": opt.lambda_attr,
@@ -727,7 +759,8 @@ class FSAPStage(ModelStage):
                 regions = [batch[i]["regions"][f.region] for f in faces_here]
                 try:
                     verdicts = certify_faces(self._certifiers, originals[i], self._as_released(batch[i], masks[i]),
-                                             regions, margin=self.config.certify_margin)
+                                             regions, margin=self.config.certify_margin,
+                                             restorations=self.config.certify_restorations)
                 except Exception as exc:  # noqa: BLE001 - failures are data
                     failed[i] = f"certify_error: {describe_exception(exc)}"
                     continue

@@ -269,18 +269,22 @@ class RescanStage(SampleStage):
             return sample
         faces = [regions[i] for i in indices]
         margin = self.fsap.certify_margin
-        verdicts = certify_faces(self._certifiers, sample["_decoded"].rgb, released_rgb, faces, margin=margin)
+        verdicts = certify_faces(self._certifiers, sample["_decoded"].rgb, released_rgb, faces, margin=margin,
+                                 restorations=self.fsap.certify_restorations)
         for face, verdict in zip(faces, verdicts, strict=True):
             _synthesis_record(face).setdefault("released", {}).update({n: v["score"] for n, v in verdict.items()})
         for rec in self._certifiers:
             for index, verdict in zip(indices, verdicts, strict=True):
                 v = verdict[rec.name]
                 if v["matched"]:
+                    restored = v.get("restored") or {}
+                    after = (f"; {restored['score']:.3f} after restoration {restored['by']}"
+                             if restored.get("matched") else "")
                     return quarantine(
                         sample,
                         f"identity_not_removed: {rec.name} still matches face {index} to the original "
                         f"in the encoded output ({v['metric']} {v['score']:.3f}, threshold "
-                        f"{v['threshold']}, margin {margin})",
+                        f"{v['threshold']}, margin {margin}{after})",
                     )
         return sample
 
