@@ -13,7 +13,8 @@ For each dataset it runs, as subprocesses of the ``veil`` command line (``--runn
              up to ``fsap.certify_rounds`` times, then re-scanned), then ``veil validate``;
   blur       ``veil run --method blur``, then ``veil validate --method blur``;
   fsap-raw   FSAP's raw transfer: one optimisation round and no re-optimisation
-             (``fsap: {certify: [dlib-resnet], certify_rounds: 0, certify_margin: 0}``,
+             (``fsap: {certify: [dlib-resnet], certify_rounds: 0, certify_margin: 0,
+             certify_restorations: []}``,
              ``rescan: {enabled: false}``); a face dlib still matches at its own 0.6 threshold
              quarantines its sample, and every face's round-0 dlib verdict is kept in the
              manifest. This is dlib re-identification
@@ -176,7 +177,9 @@ def plan_steps(work: Path, inputs: dict[str, str], datasets: list[str]) -> list[
         "# FSAP's raw transfer: one optimisation round, no re-optimisation, no re-scan.\n"
         "# Margin 0: a face counts as re-identified at dlib's own threshold (0.6), as the\n"
         "# validation judges it, not at the release's stricter 0.6 + certify_margin.\n"
-        "fsap: {certify: [dlib-resnet], certify_rounds: 0, certify_margin: 0}\n"
+        "# No restoration attack either: this is the plain transfer (the restorations are\n"
+        "# measured on the certified release).\n"
+        "fsap: {certify: [dlib-resnet], certify_rounds: 0, certify_margin: 0, certify_restorations: []}\n"
         "rescan: {enabled: false}\n"
         "max_failure_ratio: 1.0\n"
     )
