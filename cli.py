@@ -362,8 +362,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if value:
             kwargs[name] = [v.strip() for v in value.split(",") if v.strip()]
     if args.restorations:
-        kwargs["restorations"] = ([] if args.restorations.strip().lower() == "none"
-                                  else [v.strip() for v in args.restorations.split(",") if v.strip()])
+        from veil.transforms.restoration import parse_restorations
+
+        kwargs["restorations"] = parse_restorations(args.restorations)
     if args.identity_min_face is not None:
         kwargs["identity_min_face"] = args.identity_min_face
     if args.folder_shard_size is not None:

@@ -133,18 +133,13 @@ def _default_restorations() -> list[str]:
 
 
 def _restorations(value: Any, section: str) -> list[str]:
-    """A list of restoration attack names (comma-separated string accepted), each checked."""
-    from veil.transforms.restoration import check_restoration
+    """Checked restoration attack names (a list, or a comma-separated string; "none")."""
+    from veil.transforms.restoration import parse_restorations
 
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip() and v.strip().lower() != "none"]
-    out = [str(v) for v in (value or [])]
-    for attack in out:
-        try:
-            check_restoration(attack)
-        except ValueError as exc:
-            _check(False, f"{section}.certify_restorations: {exc}")
-    return out
+    try:
+        return parse_restorations(value)
+    except ValueError as exc:
+        raise ConfigError(f"{section}.certify_restorations: {exc}") from exc
 
 
 @dataclass

@@ -445,18 +445,15 @@ def certify_faces(certifiers: list[Any], original: np.ndarray, released: np.ndar
             score, matched = certifier_verdict(rec, emb_o[i], emb_a[i], margin=margin)
             out[i][rec.name] = {"score": round(score, 4), "metric": rec.metric,
                                 "threshold": rec.threshold, "margin": margin, "matched": bool(matched)}
-        best: list[tuple[float, str, bool] | None] = [None] * len(regions)
-        for attack, image in restored_images.items():
-            _, emb_r = rec.embed_pair(original, image, regions)
-            for i in range(len(regions)):
-                score, matched = certifier_verdict(rec, emb_o[i], emb_r[i])
-                closer = best[i] is None or (score < best[i][0] if rec.metric == "euclidean" else score > best[i][0])
-                if closer:
-                    best[i] = (score, attack, bool(matched))
-        for i, worst in enumerate(best):
-            if worst is not None:
-                out[i][rec.name]["restored"] = {"score": round(worst[0], 4), "by": worst[1], "matched": worst[2]}
-                out[i][rec.name]["matched"] = out[i][rec.name]["matched"] or worst[2]
+        if not restored_images:
+            continue
+        from veil.transforms.restoration import best_restoration
+
+        _, emb_best, _, by = best_restoration(rec, original, restored_images, regions)
+        for i in range(len(regions)):
+            score, matched = certifier_verdict(rec, emb_o[i], emb_best[i])
+            out[i][rec.name]["restored"] = {"score": round(score, 4), "by": by[i], "matched": bool(matched)}
+            out[i][rec.name]["matched"] = out[i][rec.name]["matched"] or bool(matched)
     return out
 
 

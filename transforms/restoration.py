@@ -9,9 +9,12 @@ restorations before release, so the two agree. numpy and Pillow only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import numpy as np
 
-__all__ = ["RESTORATIONS", "check_restoration", "restore"]
+__all__ = ["RESTORATIONS", "best_restoration", "check_restoration", "parse_restorations", "restore"]
 
 #: An attacker's attempts to undo a perturbation before matching, applied to the whole
 #: anonymized image: re-encoding (``jpeg-q<quality>``), Gaussian smoothing (``blur-<sigma>``)
@@ -38,6 +41,17 @@ def check_restoration(attack: str) -> tuple[str, float]:
     return kind, value
 
 
+def parse_restorations(value: str | Sequence[str] | None) -> list[str]:
+    """Restoration names from a list or a comma-separated string ("none" or empty: none), each
+    checked by :func:`check_restoration`."""
+    if isinstance(value, str):
+        value = [] if value.strip().lower() == "none" else [v.strip() for v in value.split(",") if v.strip()]
+    out = [str(v) for v in (value or [])]
+    for attack in out:
+        check_restoration(attack)
+    return out
+
+
 def restore(rgb: np.ndarray, attack: str) -> np.ndarray:
     """The RGB uint8 image ``rgb`` after restoration ``attack`` (same size)."""
     import io
@@ -56,3 +70,31 @@ def restore(rgb: np.ndarray, attack: str) -> np.ndarray:
     small = image.resize((max(1, round(image.width * value)), max(1, round(image.height * value))),
                          Image.BICUBIC)
     return np.asarray(small.resize(image.size, Image.BICUBIC))
+
+
+def best_restoration(recognizer: Any, original: np.ndarray, restored: Mapping[str, np.ndarray],
+                     faces: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """The attacker's best restoration per face: embed each face of ``original`` and of every
+    restored image (at the original's geometry, ``recognizer.embed_pair``) and keep, per face,
+    the restored embedding most like the original (highest cosine, or smallest distance for a
+    Euclidean recognizer). Returns (original embeddings, best restored embeddings, their
+    scores in the recognizer's metric, the restoration each came from)."""
+    cosine = recognizer.metric == "cosine"
+    e_orig = best_emb = best_score = None
+    best_by: list[str] = []
+    for attack, image in restored.items():
+        e_o, e_r = recognizer.embed_pair(original, image, faces)
+        e_o, e_r = np.asarray(e_o, np.float64), np.asarray(e_r, np.float64)
+        if cosine:
+            norms = np.maximum(np.linalg.norm(e_o, axis=1) * np.linalg.norm(e_r, axis=1), 1e-12)
+            score = np.einsum("ij,ij->i", e_o, e_r) / norms
+        else:
+            score = np.linalg.norm(e_o - e_r, axis=1)
+        if best_score is None:
+            e_orig, best_emb, best_score, best_by = e_o, e_r.copy(), score.copy(), [attack] * len(score)
+            continue
+        for j in np.flatnonzero(score > best_score if cosine else score < best_score):
+            best_emb[j], best_score[j], best_by[j] = e_r[j], score[j], attack
+    if best_score is None:
+        raise ValueError("best_restoration needs at least one restored image")
+    return e_orig, best_emb, best_score, best_by

@@ -938,23 +938,10 @@ class ShardEvaluator(ShardWorker):
                         rows: list[dict[str, Any]]) -> None:
         """Score each face again on every restored anonymized image; keep, per face, the
         restoration that brings it closest to its original (the attacker picks the best)."""
+        from veil.transforms.restoration import best_restoration
         from veil.validators.identity import VerificationAttack
 
-        best_emb: np.ndarray | None = None
-        best_score: np.ndarray | None = None
-        best_attack = [""] * len(faces)
-        e_orig = None
-        for attack, image in restored.items():
-            e_o, e_r = recognizer.embed_pair(orig, image, faces)
-            e_orig = e_o if e_orig is None else e_orig
-            score = (_cosine_rows(e_o, e_r) if recognizer.metric == "cosine"
-                     else np.linalg.norm(e_o - e_r, axis=1))
-            if best_score is None:
-                best_emb, best_score, best_attack = e_r.copy(), score.copy(), [attack] * len(faces)
-                continue
-            closer = score > best_score if recognizer.metric == "cosine" else score < best_score
-            for j in np.flatnonzero(closer):
-                best_emb[j], best_score[j], best_attack[j] = e_r[j], score[j], attack
+        e_orig, best_emb, best_score, best_by = best_restoration(recognizer, orig, restored, faces)
         key = f"{name}{RESTORED_SUFFIX}"
         if key not in state.verification:
             state.verification[key] = VerificationAttack(recognizer.threshold, name, metric=recognizer.metric)
@@ -963,7 +950,7 @@ class ShardEvaluator(ShardWorker):
         for j, row in enumerate(rows):
             row[f"restored_score_{name}"] = float(best_score[j])
             row[f"restored_reidentified_{name}"] = bool(same[j])
-            row[f"restored_by_{name}"] = best_attack[j]
+            row[f"restored_by_{name}"] = best_by[j]
 
     def _attack_state(self, state: ValidationState, name: str, recognizer: Any) -> Any:
         from veil.validators.identity import IdentificationAttack, VerificationAttack
@@ -1217,14 +1204,11 @@ def dataset_metrics(state: ValidationState, recognizers: Sequence[str], detector
                                              if ir["top1"]["rate"] is not None and ir["gallery"] else None)
         m[f"leakage.sim.{name}"] = state.mean(f"sim.{name}").mean
         restored = state.verification.get(f"{name}{RESTORED_SUFFIX}")
-        if restored is not None:
-            rr = restored.compute()
+        rr = restored.compute() if restored is not None else None
+        if rr is not None:
             details["identity"][name]["restored"] = rr
-            m[f"restored.{name}.verification_rate"] = rr["rate"]
-            m[f"restored.{name}.verification_ci95_high"] = rr["ci95"][1]
-        else:
-            m[f"restored.{name}.verification_rate"] = None
-            m[f"restored.{name}.verification_ci95_high"] = None
+        m[f"restored.{name}.verification_rate"] = rr["rate"] if rr else None
+        m[f"restored.{name}.verification_ci95_high"] = rr["ci95"][1] if rr else None
         stats = state.face_stats.get(name) if distributions else None
         m[f"fd.face.{name}"] = (frechet_distance(stats.real.mean, stats.real.covariance, stats.fake.mean,
                                                  stats.fake.covariance) if stats and stats.real.n >= 2 else None)
@@ -1297,12 +1281,10 @@ def validate(config: ValidateConfig) -> ValidationResult:
     gates = load_gates(config.gates, method=method)  # a bad gates file fails before any work
     if config.features is None:
         config = replace(config, features=default_features(method))
-    if config.restorations is None:
-        config = replace(config, restorations=default_restorations(method))
-    from veil.validators.identity import check_restoration
+    from veil.transforms.restoration import parse_restorations
 
-    for attack in config.restorations:
-        check_restoration(attack)
+    config = replace(config, restorations=(default_restorations(method) if config.restorations is None
+                                           else parse_restorations(config.restorations)))
     if config.measure not in MEASURE_MODES:
         raise ValueError(f"unknown measure {config.measure!r}; choose from {', '.join(MEASURE_MODES)}")
     if config.measure == "gated":
