@@ -478,6 +478,10 @@ class PIIConfig:
     #: Arithmetic of the pre-scan's text detector: "int8" (default; about 4.5x faster, derived
     #: from the float model on first use and cached) or "fp32". Windows are read in float.
     ocr_prescan_precision: str = "int8"
+    #: A pre-scan place is read only where its half-size probability reaches this somewhere
+    #: (0: every place the pre-scan marks). Faint texture blobs below the detector's own 0.3
+    #: held no line of three or more letters or digits on the benchmark sets (BENCHMARKS.md).
+    ocr_prescan_peak: float = 0.2
     #: Plates: also run OpenCV's two plate cascades (confirmed by OCR). Off by default: they
     #: cost ~100 ms per image and found no plate the OCR rule missed (BENCHMARKS.md).
     plate_cascades: bool = False
@@ -510,6 +514,7 @@ class PIIConfig:
                "pii.ocr_prescan must be 0 (off) or a scale in [0.25, 1)")
         _check(self.ocr_prescan_precision in PRECISIONS,
                f"pii.ocr_prescan_precision: {self.ocr_prescan_precision!r} is not one of {', '.join(PRECISIONS)}")
+        _check(0.0 <= self.ocr_prescan_peak < 1.0, "pii.ocr_prescan_peak must be in [0, 1)")
 
     def method_of(self, pii_class: str) -> str:
         """The policy method of a non-face class (faces: ``anonymize.method``)."""

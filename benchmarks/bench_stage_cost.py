@@ -229,6 +229,8 @@ def strength_variants(files: list[Path]) -> list[dict]:
         ("expand 0.3", {}, 0.3, 0),
         ("box mask", {"mask": "box"}, 0.2, 0),
         ("feather 0.2", {"feather": 0.2}, 0.2, 0),
+        ("sigma 0.4, feather 0.2", {"blur_strength": 0.4, "feather": 0.2}, 0.2, 0),
+        ("sigma 0.3, feather 0.2", {"blur_strength": 0.3, "feather": 0.2}, 0.2, 0),
         ("sigma 0.4, expand 0.3, feather 0.2", {"blur_strength": 0.4, "feather": 0.2}, 0.3, 0),
     ]
     rows = []

@@ -131,3 +131,34 @@ def test_an_unwritable_model_cache_falls_back_to_the_float_prescan(engines, tmp_
     img = sign_scene(3000)[0]
     read = {_norm(line.text) for line in engine.read(img)}
     assert read and read == {_norm(line.text) for line in engines[0].read(img)}
+
+
+def test_faint_places_are_not_read_unless_the_peak_rule_is_off(engines):
+    """Places whose half-size probability never reaches ``prescan_peak`` are not windows; with
+    the rule off (0) every marked place is, so the rule only ever removes windows."""
+    _native, pre = engines
+    every = OCREngine(prescan=0.5, prescan_peak=0.0)
+    every.setup()
+    fewer = more = 0
+    for seed in (3305, 3306, 3307, 3308):
+        rgb = blank_scene(seed)[0]
+        strict, loose = pre.windows(rgb), every.windows(rgb)
+        if strict is None or loose is None:
+            continue
+        fewer += len(strict)
+        more += len(loose)
+        area = np.zeros(rgb.shape[:2], bool)
+        for x0, y0, x1, y1 in loose:
+            area[y0:y1, x0:x1] = True
+        for x0, y0, x1, y1 in strict:
+            assert area[y0:y1, x0:x1].all(), "a peak-rule window lies outside every window of the old rule"
+    assert fewer < more, (fewer, more)
+
+
+def test_peak_setting_is_checked_and_part_of_the_signature():
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="prescan_peak"):
+            OCREngine(prescan_peak=bad)
+        with pytest.raises(ConfigError, match="ocr_prescan_peak"):
+            PIIConfig(ocr_prescan_peak=bad)
+    assert OCREngine(prescan_peak=0).signature != OCREngine().signature

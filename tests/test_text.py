@@ -236,3 +236,21 @@ def test_rows_too_short_to_name_anyone_carry_no_entity():
                                      line("-", 300, 300, 310, 320)])
     assert scraps[0] and scraps[1] and scraps[2] == []
     assert detector.find([line("PO", 26, 218, 106, 352)], 640, 480) == []
+
+
+def test_an_image_of_short_rows_only_never_asks_the_analyzer():
+    """Marks read out of textures ("X", "***") are all the text most photos hold; when every
+    row is too short to carry an entity, the analyzer (and its spaCy load) is never used."""
+
+    class MustNotBeAsked:
+        def analyze(self, text):
+            raise AssertionError(f"analyzer asked about {text!r}")
+
+    def line(text, x0, y0, x1, y1):
+        q = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], float)
+        return TextLine(box=(x0, y0, x1, y1), quad=q, text=text, score=0.9)
+
+    detector = TextDetector()
+    detector.analyzer = MustNotBeAsked()
+    assert detector.line_entities([line("X", 10, 10, 20, 30), line("***", 200, 300, 240, 320)]) == [[], []]
+    assert detector.find([line("PO", 26, 218, 106, 352)], 640, 480) == []

@@ -24,7 +24,8 @@ covers it; a longer line, cut in both tiles, is stitched back from its two halve
 much as the face detector. So each image (or tile) is first run through the same detector at
 ``prescan`` times its size (0.5: a quarter of the pixels and of the cost). Every place where
 that low-resolution probability map rises above :data:`PRESCAN_THRESHOLD` (below the 0.3 at
-which the detector's own post-processing starts a text region) becomes a window, grown by
+which the detector's own post-processing starts a text region) and somewhere reaches
+``prescan_peak`` (:data:`DEFAULT_PRESCAN_PEAK`) becomes a window, grown by
 :data:`PRESCAN_CONTEXT` line heights of context on each side and snapped to the detector's
 32-pixel grid, and only these windows are read at native resolution (det and rec). An image
 with no such place is not read further; when the windows would cover more than
@@ -69,6 +70,14 @@ DEFAULT_PRESCAN_PRECISION = "int8"
 #: binarisation threshold (0.3). Lines of 6-9 px characters were still found at 0.5 on the
 #: benchmark sets; the margin is for text the half-size map barely sees.
 PRESCAN_THRESHOLD = 0.1
+#: A pre-scan place becomes a window only where its probability somewhere reaches this (its
+#: extent is still where it exceeds :data:`PRESCAN_THRESHOLD`). Most places photos raise on
+#: the half-size map are faint blobs in textures that never reach the detector's own 0.3:
+#: 1366 of 1444 on bench_pipeline's scenes, each costing a native read that finds at most a
+#: mark ("4", "A", "7"). Every line of three or more letters or digits the benchmark sets hold
+#: (257 places, 6-9 px characters included) peaks at 0.97 or more; evidence in BENCHMARKS.md.
+#: 0 keeps every place (the rule before).
+DEFAULT_PRESCAN_PEAK = 0.2
 #: Context around a pre-scan candidate, in line heights (at least :data:`PRESCAN_MIN_MARGIN` px).
 PRESCAN_CONTEXT = 1.0
 PRESCAN_MIN_MARGIN = 24
@@ -141,6 +150,7 @@ class OCREngine:
 
     def __init__(self, *, max_side: int = DEFAULT_MAX_SIDE, min_score: float = 0.5,
                  prescan: float = DEFAULT_PRESCAN, prescan_precision: str = DEFAULT_PRESCAN_PRECISION,
+                 prescan_peak: float = DEFAULT_PRESCAN_PEAK,
                  registry_kwargs: dict[str, Any] | None = None) -> None:
         if max_side < 64:
             raise ValueError(f"OCR max_side must be at least 64 pixels, got {max_side}")
@@ -150,10 +160,13 @@ class OCREngine:
             raise ValueError(f"OCR prescan must be 0 (off) or a scale in [0.25, 1), got {prescan}")
         if prescan_precision not in ("int8", "fp32"):
             raise ValueError(f"OCR prescan_precision must be int8 or fp32, got {prescan_precision!r}")
+        if not 0.0 <= prescan_peak < 1.0:
+            raise ValueError(f"OCR prescan_peak must be in [0, 1), got {prescan_peak}")
         self.max_side = int(max_side)
         self.min_score = float(min_score)
         self.prescan = float(prescan)
         self.prescan_precision = prescan_precision
+        self.prescan_peak = float(prescan_peak)
         self.registry_kwargs = dict(registry_kwargs or {})
         self._ocr: Any = None
         self._prescan_session: Any = None
@@ -167,7 +180,7 @@ class OCREngine:
     @property
     def signature(self) -> str:
         """What makes two engines read the same image the same way (the cache key part)."""
-        return f"{DET_MODEL}+{REC_MODEL}:{self.max_side}:{self.min_score}:{self.prescan}:{self.prescan_precision}"
+        return f"{DET_MODEL}+{REC_MODEL}:{self.max_side}:{self.min_score}:{self.prescan}:{self.prescan_precision}:{self.prescan_peak}"
 
     def setup(self) -> None:
         if self._ocr is not None:
@@ -254,9 +267,14 @@ class OCREngine:
             return None
         prob, (sx, sy) = _det_probability(self._prescan_session, rgb, self.prescan)
         mask = (prob > PRESCAN_THRESHOLD).astype(np.uint8)
-        count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        # The places whose probability somewhere exceeds the peak rule (label 0 is the rest).
+        strong = np.zeros(count, dtype=bool)
+        strong[np.unique(labels[prob > max(self.prescan_peak, PRESCAN_THRESHOLD)])] = True
         boxes = []
-        for x, y, w, h, _area in stats[1:count]:
+        for (x, y, w, h, _area), keep in zip(stats[1:count], strong[1:count], strict=True):
+            if not keep:
+                continue
             # Back to native pixels; the line height is the smaller side of the component.
             x0, y0, x1, y1 = x / sx, y / sy, (x + w) / sx, (y + h) / sy
             margin = max(PRESCAN_MIN_MARGIN, PRESCAN_CONTEXT * min(x1 - x0, y1 - y0))
@@ -433,5 +451,5 @@ def shared_read(sample: Sample, rgb: np.ndarray, engine: OCREngine) -> list[Text
     return lines
 
 
-__all__ = ["DEFAULT_MAX_SIDE", "DEFAULT_PRESCAN", "DET_MODEL", "OCR_FIELD", "OCREngine", "OCRUnavailableError", "REC_MODEL",
+__all__ = ["DEFAULT_MAX_SIDE", "DEFAULT_PRESCAN", "DEFAULT_PRESCAN_PEAK", "DET_MODEL", "OCR_FIELD", "OCREngine", "OCRUnavailableError", "REC_MODEL",
            "TextLine", "pixel_digest", "shared_read"]

@@ -37,6 +37,7 @@ import numpy as np
 from veil.transforms.ocr import (
     DEFAULT_MAX_SIDE,
     DEFAULT_PRESCAN,
+    DEFAULT_PRESCAN_PEAK,
     DEFAULT_PRESCAN_PRECISION,
     OCREngine,
     TextLine,
@@ -95,11 +96,13 @@ class PlateDetector(RegionDetector):
 
     def __init__(self, *, ocr_max_side: int = DEFAULT_MAX_SIDE, ocr_min_score: float = 0.5,
                  ocr_prescan: float = DEFAULT_PRESCAN, ocr_prescan_precision: str = DEFAULT_PRESCAN_PRECISION,
+                 ocr_prescan_peak: float = DEFAULT_PRESCAN_PEAK,
                  haar: bool = True, max_haar_checks: int = 8, models: dict[str, Any] | None = None) -> None:
         if max_haar_checks < 0:
             raise ValueError(f"max_haar_checks must be >= 0, got {max_haar_checks}")
         self.engine = OCREngine(max_side=ocr_max_side, min_score=ocr_min_score, prescan=ocr_prescan,
-                                prescan_precision=ocr_prescan_precision, registry_kwargs=models)
+                                prescan_precision=ocr_prescan_precision, prescan_peak=ocr_prescan_peak,
+                                registry_kwargs=models)
         self.haar = haar
         self.max_haar_checks = int(max_haar_checks)
         self._cascades: list[Any] | None = None

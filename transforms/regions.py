@@ -113,7 +113,7 @@ def build_region_detectors(pii: PIIConfig, models: dict[str, Any],
 
         out.append(PlateDetector(ocr_max_side=pii.ocr_max_side, ocr_min_score=pii.ocr_min_score,
                                  ocr_prescan=pii.ocr_prescan, ocr_prescan_precision=pii.ocr_prescan_precision,
-                                 haar=pii.plate_cascades, models=models))
+                                 ocr_prescan_peak=pii.ocr_prescan_peak, haar=pii.plate_cascades, models=models))
     if "text" in classes and "text" in pii.classes:
         from veil.transforms.text import TextDetector
 
@@ -121,5 +121,6 @@ def build_region_detectors(pii: PIIConfig, models: dict[str, Any],
                                 score_threshold=pii.score_threshold, language=pii.language,
                                 spacy_model=pii.spacy_model, ocr_max_side=pii.ocr_max_side,
                                 ocr_min_score=pii.ocr_min_score, ocr_prescan=pii.ocr_prescan,
-                                ocr_prescan_precision=pii.ocr_prescan_precision, models=models))
+                                ocr_prescan_precision=pii.ocr_prescan_precision,
+                                ocr_prescan_peak=pii.ocr_prescan_peak, models=models))
     return out

@@ -30,6 +30,7 @@ import numpy as np
 from veil.transforms.ocr import (
     DEFAULT_MAX_SIDE,
     DEFAULT_PRESCAN,
+    DEFAULT_PRESCAN_PEAK,
     DEFAULT_PRESCAN_PRECISION,
     OCREngine,
     TextLine,
@@ -113,12 +114,14 @@ class TextDetector(RegionDetector):
                  score_threshold: float = 0.35, language: str = "en", ocr_max_side: int = DEFAULT_MAX_SIDE,
                  ocr_min_score: float = 0.5, ocr_prescan: float = DEFAULT_PRESCAN,
                  ocr_prescan_precision: str = DEFAULT_PRESCAN_PRECISION,
+                 ocr_prescan_peak: float = DEFAULT_PRESCAN_PEAK,
                  spacy_model: str = DEFAULT_SPACY_MODEL, models: dict[str, Any] | None = None) -> None:
         if scope not in TEXT_SCOPES:
             raise ValueError(f"text scope must be one of {', '.join(TEXT_SCOPES)}, got {scope!r}")
         self.scope = scope
         self.engine = OCREngine(max_side=ocr_max_side, min_score=ocr_min_score, prescan=ocr_prescan,
-                                prescan_precision=ocr_prescan_precision, registry_kwargs=models)
+                                prescan_precision=ocr_prescan_precision, prescan_peak=ocr_prescan_peak,
+                                registry_kwargs=models)
         self.analyzer = PIIAnalyzer(entities, score_threshold=score_threshold, language=language,
                                     spacy_model=spacy_model)
 
@@ -181,9 +184,13 @@ class TextDetector(RegionDetector):
                     if s < t:
                         found[i].append(Entity(e.type, s, t, e.score))
 
+        short = [sum(ch.isalnum() for ch in text) < MIN_ROW_CHARS for _, _, text in row_texts]
+        if all(short):
+            # Every row's entities are dropped below: the analyzer has nothing to say, and a
+            # worker that only meets marks read out of textures ("X", "***") never loads it.
+            return [[] for _ in lines]
         every = [i for row in rows for i in row]
         spread(self.analyzer.analyze("\n".join(text for _, _, text in row_texts)), every, 0)
-        short = [sum(ch.isalnum() for ch in text) < MIN_ROW_CHARS for _, _, text in row_texts]
         if len(rows) > 1:
             for (row, row_start, text), too_short in zip(row_texts, short, strict=True):
                 if not too_short:
