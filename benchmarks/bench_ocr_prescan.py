@@ -18,7 +18,12 @@ lines the native pass read, and the missed lines (text, score, box: generated or
 images only). ``--thresholds`` also counts misses on the tiny set at other pre-scan
 probability thresholds.
 
+``--places`` instead reads every place the pre-scan marks (probability above the threshold)
+in its own window and prints how its peak probability relates to what the window holds: the
+evidence for ``prescan_peak``.
+
     OMP_NUM_THREADS=1 VEIL_MODELS=../shared/models python benchmarks/bench_ocr_prescan.py
+    OMP_NUM_THREADS=1 VEIL_MODELS=../shared/models python benchmarks/bench_ocr_prescan.py --places
 """
 
 from __future__ import annotations
@@ -101,6 +106,39 @@ def covered(line, lines) -> bool:
     return False
 
 
+def places(scenes: int, work: Path, generated: int) -> None:
+    """Every pre-scan place read alone: its peak probability against the lines in it."""
+    import veil.transforms.ocr as ocr
+
+    engine = ocr.OCREngine(prescan=ocr.DEFAULT_PRESCAN, prescan_peak=0.0)
+    engine.setup()
+    rows = []
+    for kind, rgb in image_sets(scenes, work, generated):
+        rgb = np.ascontiguousarray(rgb)
+        height, width = rgb.shape[:2]
+        if min(height, width) < 4 * ocr.DET_GRID:
+            continue
+        prob, (sx, sy) = ocr._det_probability(engine._prescan_session, rgb, engine.prescan)
+        count, labels, stats, _ = cv2.connectedComponentsWithStats((prob > ocr.PRESCAN_THRESHOLD).astype(np.uint8))
+        for c in range(1, count):
+            x, y, w, h, _area = stats[c]
+            x0, y0, x1, y1 = x / sx, y / sy, (x + w) / sx, (y + h) / sy
+            margin = max(ocr.PRESCAN_MIN_MARGIN, ocr.PRESCAN_CONTEXT * min(x1 - x0, y1 - y0))
+            wx0, wy0, wx1, wy1 = ocr._snap(x0 - margin, y0 - margin, x1 + margin, y1 + margin, width, height)
+            lines = engine._read_native(rgb[wy0:wy1, wx0:wx1], wx0, wy0)
+            own = [ln.text for ln in lines if x0 - 8 <= (ln.box[0] + ln.box[2]) / 2 <= x1 + 8
+                   and y0 - 8 <= (ln.box[1] + ln.box[3]) / 2 <= y1 + 8]
+            rows.append((kind, float(prob[labels == c].max()), own))
+    words = [r for r in rows if any(sum(ch.isalnum() for ch in t) >= 3 for t in r[2])]
+    print(f"places marked above {ocr.PRESCAN_THRESHOLD}: {len(rows)}; by set: "
+          + ", ".join(f"{k} {sum(r[0] == k for r in rows)}" for k in dict.fromkeys(r[0] for r in rows)))
+    for peak in (0.2, 0.3):
+        below = [r for r in rows if r[1] < peak]
+        print(f"peaking below {peak}: {len(below)}; what they hold: {[t for r in below for t in r[2]]}")
+    print(f"places holding a line of 3+ letters or digits: {len(words)}; lowest peak among them: "
+          f"{min((r[1] for r in words), default=float('nan')):.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=float, default=None, help="pre-scan scale (default: the engine's)")
@@ -109,8 +147,13 @@ def main() -> None:
     ap.add_argument("--thresholds", default="0.1,0.2,0.3,0.5")
     ap.add_argument("--tiny-seeds", type=int, default=60)
     ap.add_argument("--work", default=str(ROOT / "bench-out" / "ocr-prescan"))
+    ap.add_argument("--places", action="store_true", help="the per-place evidence for prescan_peak, then stop")
     args = ap.parse_args()
     import veil.transforms.ocr as ocr
+
+    if args.places:
+        places(args.scenes, Path(args.work), args.generated)
+        return
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
