@@ -118,17 +118,14 @@ def places(scenes: int, work: Path, generated: int) -> None:
         height, width = rgb.shape[:2]
         if min(height, width) < 4 * ocr.DET_GRID:
             continue
-        prob, (sx, sy) = ocr._det_probability(engine._prescan_session, rgb, engine.prescan)
-        count, labels, stats, _ = cv2.connectedComponentsWithStats((prob > ocr.PRESCAN_THRESHOLD).astype(np.uint8))
-        for c in range(1, count):
-            x, y, w, h, _area = stats[c]
-            x0, y0, x1, y1 = x / sx, y / sy, (x + w) / sx, (y + h) / sy
-            margin = max(ocr.PRESCAN_MIN_MARGIN, ocr.PRESCAN_CONTEXT * min(x1 - x0, y1 - y0))
-            wx0, wy0, wx1, wy1 = ocr._snap(x0 - margin, y0 - margin, x1 + margin, y1 + margin, width, height)
+        prob, scale_xy = ocr._det_probability(engine._prescan_session, rgb, engine.prescan)
+        for (wx0, wy0, wx1, wy1), (x0, y0, x1, y1), peak in ocr.prescan_places(prob, scale_xy, width, height):
             lines = engine._read_native(rgb[wy0:wy1, wx0:wx1], wx0, wy0)
+            # What the place itself holds: lines centred on it (the window's context may
+            # reach a neighbouring place's text).
             own = [ln.text for ln in lines if x0 - 8 <= (ln.box[0] + ln.box[2]) / 2 <= x1 + 8
                    and y0 - 8 <= (ln.box[1] + ln.box[3]) / 2 <= y1 + 8]
-            rows.append((kind, float(prob[labels == c].max()), own))
+            rows.append((kind, peak, own))
     words = [r for r in rows if any(sum(ch.isalnum() for ch in t) >= 3 for t in r[2])]
     print(f"places marked above {ocr.PRESCAN_THRESHOLD}: {len(rows)}; by set: "
           + ", ".join(f"{k} {sum(r[0] == k for r in rows)}" for k in dict.fromkeys(r[0] for r in rows)))
@@ -195,10 +192,10 @@ def main() -> None:
         return f"{np.median(values):.0f} ({np.mean(values):.0f})"
 
     for kind, s in stats.items():
-        missed32 = ", ".join(f"'{t}' {sc}" for t, sc, _ in s["missed_every_place"]) or "0"
+        missed_every = ", ".join(f"'{t}' {sc}" for t, sc, _ in s["missed_every_place"]) or "0"
         missed = ", ".join(f"'{t}' {sc}" for t, sc, _ in s["missed"]) or "0"
         print(f"| {kind} | {s['images']} | {_ms(s['native_ms'])} | {_ms(s['every_place_ms'])} | "
-              f"{_ms(s['prescan_ms'])} | {s['lines']} | {missed32} | {missed} |")
+              f"{_ms(s['prescan_ms'])} | {s['lines']} | {missed_every} | {missed} |")
     sensitivity = {}
     base = ocr.PRESCAN_THRESHOLD
     try:

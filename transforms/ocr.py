@@ -259,26 +259,14 @@ class OCREngine:
         """The windows [x0, y0, x1, y1) of ``rgb`` that the pre-scan says may hold text (an
         empty list: none), or None when the image is to be read whole (pre-scan off, an image
         too small to be worth it, or windows covering more than :data:`PRESCAN_FULL_READ`)."""
-        import cv2
-
         self.setup()
         height, width = rgb.shape[:2]
         if not self.prescan or min(height, width) < 4 * DET_GRID:
             return None
-        prob, (sx, sy) = _det_probability(self._prescan_session, rgb, self.prescan)
-        mask = (prob > PRESCAN_THRESHOLD).astype(np.uint8)
-        count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-        # The places whose probability somewhere exceeds the peak rule (label 0 is the rest).
-        strong = np.zeros(count, dtype=bool)
-        strong[np.unique(labels[prob > max(self.prescan_peak, PRESCAN_THRESHOLD)])] = True
-        boxes = []
-        for (x, y, w, h, _area), keep in zip(stats[1:count], strong[1:count], strict=True):
-            if not keep:
-                continue
-            # Back to native pixels; the line height is the smaller side of the component.
-            x0, y0, x1, y1 = x / sx, y / sy, (x + w) / sx, (y + h) / sy
-            margin = max(PRESCAN_MIN_MARGIN, PRESCAN_CONTEXT * min(x1 - x0, y1 - y0))
-            boxes.append(_snap(x0 - margin, y0 - margin, x1 + margin, y1 + margin, width, height))
+        prob, scale_xy = _det_probability(self._prescan_session, rgb, self.prescan)
+        limit = np.float32(self.prescan_peak)  # compared in the map's own precision
+        boxes = [window for window, _box, peak in prescan_places(prob, scale_xy, width, height)
+                 if peak > limit]
         boxes = _merge_windows(boxes, width, height)
         # Merged windows do not overlap: their areas add up to the area they cover.
         if sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes) > PRESCAN_FULL_READ * width * height:
@@ -331,6 +319,28 @@ def _det_probability(session: Any, rgb: np.ndarray, scale: float) -> tuple[np.nd
     with _READ_LOCK:
         prob = session.run(None, {session.get_inputs()[0].name: x})[0]
     return prob.reshape(prob.shape[-2:]), (w / width, h / height)
+
+
+def prescan_places(prob: np.ndarray, scale_xy: tuple[float, float], width: int,
+                   height: int) -> list[tuple[tuple[int, int, int, int], tuple[float, ...], float]]:
+    """Every place of a pre-scan probability map above :data:`PRESCAN_THRESHOLD`: its window
+    in native pixels (grown by a line height of context, on the grid, not yet merged), the
+    place's own box in native pixels, and its peak probability (what ``prescan_peak`` reads)."""
+    import cv2
+
+    sx, sy = scale_xy
+    count, labels, stats, _ = cv2.connectedComponentsWithStats((prob > PRESCAN_THRESHOLD).astype(np.uint8),
+                                                               connectivity=8)
+    peaks = np.zeros(count, dtype=np.float32)
+    np.maximum.at(peaks, labels.ravel(), prob.ravel())
+    places = []
+    for (x, y, w, h, _area), peak in zip(stats[1:count], peaks[1:count], strict=True):
+        # Back to native pixels; the line height is the smaller side of the component.
+        x0, y0, x1, y1 = x / sx, y / sy, (x + w) / sx, (y + h) / sy
+        margin = max(PRESCAN_MIN_MARGIN, PRESCAN_CONTEXT * min(x1 - x0, y1 - y0))
+        window = _snap(x0 - margin, y0 - margin, x1 + margin, y1 + margin, width, height)
+        places.append((window, (x0, y0, x1, y1), float(peak)))
+    return places
 
 
 def _snap(x0: float, y0: float, x1: float, y1: float, width: int, height: int) -> tuple[int, int, int, int]:
@@ -452,4 +462,4 @@ def shared_read(sample: Sample, rgb: np.ndarray, engine: OCREngine) -> list[Text
 
 
 __all__ = ["DEFAULT_MAX_SIDE", "DEFAULT_PRESCAN", "DEFAULT_PRESCAN_PEAK", "DET_MODEL", "OCR_FIELD", "OCREngine", "OCRUnavailableError", "REC_MODEL",
-           "TextLine", "pixel_digest", "shared_read"]
+           "TextLine", "pixel_digest", "prescan_places", "shared_read"]

@@ -104,6 +104,9 @@ def build_region_detectors(pii: PIIConfig, models: dict[str, Any],
     in each worker's ``setup()``. The run's stages, its re-scan and validation all build them
     here, so they read images the same way."""
     out: list[RegionDetector] = []
+    # The plate and text classes read with one OCR configuration (their readings are shared).
+    ocr = {"ocr_max_side": pii.ocr_max_side, "ocr_min_score": pii.ocr_min_score, "ocr_prescan": pii.ocr_prescan,
+           "ocr_prescan_precision": pii.ocr_prescan_precision, "ocr_prescan_peak": pii.ocr_prescan_peak}
     if "persons" in classes and "persons" in pii.classes:
         from veil.transforms.persons import PersonDetector
 
@@ -111,16 +114,11 @@ def build_region_detectors(pii: PIIConfig, models: dict[str, Any],
     if "plates" in classes and "plates" in pii.classes:
         from veil.transforms.plates import PlateDetector
 
-        out.append(PlateDetector(ocr_max_side=pii.ocr_max_side, ocr_min_score=pii.ocr_min_score,
-                                 ocr_prescan=pii.ocr_prescan, ocr_prescan_precision=pii.ocr_prescan_precision,
-                                 ocr_prescan_peak=pii.ocr_prescan_peak, haar=pii.plate_cascades, models=models))
+        out.append(PlateDetector(**ocr, haar=pii.plate_cascades, models=models))
     if "text" in classes and "text" in pii.classes:
         from veil.transforms.text import TextDetector
 
         out.append(TextDetector(scope=pii.text_scope, entities=list(pii.entities),
                                 score_threshold=pii.score_threshold, language=pii.language,
-                                spacy_model=pii.spacy_model, ocr_max_side=pii.ocr_max_side,
-                                ocr_min_score=pii.ocr_min_score, ocr_prescan=pii.ocr_prescan,
-                                ocr_prescan_precision=pii.ocr_prescan_precision,
-                                ocr_prescan_peak=pii.ocr_prescan_peak, models=models))
+                                spacy_model=pii.spacy_model, **ocr, models=models))
     return out
