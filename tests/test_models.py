@@ -251,7 +251,7 @@ def test_load_torch_state_dict_loads_weights_and_refuses_pickled_code(tmp_path):
 
 
 def test_every_spec_has_a_known_kind_and_torchscript_ones_are_checksummed():
-    known = {"onnx", "torch-state-dict", "torchscript", "numpy-pickle", "keras-h5", "dlib", "file"}
+    known = {"onnx", "torch-state-dict", "torchscript", "numpy-pickle", "keras-h5", "dlib", "tf-graphdef", "file"}
     for name, spec in MODEL_SPECS.items():
         assert spec.kind in known, name
         if spec.kind == "torchscript":

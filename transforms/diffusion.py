@@ -162,22 +162,15 @@ def models_for_diffusion(config: DiffusionConfig) -> list[str]:
     from veil.transforms.attributes import AGE_MODEL, EXPRESSION_MODEL, GENDER_MODEL
     from veil.transforms.latent import TAEF2_DECODER, TAEF2_ENCODER
     from veil.transforms.perceptual import LPIPS_MODELS
-    from veil.transforms.recognizers import (
-        DLIB_RECOGNITION_MODEL,
-        DLIB_SHAPE_MODEL,
-        FACENET_MODEL,
-        MOBILEFACENET_MODEL,
-    )
+    from veil.transforms.recognizers import MOBILEFACENET_MODEL, RECOGNIZER_MODELS
 
     if config.mode == "inpaint":
         names = [AGE_MODEL, GENDER_MODEL, EXPRESSION_MODEL]
     else:
         names = [TAEF2_ENCODER, TAEF2_DECODER] if config.latent == "taef2" else []
         names += [MOBILEFACENET_MODEL, LPIPS_MODELS["alex"]]
-    by_recognizer = {"dlib-resnet": [DLIB_RECOGNITION_MODEL, DLIB_SHAPE_MODEL],
-                     "facenet-vggface2": [FACENET_MODEL], "mobilefacenet": [MOBILEFACENET_MODEL]}
     for name in config.certify:
-        names += by_recognizer.get(name, [])
+        names += RECOGNIZER_MODELS.get(name, ())
     return list(dict.fromkeys(names))
 
 

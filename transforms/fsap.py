@@ -369,12 +369,7 @@ class FSAPOptimizer:
 def models_for_fsap(config: FSAPConfig) -> list[str]:
     """Registry names of the files an FSAP configuration uses (run.json provenance)."""
     from veil.transforms.latent import TAEF2_DECODER, TAEF2_ENCODER
-    from veil.transforms.recognizers import (
-        DLIB_RECOGNITION_MODEL,
-        DLIB_SHAPE_MODEL,
-        FACENET_MODEL,
-        MOBILEFACENET_MODEL,
-    )
+    from veil.transforms.recognizers import MOBILEFACENET_MODEL, RECOGNIZER_MODELS
 
     names = [TAEF2_ENCODER, TAEF2_DECODER] if config.latent == "taef2" else []
     names.append(MOBILEFACENET_MODEL)
@@ -382,10 +377,8 @@ def models_for_fsap(config: FSAPConfig) -> list[str]:
         from veil.transforms.perceptual import LPIPS_MODELS
 
         names.append(LPIPS_MODELS["alex"])
-    by_recognizer = {"dlib-resnet": [DLIB_RECOGNITION_MODEL, DLIB_SHAPE_MODEL],
-                     "facenet-vggface2": [FACENET_MODEL], "mobilefacenet": [MOBILEFACENET_MODEL]}
     for name in config.certify:
-        names += by_recognizer.get(name, [])
+        names += RECOGNIZER_MODELS.get(name, ())
     return list(dict.fromkeys(names))
 
 

