@@ -191,6 +191,16 @@ class FSAPConfig:
     certify_rounds: int = 3
     #: Certifying recognizer(s): never the optimised one.
     certify: list[str] = field(default_factory=lambda: ["dlib-resnet"])
+    #: Further recognizers the identity step pushes away from together with ``recognizer``
+    #: (ensemble transfer: a change that fools two different recognizers carries over better
+    #: to one neither has seen). Only "dlib-resnet" is differentiable here. A face then stops
+    #: only once each member is past its threshold (plus ``certify_margin`` for a member
+    #: that also certifies). Validation's independent verdict comes from a recognizer in
+    #: neither list (FaceNet CASIA-WebFace).
+    ensemble: list[str] = field(default_factory=list)
+    #: Weight of each ensemble member's push (its distance over its threshold, two views)
+    #: against the optimised recognizer's (its similarity, two views).
+    ensemble_weight: float = 1.0
     #: Extra distance from the certifier's same-person threshold a face must reach (in its
     #: score units: dlib Euclidean distance, cosine for others). 0 = the threshold itself,
     #: which left released faces at dlib distances of 0.61-0.70, just past 0.6; 0.1 puts
@@ -225,7 +235,12 @@ class FSAPConfig:
                "fsap.recognizer: only 'mobilefacenet' is differentiable here")
         _check(self.recognizer not in self.certify,
                "fsap.certify must not include the recognizer FSAP optimises against")
+        if isinstance(self.ensemble, str):
+            self.ensemble = [c.strip() for c in self.ensemble.split(",") if c.strip()]
         _check(len(self.certify) > 0, "fsap.certify: name at least one certifying recognizer")
+        _check(all(name == "dlib-resnet" for name in self.ensemble) and len(set(self.ensemble)) == len(self.ensemble),
+               "fsap.ensemble: only 'dlib-resnet' (once) can join the identity step")
+        _check(self.ensemble_weight > 0, "fsap.ensemble_weight must be > 0")
         _check(1 <= self.steps <= 10_000, "fsap.steps must be in [1, 10000]")
         _check(0 <= self.inner_steps <= 100, "fsap.inner_steps must be in [0, 100]")
         _check(-1.0 <= self.tau < 1.0, "fsap.tau must be in [-1, 1)")

@@ -491,3 +491,86 @@ def test_face_batch_fits_device_memory():
     assert faces_per_batch(80 * gib, 1 * gib, 16) == 16  # plenty of memory: the configured cap
     assert faces_per_batch(10 * gib, 1 * gib, 16) == 6  # 60 % of 10 GiB
     assert faces_per_batch(1 * gib, 4 * gib, 16) == 1  # never below one face
+
+
+# ------------------------------------------------------------------------------------ ensemble
+
+
+class _MeanColourMember:
+    """A stand-in ensemble member: its 'descriptor' is the crop's mean colour (x 10), so its
+    distance grows with any change; the goal is ``threshold`` (no certify margin here)."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.views: list[int] = []
+
+    def grids(self, crops, boxes):
+        assert len(boxes) == len(crops)
+        return torch.zeros(len(crops), 2, 2, 2)
+
+    def descriptors(self, x, grids, view=-1):
+        assert grids.shape[0] == x.shape[0]
+        self.views.append(view)
+        return x.mean(dim=(2, 3)) * 10.0
+
+
+def test_an_ensemble_member_keeps_a_face_going_until_it_is_past_its_goal(models_dir, faces_dir):
+    from veil.transforms.fsap import extract_crop, face_crop_matrix
+
+    rgb = face_photo(faces_dir, "obama.jpg", max_side=400)
+    crops = np.stack([extract_crop(rgb, face_crop_matrix(_region([150.0, 60.0, 250.0, 190.0]), 64), 64)])
+    plain = _tiny_optimizer(models_dir, steps=8, tau=0.85, lambda_id=0.3).optimise(crops)
+    assert plain.faces[0].stopped and plain.faces[0].iterations < 8 and plain.faces[0].ensemble == {}
+
+    unreachable = _tiny_optimizer(models_dir, steps=8, tau=0.85, lambda_id=0.3)
+    member = _MeanColourMember(threshold=1e6)
+    unreachable.ensemble = {"dlib-resnet": member}
+    result = unreachable.optimise(crops, boxes=[(0.0, 0.0, 64.0, 64.0)])
+    face = result.faces[0]
+    assert not face.stopped and face.iterations == 8  # MobileFaceNet alone would have stopped
+    assert face.similarity < 0.85
+    assert 0 < face.ensemble["dlib-resnet"] < 1e6
+    assert set(member.views) >= {-1, 0, 1, 2, 3}  # plain view and the varied ones
+
+    # A member whose goal every face meets (a negative distance), pushing with a negligible
+    # weight, stops faces as MobileFaceNet alone does. Not a certifier: no margin on its goal.
+    reachable = _tiny_optimizer(models_dir, steps=8, tau=0.85, lambda_id=0.3, ensemble_weight=1e-6)
+    reachable.ensemble = {"stand-in": _MeanColourMember(threshold=-1.0)}
+    assert reachable.ensemble_goal("stand-in") == -1.0
+    assert unreachable.ensemble_goal("dlib-resnet") == 1e6 + unreachable.config.certify_margin
+    face = reachable.optimise(crops).faces[0]  # no boxes: the central face frame
+    assert face.stopped and face.iterations <= plain.faces[0].iterations + 1
+
+
+def test_the_dlib_member_places_its_chip_as_dlib_does(models_dir, faces_dir):
+    pytest.importorskip("dlib")
+    from veil.transforms.fsap import DlibChipSurrogate, extract_crop, face_box_in_crop, face_crop_matrix
+    from veil.transforms.models import ModelRegistry
+    from veil.transforms.recognizers import build_recognizer
+
+    dlib_rec = build_recognizer("dlib-resnet", ModelRegistry(models_dir=str(models_dir)))
+    member = DlibChipSurrogate(dlib_rec, 128, "cpu")
+    rgb = face_photo(faces_dir, "obama.jpg", max_side=400)
+    region = _region([150.0, 60.0, 250.0, 190.0])
+    matrix = face_crop_matrix(region, 128)
+    crop = extract_crop(rgb, matrix, 128)
+    box = face_box_in_crop(region, matrix)
+    grids = member.grids(crop[None], [box])
+    x = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 255.0
+    chip = torch.nn.functional.grid_sample(x * 255.0, grids, mode="bilinear", padding_mode="border",
+                                           align_corners=True)[0].permute(1, 2, 0).numpy()
+    shape = dlib_rec.shapes(crop, [{"box": list(box)}])
+    reference = dlib_rec.chips(crop, shape)[0].astype(np.float32)
+    # dlib rounds its chip to integers: the resampled chip is within that rounding.
+    assert np.abs(chip - reference).mean() < 0.6 and np.abs(chip - reference).max() <= 1.0 + 1e-3
+    with torch.no_grad():
+        ours = member.descriptors(x, grids).numpy()
+    assert np.linalg.norm(ours - dlib_rec.embed_chips([reference.astype(np.uint8)])) < 0.01
+
+
+def test_config_checks_the_ensemble():
+    assert FSAPConfig().ensemble == [] and FSAPConfig(ensemble="dlib-resnet").ensemble == ["dlib-resnet"]
+    with pytest.raises(ConfigError, match="fsap.ensemble"):
+        FSAPConfig(ensemble=["facenet-casia"])
+    with pytest.raises(ConfigError, match="fsap.ensemble_weight"):
+        FSAPConfig(ensemble=["dlib-resnet"], ensemble_weight=0)

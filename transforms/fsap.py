@@ -196,6 +196,98 @@ class FaceResult:
     attribute_loss: float
     #: Optimised recognizer's similarity to the face's target identity (None: no target).
     target_similarity: float | None = None
+    #: Distance of the face under each ensemble recognizer (``fsap.ensemble``), on the
+    #: optimiser's crop, by name.
+    ensemble: dict[str, float] = field(default_factory=dict)
+
+
+def face_box_in_crop(region: dict[str, Any], matrix: np.ndarray) -> tuple[float, float, float, float]:
+    """A region's detector box in the coordinates of its face crop (``matrix``: image -> crop)."""
+    x0, y0, x1, y1 = (float(v) for v in region["box"])
+    corners = np.array([[x0, y0, 1.0], [x1, y0, 1.0], [x0, y1, 1.0], [x1, y1, 1.0]]) @ np.asarray(matrix).T
+    return (float(corners[:, 0].min()), float(corners[:, 1].min()),
+            float(corners[:, 0].max()), float(corners[:, 1].max()))
+
+
+def dlib_chip_affine(details: Any) -> np.ndarray:
+    """The 2x3 affine map from a dlib face chip's pixels to the image's, for ``chip_details``
+    as ``dlib.get_face_chip_details`` gives them: dlib's ``extract_image_chip`` maps the chip's
+    corners onto its rectangle's corners turned by ``angle`` about the rectangle's centre."""
+    import cv2
+
+    rect, angle = details.rect, float(details.angle)
+    cx, cy = (rect.left() + rect.right()) / 2.0, (rect.top() + rect.bottom()) / 2.0
+    cos, sin = math.cos(angle), math.sin(angle)
+
+    def turned(x: float, y: float) -> tuple[float, float]:
+        return cos * (x - cx) - sin * (y - cy) + cx, sin * (x - cx) + cos * (y - cy) + cy
+
+    cols, rows = details.cols - 1, details.rows - 1
+    src = np.float32([[0, 0], [cols, 0], [cols, rows]])
+    dst = np.float32([turned(rect.left(), rect.top()), turned(rect.right(), rect.top()),
+                      turned(rect.right(), rect.bottom())])
+    return cv2.getAffineTransform(src, dst).astype(np.float64)
+
+
+class DlibChipSurrogate:
+    """dlib's ResNet as a second, differentiable target of FSAP's identity step
+    (``fsap.ensemble: [dlib-resnet]``).
+
+    An identity change found against one recognizer carries over only partly to others; one
+    that fools two recognizers of different architecture and training data carries over
+    better to a third (ensemble transfer). dlib's network runs in PyTorch
+    (:mod:`veil.transforms.dlib_torch`), so its gradient is available: each face's 150x150
+    chip is placed as dlib places it (the 5-point shape predictor on the original crop, in the
+    detector's box, and ``get_face_chip_details``) and resampled from the crop with
+    ``grid_sample``, which gives dlib's own chip to within its rounding (descriptors within
+    0.005). The chip comes from the 128 px crop, not the full image, so its distances are
+    close to, not equal to, the certifier's.
+    """
+
+    def __init__(self, recognizer: Any, crop_size: int, device: Any) -> None:
+        import torch
+
+        if getattr(recognizer, "backend", None) != "torch":
+            raise ValueError("the dlib ensemble member needs the recognizer's torch backend")
+        self.recognizer = recognizer
+        self.crop_size = int(crop_size)
+        self.device = torch.device(device)
+        self.net = recognizer.model.eval().requires_grad_(False).to(self.device)
+        self.threshold = float(recognizer.threshold)
+
+    def grids(self, crops: np.ndarray, boxes: Sequence[tuple[float, float, float, float]]) -> torch.Tensor:
+        """(B, 150, 150, 2) ``grid_sample`` grids of each crop's dlib chip (align_corners)."""
+        import torch
+
+        from veil.transforms.dlib_torch import CHIP_SIZE
+
+        dlib = self.recognizer._dlib
+        u, v = np.meshgrid(np.arange(CHIP_SIZE, dtype=np.float64), np.arange(CHIP_SIZE, dtype=np.float64))
+        grids = []
+        for crop, box in zip(crops, boxes, strict=True):
+            shape = self.recognizer.shapes(crop, [{"box": list(box)}])[0]
+            a = dlib_chip_affine(dlib.get_face_chip_details(shape, CHIP_SIZE, self.recognizer.padding))
+            x = a[0, 0] * u + a[0, 1] * v + a[0, 2]
+            y = a[1, 0] * u + a[1, 1] * v + a[1, 2]
+            grids.append(np.stack([x, y], -1) / (self.crop_size - 1) * 2.0 - 1.0)
+        return torch.from_numpy(np.stack(grids).astype(np.float32)).to(self.device)
+
+    def descriptors(self, x: torch.Tensor, grids: torch.Tensor, view: int = -1) -> torch.Tensor:
+        """dlib descriptors of crops in [0, 1] (B, 3, S, S); ``view >= 0`` varies the chip by
+        one of :data:`VIEWS` (scaled about its centre and shifted, as FSAP's own views)."""
+        import torch.nn.functional as F
+
+        if view >= 0:
+            scale, dx, dy = VIEWS[view % len(VIEWS)]
+            centre = grids.mean(dim=(1, 2), keepdim=True)
+            shift = grids.new_tensor([dx, dy]).view(1, 1, 1, 2)
+            grids = (grids - centre) * scale + centre + shift
+        chips = F.grid_sample(x * 255.0, grids, mode="bilinear", padding_mode="border", align_corners=True)
+        return self.net(chips)
+
+
+#: Ensemble members FSAP can add to its identity step (``fsap.ensemble``).
+ENSEMBLE_RECOGNIZERS = ("dlib-resnet",)
 
 
 @dataclass
@@ -213,13 +305,16 @@ class FSAPOptimizer:
     """
 
     def __init__(self, latent: LatentSpace, recognizer: Any, perceptual: Any | None,
-                 config: FSAPConfig, device: Any) -> None:
+                 config: FSAPConfig, device: Any, *, ensemble: dict[str, Any] | None = None) -> None:
         import torch
 
         from veil.transforms.recognizers import _IMAGENET_MEAN, _IMAGENET_STD
 
         self.latent = latent
         self.recognizer = recognizer
+        #: name -> :class:`DlibChipSurrogate`: further recognizers the identity step pushes
+        #: away from (``fsap.ensemble``); a face stops only once each is past its goal.
+        self.ensemble = dict(ensemble or {})
         self.perceptual = perceptual
         self.config = config
         self.device = torch.device(device)
@@ -266,10 +361,19 @@ class FSAPOptimizer:
             loss = loss + cfg.weight_lpips * self.perceptual(x_hat, x).view(-1)
         return loss
 
+    def ensemble_goal(self, name: str) -> float:
+        """Distance an ensemble member must see before a face stops: its threshold, plus the
+        certify margin when it is also a certifier (the release must pass that margin)."""
+        margin = self.config.certify_margin if name in self.config.certify else 0.0
+        return self.ensemble[name].threshold + margin
+
     def optimise(self, crops: np.ndarray, *, strength: int = 0, steps: int | None = None,
-                 targets: np.ndarray | None = None) -> OptimiseResult:
+                 targets: np.ndarray | None = None,
+                 boxes: Sequence[tuple[float, float, float, float]] | None = None) -> OptimiseResult:
         """Optimise (B, S, S, 3) uint8 crops; returns the change for each and a record per face.
-        ``steps`` overrides the round's iteration budget (a memory probe needs one).
+        ``steps`` overrides the round's iteration budget (a memory probe needs one). ``boxes``
+        are the faces' detector boxes in crop coordinates (:func:`face_box_in_crop`), where
+        the ensemble's recognizers look for their landmarks; None takes the central face frame.
 
         ``targets`` (B, d) are unit embeddings, in the optimised recognizer's space, of the
         identity each face should become (a pseudo-identity's synthetic face); a row of NaN
@@ -294,6 +398,17 @@ class FSAPOptimizer:
             w = self.latent.encode(x)
             base = self.latent.decode(w)
             target = self.embed(x)
+        members: list[tuple[str, Any, torch.Tensor, torch.Tensor, float]] = []
+        if self.ensemble:
+            if boxes is None:
+                lo, hi = (crops.shape[1] * (1 - FACE_FRACTION) / 2, crops.shape[1] * (1 + FACE_FRACTION) / 2)
+                boxes = [(lo, lo, hi, hi)] * b
+            for name, member in self.ensemble.items():
+                grids = member.grids(crops, boxes)
+                with torch.no_grad():
+                    reference = member.descriptors(x, grids)
+                members.append((name, member, grids, reference, self.ensemble_goal(name)))
+        distances = {name: np.zeros(b, dtype=np.float64) for name, *_ in members}
         w_prime = w.clone()
         iterations = np.zeros(b, dtype=np.int64)
         similarity = np.ones(b, dtype=np.float64)
@@ -330,6 +445,14 @@ class FSAPOptimizer:
                 goal_similarity[idx] = np.where(with_goal.cpu().numpy(), goal_sim.detach().cpu().numpy(), np.nan)
                 reached = goal_sim.detach() > self.config.target_similarity
                 done = done & (reached | ~with_goal)
+            # Ensemble members: a face is done only once each is past its goal distance too;
+            # the identity step pushes their distances up along with the similarity down.
+            pushes = []
+            for name, member, grids, reference, goal_distance in members:
+                dist = (member.descriptors(x_hat, grids[active]) - reference[active]).norm(dim=1)
+                distances[name][idx] = dist.detach().cpu().numpy()
+                done = done & (dist.detach() > goal_distance)
+                pushes.append((member, grids, reference, dist))
             stopped[idx[done.cpu().numpy()]] = True
             if iteration == steps or bool(done.all()):
                 break
@@ -337,6 +460,9 @@ class FSAPOptimizer:
             sim_view = (emb_view * target[active]).sum(1)
             keep = ~done
             objective = sim + sim_view
+            for member, grids, reference, dist in pushes:
+                dist_view = (member.descriptors(x_hat, grids[active], view=iteration) - reference[active]).norm(dim=1)
+                objective = objective - self.config.ensemble_weight * (dist + dist_view) / member.threshold
             if goal is not None:
                 # Towards the target identity: the same two views, so the pull carries over
                 # to other recognizers as the push away from the original does.
@@ -357,8 +483,11 @@ class FSAPOptimizer:
             x_hat = released(all_idx, w_prime)
             attr[:] = self.attribute_loss(x_hat, x).cpu().numpy()
             change = (x_hat - x) * 255.0
+            for name, member, grids, reference, _goal_distance in members:
+                distances[name][:] = (member.descriptors(x_hat, grids) - reference).norm(dim=1).cpu().numpy()
         faces = [FaceResult(int(iterations[i]), float(similarity[i]), bool(stopped[i]), float(attr[i]),
-                            None if np.isnan(goal_similarity[i]) else float(goal_similarity[i]))
+                            None if np.isnan(goal_similarity[i]) else float(goal_similarity[i]),
+                            {name: float(d[i]) for name, d in distances.items()})
                  for i in range(b)]
         return OptimiseResult(crops=change.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32), faces=faces)
 
@@ -553,6 +682,8 @@ class _Face:
     matrix: np.ndarray
     #: Unit embedding of the face's target identity (pseudo-identities), or None.
     target: np.ndarray | None = None
+    #: The detector box in crop coordinates (where ensemble members find landmarks).
+    box: tuple[float, float, float, float] | None = None
 
 
 class FSAPStage(ModelStage):
@@ -607,8 +738,16 @@ class FSAPStage(ModelStage):
 
             perceptual = LPIPS.from_registry(registry, net="alex", device=self.device)
             perceptual.eval().requires_grad_(False)
-        self._optimizer = FSAPOptimizer(latent, recognizer, perceptual, self.config, self.device)
         self._certifiers = [build_recognizer(name, registry) for name in self.config.certify]
+        ensemble = {}
+        for name in self.config.ensemble:
+            # The certifier's own instance when it is one (one copy of the weights).
+            member = next((c for c in self._certifiers if c.name == name), None)
+            if member is None:
+                member = build_recognizer(name, registry, device=self.device)
+            ensemble[name] = DlibChipSurrogate(member, self.config.crop_size, self.device)
+        self._optimizer = FSAPOptimizer(latent, recognizer, perceptual, self.config, self.device,
+                                        ensemble=ensemble)
         self._fallback = fallback_anonymizer(self.anonymize, self.config, expand=self.expand)
         self._crop_mask = _face_mask(self.config.crop_size)
         self._latent_name = latent.name
@@ -640,6 +779,7 @@ class FSAPStage(ModelStage):
             "latent": self._latent_name, "recognizer": self.config.recognizer,
             "certify": list(self.config.certify), "certify_margin": self.config.certify_margin,
             "certify_restorations": list(self.config.certify_restorations),
+            "ensemble": list(self.config.ensemble), "ensemble_weight": self.config.ensemble_weight,
             "steps": self.config.steps,
             "inner_steps": self.config.inner_steps, "tau": self.config.tau,
             "lambda_id": opt.lambda_id, "lambda_attr": opt.lambda_attr,
@@ -673,7 +813,9 @@ class FSAPStage(ModelStage):
                 dim = next(faces[i].target for i in group if faces[i].target is not None).shape[0]
                 targets = np.stack([faces[i].target if faces[i].target is not None
                                     else np.full(dim, np.nan, np.float32) for i in group])
-            result = self._optimizer.optimise(crops, strength=strength, targets=targets)
+            boxes = [faces[i].box for i in group]
+            result = self._optimizer.optimise(crops, strength=strength, targets=targets,
+                                              boxes=None if None in boxes else boxes)
             for j, i in enumerate(group):
                 out[i] = (result.crops[j], result.faces[j])
         return out  # type: ignore[return-value]
@@ -705,8 +847,10 @@ class FSAPStage(ModelStage):
                                                  f"{self.config.min_face} px: too small for a recognizer"}
                     else:
                         target = (sample.get(TARGETS_FIELD) or {}).get(r)
-                        pending.append(_Face(i, r, face_crop_matrix(region, self.config.crop_size),
-                                             None if target is None else np.asarray(target, np.float32)))
+                        matrix = face_crop_matrix(region, self.config.crop_size)
+                        pending.append(_Face(i, r, matrix,
+                                             None if target is None else np.asarray(target, np.float32),
+                                             face_box_in_crop(region, matrix)))
                 if small:
                     result = self._fallback.apply(sample["_pixels"], small,
                                                   rng=sample_rng(self.seed, sample["__key__"]))
@@ -740,6 +884,9 @@ class FSAPStage(ModelStage):
                 if record.target_similarity is not None:
                     batch[f.sample]["regions"][f.region]["fsap"]["target_similarity"] = round(
                         record.target_similarity, 4)
+                if record.ensemble:
+                    batch[f.sample]["regions"][f.region]["fsap"]["ensemble"] = {
+                        name: round(d, 4) for name, d in record.ensemble.items()}
             touched = sorted({f.sample for f in pending})
             render_changes(batch, touched, base_pixels, base_masks, changes, self._crop_mask, masks)
             # Certify the faces just optimised on their sample's released pixels.
