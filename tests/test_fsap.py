@@ -544,7 +544,12 @@ def test_an_ensemble_member_keeps_a_face_going_until_it_is_past_its_goal(models_
 
 def test_the_dlib_member_places_its_chip_as_dlib_does(models_dir, faces_dir):
     pytest.importorskip("dlib")
-    from veil.transforms.fsap import DlibChipSurrogate, extract_crop, face_box_in_crop, face_crop_matrix
+    from veil.transforms.fsap import (
+        DlibChipSurrogate,
+        extract_crop,
+        face_box_in_crop,
+        face_crop_matrix,
+    )
     from veil.transforms.models import ModelRegistry
     from veil.transforms.recognizers import build_recognizer
 
