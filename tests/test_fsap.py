@@ -513,6 +513,9 @@ class _MeanColourMember:
         self.views.append(view)
         return x.mean(dim=(2, 3)) * 10.0
 
+    def distance(self, x, grids, reference, view=-1):
+        return (self.descriptors(x, grids, view) - reference).norm(dim=1)
+
 
 def test_an_ensemble_member_keeps_a_face_going_until_it_is_past_its_goal(models_dir, faces_dir):
     from veil.transforms.fsap import extract_crop, face_crop_matrix

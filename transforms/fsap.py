@@ -285,9 +285,11 @@ class DlibChipSurrogate:
         chips = F.grid_sample(x * 255.0, grids, mode="bilinear", padding_mode="border", align_corners=True)
         return self.net(chips)
 
+    def distance(self, x: torch.Tensor, grids: torch.Tensor, reference: torch.Tensor,
+                 view: int = -1) -> torch.Tensor:
+        """(B,) Euclidean distances of the crops' descriptors from ``reference`` (dlib's score)."""
+        return (self.descriptors(x, grids, view) - reference).norm(dim=1)
 
-#: Ensemble members FSAP can add to its identity step (``fsap.ensemble``).
-ENSEMBLE_RECOGNIZERS = ("dlib-resnet",)
 
 
 @dataclass
@@ -449,7 +451,7 @@ class FSAPOptimizer:
             # the identity step pushes their distances up along with the similarity down.
             pushes = []
             for name, member, grids, reference, goal_distance in members:
-                dist = (member.descriptors(x_hat, grids[active]) - reference[active]).norm(dim=1)
+                dist = member.distance(x_hat, grids[active], reference[active])
                 distances[name][idx] = dist.detach().cpu().numpy()
                 done = done & (dist.detach() > goal_distance)
                 pushes.append((member, grids, reference, dist))
@@ -461,7 +463,7 @@ class FSAPOptimizer:
             keep = ~done
             objective = sim + sim_view
             for member, grids, reference, dist in pushes:
-                dist_view = (member.descriptors(x_hat, grids[active], view=iteration) - reference[active]).norm(dim=1)
+                dist_view = member.distance(x_hat, grids[active], reference[active], view=iteration)
                 objective = objective - self.config.ensemble_weight * (dist + dist_view) / member.threshold
             if goal is not None:
                 # Towards the target identity: the same two views, so the pull carries over
@@ -484,7 +486,7 @@ class FSAPOptimizer:
             attr[:] = self.attribute_loss(x_hat, x).cpu().numpy()
             change = (x_hat - x) * 255.0
             for name, member, grids, reference, _goal_distance in members:
-                distances[name][:] = (member.descriptors(x_hat, grids) - reference).norm(dim=1).cpu().numpy()
+                distances[name][:] = member.distance(x_hat, grids, reference).cpu().numpy()
         faces = [FaceResult(int(iterations[i]), float(similarity[i]), bool(stopped[i]), float(attr[i]),
                             None if np.isnan(goal_similarity[i]) else float(goal_similarity[i]),
                             {name: float(d[i]) for name, d in distances.items()})
