@@ -142,6 +142,10 @@ def _restorations(value: Any, section: str) -> list[str]:
         raise ConfigError(f"{section}.certify_restorations: {exc}") from exc
 
 
+#: Recognizers with a differentiable surrogate that can join FSAP's identity step.
+FSAP_ENSEMBLE_NAMES = ("dlib-resnet", "facenet-casia", "facenet-vggface2")
+
+
 @dataclass
 class FSAPConfig:
     """Feature-space adversarial perturbation (thesis chapter 5, Algorithm 7).
@@ -193,7 +197,7 @@ class FSAPConfig:
     certify: list[str] = field(default_factory=lambda: ["dlib-resnet"])
     #: Further recognizers the identity step pushes away from together with ``recognizer``
     #: (ensemble transfer: a change that fools two different recognizers carries over better
-    #: to one neither has seen). Only "dlib-resnet" is differentiable here. A face then stops
+    #: to one neither has seen): any of ``FSAP_ENSEMBLE_NAMES``. A face then stops
     #: only once each member is past its threshold (plus ``certify_margin`` for a member
     #: that also certifies). Validation's independent verdict comes from a recognizer in
     #: neither list (FaceNet CASIA-WebFace).
@@ -238,8 +242,10 @@ class FSAPConfig:
         if isinstance(self.ensemble, str):
             self.ensemble = [c.strip() for c in self.ensemble.split(",") if c.strip()]
         _check(len(self.certify) > 0, "fsap.certify: name at least one certifying recognizer")
-        _check(all(name == "dlib-resnet" for name in self.ensemble) and len(set(self.ensemble)) == len(self.ensemble),
-               "fsap.ensemble: only 'dlib-resnet' (once) can join the identity step")
+        _check(all(name in FSAP_ENSEMBLE_NAMES for name in self.ensemble)
+               and len(set(self.ensemble)) == len(self.ensemble),
+               f"fsap.ensemble: each of {', '.join(FSAP_ENSEMBLE_NAMES)} at most once can join "
+               "the identity step")
         _check(self.ensemble_weight > 0, "fsap.ensemble_weight must be > 0")
         _check(1 <= self.steps <= 10_000, "fsap.steps must be in [1, 10000]")
         _check(0 <= self.inner_steps <= 100, "fsap.inner_steps must be in [0, 100]")

@@ -545,26 +545,28 @@ def test_an_ensemble_member_keeps_a_face_going_until_it_is_past_its_goal(models_
     assert face.stopped and face.iterations <= plain.faces[0].iterations + 1
 
 
+def _obama_crop(faces_dir):
+    """(image, region, 128 px FSAP crop, detector box in the crop, crop tensor in [0, 1])."""
+    from veil.transforms.fsap import extract_crop, face_box_in_crop, face_crop_matrix
+
+    rgb = face_photo(faces_dir, "obama.jpg", max_side=400)
+    region = _region([150.0, 60.0, 250.0, 190.0])
+    matrix = face_crop_matrix(region, 128)
+    crop = extract_crop(rgb, matrix, 128)
+    x = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 255.0
+    return rgb, region, crop, face_box_in_crop(region, matrix), x
+
+
 def test_the_dlib_member_places_its_chip_as_dlib_does(models_dir, faces_dir):
     pytest.importorskip("dlib")
-    from veil.transforms.fsap import (
-        DlibChipSurrogate,
-        extract_crop,
-        face_box_in_crop,
-        face_crop_matrix,
-    )
+    from veil.transforms.fsap import DlibChipSurrogate
     from veil.transforms.models import ModelRegistry
     from veil.transforms.recognizers import build_recognizer
 
     dlib_rec = build_recognizer("dlib-resnet", ModelRegistry(models_dir=str(models_dir)))
     member = DlibChipSurrogate(dlib_rec, 128, "cpu")
-    rgb = face_photo(faces_dir, "obama.jpg", max_side=400)
-    region = _region([150.0, 60.0, 250.0, 190.0])
-    matrix = face_crop_matrix(region, 128)
-    crop = extract_crop(rgb, matrix, 128)
-    box = face_box_in_crop(region, matrix)
+    _, _, crop, box, x = _obama_crop(faces_dir)
     grids = member.grids(crop[None], [box])
-    x = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 255.0
     chip = torch.nn.functional.grid_sample(x * 255.0, grids, mode="bilinear", padding_mode="border",
                                            align_corners=True)[0].permute(1, 2, 0).numpy()
     shape = dlib_rec.shapes(crop, [{"box": list(box)}])
@@ -576,9 +578,44 @@ def test_the_dlib_member_places_its_chip_as_dlib_does(models_dir, faces_dir):
     assert np.linalg.norm(ours - dlib_rec.embed_chips([reference.astype(np.uint8)])) < 0.01
 
 
+def test_the_facenet_member_crops_as_the_recognizer_does(models_dir, faces_dir):
+    pytest.importorskip("facenet_pytorch")
+    from veil.transforms.fsap import FaceNetCropSurrogate
+    from veil.transforms.models import ModelRegistry
+    from veil.transforms.recognizers import build_recognizer
+
+    casia = build_recognizer("facenet-casia", ModelRegistry(models_dir=str(models_dir)))
+    member = FaceNetCropSurrogate(casia, 128, "cpu")
+    assert member.threshold == pytest.approx(1.0 - casia.threshold)
+    rgb, region, crop, box, x = _obama_crop(faces_dir)
+    grids = member.grids(crop[None], [box])
+    # The recognizer's verdict on the whole image: its crop box from the detector box.
+    height, width = rgb.shape[:2]
+    verdict = casia.embed([casia.crop(rgb, casia.crop_box(region["box"], width, height))])
+    with torch.no_grad():
+        ours = member.descriptors(x, grids)
+        assert float(ours[0] @ torch.from_numpy(verdict[0])) > 0.97
+        assert float(member.distance(x, grids, ours)[0]) == pytest.approx(0.0, abs=1e-5)
+        hopper = face_photo(faces_dir, "grace_hopper.jpg", max_side=400)
+        other = torch.from_numpy(casia.embed([casia.crop(hopper, (0, 0, hopper.shape[1], hopper.shape[0]))]))
+        assert float(member.distance(x, grids, other)[0]) > member.threshold  # another person
+    # A varied view is a different crop, and the gradient reaches the pixels.
+    x.requires_grad_(True)
+    dist = member.distance(x, grids, ours, view=1)
+    (grad,) = torch.autograd.grad(dist.sum(), x)
+    assert float(dist.detach()[0]) > 1e-4 and float(grad.abs().sum()) > 0
+
+
 def test_config_checks_the_ensemble():
+    from veil.config import FSAP_ENSEMBLE_NAMES
+    from veil.transforms.fsap import ENSEMBLE_MEMBERS
+
+    assert set(ENSEMBLE_MEMBERS) == set(FSAP_ENSEMBLE_NAMES)
     assert FSAPConfig().ensemble == [] and FSAPConfig(ensemble="dlib-resnet").ensemble == ["dlib-resnet"]
+    assert FSAPConfig(ensemble="dlib-resnet, facenet-casia").ensemble == ["dlib-resnet", "facenet-casia"]
     with pytest.raises(ConfigError, match="fsap.ensemble"):
-        FSAPConfig(ensemble=["facenet-casia"])
+        FSAPConfig(ensemble=["mobilefacenet"])  # the optimised recognizer already pushes
+    with pytest.raises(ConfigError, match="fsap.ensemble"):
+        FSAPConfig(ensemble=["facenet-casia", "facenet-casia"])
     with pytest.raises(ConfigError, match="fsap.ensemble_weight"):
         FSAPConfig(ensemble=["dlib-resnet"], ensemble_weight=0)

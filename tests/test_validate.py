@@ -502,6 +502,20 @@ def test_restoration_attack_catches_faces_a_filter_brings_back(none_run, dataset
         validate(vconfig(dataset["pattern"], str(out), tmp_path / "bad", method="fsap", restorations=["sharpen-1"]))
 
 
+def test_recognizer_roles_come_from_the_runs_configuration():
+    from veil.validators.pairing import recognizer_roles
+
+    assert recognizer_roles("fsap", {}) == {"mobilefacenet": "optimised against", "dlib-resnet": "certifies"}
+    roles = recognizer_roles("fsap", {"fsap": {"ensemble": ["facenet-casia", "dlib-resnet"],
+                                               "certify": ["dlib-resnet"]}})
+    # A recognizer both optimised against and certifying is reported by the stronger tie.
+    assert roles == {"mobilefacenet": "optimised against", "facenet-casia": "optimised against",
+                     "dlib-resnet": "optimised against"}
+    assert recognizer_roles("diffusion", {"diffusion": {"certify": ["facenet-casia"]}}) == {
+        "facenet-casia": "certifies"}
+    assert recognizer_roles("blur", {"fsap": {"ensemble": ["facenet-casia"]}}) == {}
+
+
 def test_synthesis_releases_are_judged_by_a_recognizer_the_method_never_saw(none_run, dataset, tmp_path):
     """FSAP and diffusion optimise against MobileFaceNet and certify with dlib, so their
     validation adds FaceNet CASIA-WebFace by default, with its own gates; an obscuring method
@@ -520,7 +534,30 @@ def test_synthesis_releases_are_judged_by_a_recognizer_the_method_never_saw(none
                               restorations=["jpeg-q50"]))
     summary = json.loads(Path(result.summary_path).read_text())
     assert summary["recognizers"]["facenet-casia"]["available"] is True
+    # The release was made by --method none: no recognizer took part in it.
+    assert {info["role"] for info in summary["recognizers"].values()} == {"independent"}
+    assert {"dlib-resnet", "facenet-casia"} <= set(summary["details"]["independent_recognizers"])
     assert result.metrics["identity.facenet-casia.verification_rate"] == 1.0
     gates = {g["name"]: g for g in summary["gates"]}
     assert gates["reidentification-facenet-casia"]["status"] == "failed"
     assert gates["restored-reidentification-facenet-casia"]["status"] == "failed"
+
+    # The same release, as if FSAP had optimised against FaceNet-CASIA too (fsap.ensemble):
+    # no recognizer is independent any more, and the report says so.
+    import shutil
+
+    claimed = tmp_path / "claimed"
+    shutil.copytree(out, claimed)
+    info = json.loads((claimed / "run.json").read_text())
+    info["config"]["anonymize"]["method"] = "fsap"
+    info["config"].setdefault("fsap", {})["ensemble"] = ["facenet-casia"]
+    (claimed / "run.json").write_text(json.dumps(info))
+    result = validate(vconfig(dataset["pattern"], str(claimed), tmp_path / "audit2", restorations=[],
+                              recognizers=["dlib-resnet", "facenet-casia"]))
+    summary = json.loads(Path(result.summary_path).read_text())
+    assert summary["method"] == "fsap"
+    assert summary["recognizers"]["facenet-casia"]["role"] == "optimised against"
+    assert summary["recognizers"]["dlib-resnet"]["role"] == "certifies"
+    assert summary["details"]["independent_recognizers"] == []
+    html = (tmp_path / "audit2" / "report" / "index.html").read_text()
+    assert "No available recognizer is independent of this release" in html

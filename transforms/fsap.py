@@ -291,6 +291,78 @@ class DlibChipSurrogate:
         return (self.descriptors(x, grids, view) - reference).norm(dim=1)
 
 
+class FaceNetCropSurrogate:
+    """A FaceNet recognizer (``facenet-casia``, or ``facenet-vggface2`` where its weights
+    resolve) as a differentiable target of FSAP's identity step (``fsap.ensemble``).
+
+    The recognizer's own crop (the detector box grown by its margin, resized to 160 px, then
+    ``(x - 127.5) / 128``) is resampled from the face crop with ``grid_sample``, so the
+    gradient reaches the latent. Its score is cosine similarity (same person above the
+    threshold); as an ensemble member it reports the *distance* ``1 - cos`` against the goal
+    ``1 - threshold``, so that every member pushes a distance up. The box is cut from the
+    128 px crop, not the full image, so distances are close to, not equal to, the recognizer's
+    verdict on the release.
+    """
+
+    def __init__(self, recognizer: Any, crop_size: int, device: Any) -> None:
+        import torch
+
+        self.recognizer = recognizer
+        self.crop_size = int(crop_size)
+        self.device = torch.device(device)
+        self.net = recognizer.model.eval().requires_grad_(False).to(self.device)
+        # The recognizer object may also certify: its own embed must find the model where it is.
+        recognizer.device = self.device
+        self.threshold = 1.0 - float(recognizer.threshold)
+
+    def grids(self, crops: np.ndarray, boxes: Sequence[tuple[float, float, float, float]]) -> torch.Tensor:
+        """(B, 2, 2) centre and half-size of each face's recognizer crop, in ``grid_sample``'s
+        normalised crop coordinates (the box grown as :meth:`FaceNetRecognizer.crop_box`)."""
+        import torch
+
+        rec = self.recognizer
+        out = []
+        for x0, y0, x1, y1 in boxes:
+            grow = rec.margin / (rec.image_size - rec.margin)
+            half_w, half_h = (x1 - x0) * (1 + grow) / 2, (y1 - y0) * (1 + grow) / 2
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            out.append([[cx / self.crop_size * 2 - 1, cy / self.crop_size * 2 - 1],
+                        [half_w / self.crop_size * 2, half_h / self.crop_size * 2]])
+        return torch.tensor(out, dtype=torch.float32, device=self.device)
+
+    def descriptors(self, x: torch.Tensor, grids: torch.Tensor, view: int = -1) -> torch.Tensor:
+        """Unit embeddings of the faces in crops ``x`` in [0, 1] (B, 3, S, S); ``view >= 0``
+        rescales and shifts the recognizer crop by one of :data:`VIEWS`."""
+        import torch
+        import torch.nn.functional as F
+
+        centre, half = grids[:, 0], grids[:, 1]
+        if view >= 0:
+            scale, dx, dy = VIEWS[view % len(VIEWS)]
+            half = half * scale
+            centre = centre + centre.new_tensor([dx, dy])
+        zero = torch.zeros_like(centre[:, 0])
+        theta = torch.stack([torch.stack([half[:, 0], zero, centre[:, 0]], 1),
+                             torch.stack([zero, half[:, 1], centre[:, 1]], 1)], 1)
+        size = self.recognizer.image_size
+        grid = F.affine_grid(theta, [x.shape[0], 3, size, size], align_corners=False)
+        face = F.grid_sample(x * 255.0, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        return F.normalize(self.net((face - 127.5) / 128.0), dim=1)
+
+    def distance(self, x: torch.Tensor, grids: torch.Tensor, reference: torch.Tensor,
+                 view: int = -1) -> torch.Tensor:
+        """(B,) ``1 - cos`` of the faces' embeddings and ``reference``."""
+        return 1.0 - (self.descriptors(x, grids, view) * reference).sum(1)
+
+
+#: Recognizers that can join FSAP's identity step (``fsap.ensemble``), by surrogate class.
+ENSEMBLE_MEMBERS: dict[str, type] = {
+    "dlib-resnet": DlibChipSurrogate,
+    "facenet-casia": FaceNetCropSurrogate,
+    "facenet-vggface2": FaceNetCropSurrogate,
+}
+
+
 
 @dataclass
 class OptimiseResult:
@@ -508,7 +580,7 @@ def models_for_fsap(config: FSAPConfig) -> list[str]:
         from veil.transforms.perceptual import LPIPS_MODELS
 
         names.append(LPIPS_MODELS["alex"])
-    for name in config.certify:
+    for name in [*config.certify, *config.ensemble]:
         names += RECOGNIZER_MODELS.get(name, ())
     return list(dict.fromkeys(names))
 
@@ -747,7 +819,7 @@ class FSAPStage(ModelStage):
             member = next((c for c in self._certifiers if c.name == name), None)
             if member is None:
                 member = build_recognizer(name, registry, device=self.device)
-            ensemble[name] = DlibChipSurrogate(member, self.config.crop_size, self.device)
+            ensemble[name] = ENSEMBLE_MEMBERS[name](member, self.config.crop_size, self.device)
         self._optimizer = FSAPOptimizer(latent, recognizer, perceptual, self.config, self.device,
                                         ensemble=ensemble)
         self._fallback = fallback_anonymizer(self.anonymize, self.config, expand=self.expand)

@@ -95,6 +95,33 @@ class VeilOutput:
     detect: dict[str, Any] = field(default_factory=dict)
     #: The run's ``pii`` configuration (run.json): which classes it anonymized, and how.
     pii: dict[str, Any] = field(default_factory=dict)
+    #: Recognizers the run's method used, by name: "optimised against" (FSAP's recognizer
+    #: and its ensemble) or "certifies" (fsap/diffusion ``certify``). A recognizer not named
+    #: here took no part in making the release: its verdict is an independent one.
+    recognizer_roles: dict[str, str] = field(default_factory=dict)
+
+
+#: A recognizer's part in making a release (validation reports it with each verdict).
+OPTIMISED, CERTIFIES, INDEPENDENT = "optimised against", "certifies", "independent"
+
+
+def recognizer_roles(method: str | None, config: dict[str, Any]) -> dict[str, str]:
+    """Which recognizers a run's method used, and how, from its run.json ``config``: FSAP
+    optimises against ``fsap.recognizer`` and ``fsap.ensemble``; FSAP and diffusion certify
+    with their ``certify`` lists (the config's defaults when a section is absent)."""
+    from veil.config import DiffusionConfig, FSAPConfig
+
+    roles: dict[str, str] = {}
+    if method not in ("fsap", "diffusion"):
+        return roles
+    default = FSAPConfig() if method == "fsap" else DiffusionConfig()
+    section = config.get(method) or {}
+    if method == "fsap":
+        for name in [section.get("recognizer", default.recognizer), *section.get("ensemble", default.ensemble)]:
+            roles[name] = OPTIMISED
+    for name in section.get("certify", default.certify):
+        roles.setdefault(name, CERTIFIES)
+    return roles
 
 
 def read_veil_output(path: str | Path) -> VeilOutput | None:
@@ -122,7 +149,8 @@ def read_veil_output(path: str | Path) -> VeilOutput | None:
     out = VeilOutput(root=root, data=root.display("data"), method=anonymize.get("method"),
                      run_input=config.get("input"),
                      mask_expand=expand + feather * (1 + 2 * expand) + 0.05,
-                     detect=dict(config.get("detect") or {}), pii=dict(config.get("pii") or {}))
+                     detect=dict(config.get("detect") or {}), pii=dict(config.get("pii") or {}),
+                     recognizer_roles=recognizer_roles(anonymize.get("method"), config))
     if root.list_files("manifest"):
         for row in read_manifests(root).to_pylist():
             out.statuses[row["key"]] = row["status"]

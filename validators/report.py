@@ -930,7 +930,8 @@ def _validation_plots(validation: dict[str, Any], scan: _TableScan | None, *,
         fig, ax = plt.subplots(figsize=(5.2, 2.8))
         ax.hist(values, bins=40, range=(lo, hi), color="#58c")
         ax.set_xlim(lo, hi)
-        title = f"{rec}: verification scores of {values.size} faces"
+        role = (recognizers.get(rec) or {}).get("role")
+        title = f"{rec}{f' ({role})' if role else ''}: verification scores of {values.size} faces"
         if metric is not None and threshold is not None:
             hits = int(np.count_nonzero(_same_person(values, metric, threshold)))
             span = (threshold, hi) if metric == "cosine" else (lo, threshold)

@@ -996,13 +996,26 @@ def _validation_run(validation: dict[str, Any]) -> str:
                         f"<span class='bad'>not available</span>: {esc(info.get('reason') or '')}"
                     ),
                     rule,
+                    info.get("role") or "-",
                 ]
+            )
+        independent = (validation.get("details") or {}).get("independent_recognizers")
+        note = ""
+        if independent == []:
+            note = (
+                "<p class='bad'>No available recognizer is independent of this release: each one"
+                " was optimised against or certified it, so their verdicts hold by construction."
+                " Add one the method never saw (e.g. facenet-vggface2, with its weights).</p>"
             )
         parts.append(
             "<h4 id='recognizers'>Recognizers</h4>"
             + table(
-                ["recognizer", "available", "same person if"], rows, cls="compact", row_headers=True
+                ["recognizer", "available", "same person if", "part in the release"],
+                rows,
+                cls="compact",
+                row_headers=True,
             )
+            + note
         )
     return "".join(parts)
 

@@ -1386,6 +1386,14 @@ def finish(config: ValidateConfig, output: Path, pairs: list[ShardPair], gates: 
     results = evaluate_gates(gates, metrics, tables, output / "report")
     status = overall_status(results)
     models, recognizer_info = models_info(config)
+    from veil.validators.pairing import INDEPENDENT
+
+    for name, info in recognizer_info.items():
+        # Other tools' outputs say nothing of how they were made: their roles are unknown.
+        info["role"] = (veil_out.recognizer_roles.get(name, INDEPENDENT) if veil_out is not None
+                        else "unknown")
+    details["independent_recognizers"] = None if veil_out is None else sorted(
+        name for name, info in recognizer_info.items() if info["available"] and info["role"] == INDEPENDENT)
     summary = {
         "status": status,
         "method": method,
