@@ -611,7 +611,9 @@ def test_config_checks_the_ensemble():
     from veil.transforms.fsap import ENSEMBLE_MEMBERS
 
     assert set(ENSEMBLE_MEMBERS) == set(FSAP_ENSEMBLE_NAMES)
-    assert FSAPConfig().ensemble == [] and FSAPConfig(ensemble="dlib-resnet").ensemble == ["dlib-resnet"]
+    assert FSAPConfig().ensemble == ["facenet-casia"]  # the default: FaceNet-CASIA joins the identity step
+    assert FSAPConfig(ensemble=[]).ensemble == [] and FSAPConfig(ensemble="").ensemble == []
+    assert FSAPConfig(ensemble="dlib-resnet").ensemble == ["dlib-resnet"]
     assert FSAPConfig(ensemble="dlib-resnet, facenet-casia").ensemble == ["dlib-resnet", "facenet-casia"]
     with pytest.raises(ConfigError, match="fsap.ensemble"):
         FSAPConfig(ensemble=["mobilefacenet"])  # the optimised recognizer already pushes
