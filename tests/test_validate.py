@@ -505,7 +505,10 @@ def test_restoration_attack_catches_faces_a_filter_brings_back(none_run, dataset
 def test_recognizer_roles_come_from_the_runs_configuration():
     from veil.validators.pairing import recognizer_roles
 
-    assert recognizer_roles("fsap", {}) == {"mobilefacenet": "optimised against", "dlib-resnet": "certifies"}
+    assert recognizer_roles("fsap", {}) == {"mobilefacenet": "optimised against", "facenet-casia": "optimised against",
+                                            "dlib-resnet": "certifies"}
+    assert recognizer_roles("fsap", {"fsap": {"ensemble": []}}) == {"mobilefacenet": "optimised against",
+                                                                    "dlib-resnet": "certifies"}
     roles = recognizer_roles("fsap", {"fsap": {"ensemble": ["facenet-casia", "dlib-resnet"],
                                                "certify": ["dlib-resnet"]}})
     # A recognizer both optimised against and certifying is reported by the stronger tie.

@@ -8,18 +8,21 @@ What it does, per detected face:
 2. **Encode** the crop to a latent ``W`` (TAEF2 by default, or a diffusers AutoencoderKL).
 3. **Perturb** ``W' = W + dW`` by alternating sign-gradient steps: one step of rate
    ``lambda_id`` *down* the identity similarity ``cos(E(x_hat), E(x))`` of the optimised
-   recognizer (MobileFaceNet), then ``inner_steps`` steps of rate ``lambda_attr`` down the
-   attribute loss (pixel MSE + (1 - SSIM) + LPIPS between ``x_hat`` and ``x``). Each face
-   stops as soon as its similarity is below ``tau`` (per-face early stopping inside a batch;
-   stopped faces leave the batch, so they cost nothing more).
+   recognizer (MobileFaceNet) and *up* the distance under each ``fsap.ensemble`` member
+   (FaceNet-CASIA by default: another architecture and other training identities, so the
+   change carries over to recognizers neither saw), then ``inner_steps`` steps of rate
+   ``lambda_attr`` down the attribute loss (pixel MSE + (1 - SSIM) + LPIPS between ``x_hat``
+   and ``x``). Each face stops as soon as its similarity is below ``tau`` and every member is
+   past its threshold (per-face early stopping inside a batch; stopped faces leave the batch,
+   so they cost nothing more).
 4. **Release** ``x_hat = x + D(W') - D(W)``: only the *change* the perturbation makes is
    decoded and added to the original pixels, so the autoencoder's own reconstruction error
    (about 30 dB) never reaches the release, a face of any size keeps its native sharpness,
    and at ``W' = W`` the output is exactly the input. The optimiser sees the same ``x_hat``.
 5. **Blend** the change back into the image through the inverse of the crop transform, with a
    face-shaped mask feathered to zero, so no seam shows.
-6. **Certify** with a different recognizer (dlib's ResNet by default), never the one optimised
-   against: a face it still matches to the original is optimised again, more strongly
+6. **Certify** with a different recognizer (dlib's ResNet by default, which the identity step
+   never sees): a face it still matches to the original is optimised again, more strongly
    (``certify_rounds``); a face still matched after the last round quarantines its sample.
 
 Faces whose longer box side is below ``min_face`` cannot be judged by a recognizer: they are

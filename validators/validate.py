@@ -79,13 +79,16 @@ STATE_VERSION = "4"
 
 #: Recognizers tried by default; those whose weights are missing are reported unavailable.
 DEFAULT_RECOGNIZERS = ("dlib-resnet", "mobilefacenet", "facenet-vggface2")
-#: A recognizer added by default where the release must be judged by a model the method
-#: never saw: FSAP optimises against MobileFaceNet and certifies with dlib's ResNet (diffusion
-#: likewise), so their own 0 % says little; FaceNet trained on CASIA-WebFace (another
-#: architecture, other identities) gives the independent verdict. Audits of other tools get
-#: it too. Obscuring methods are optimised against no recognizer, so dlib and MobileFaceNet
-#: are already independent there, and FaceNet's 18 ms per face crop (2 CPU threads) would be
-#: a fifth of a blurred image's validation.
+#: A recognizer added by default for synthesis methods and audits: FaceNet trained on
+#: CASIA-WebFace (another architecture, other identities than dlib's and MobileFaceNet's).
+#: Diffusion certifies with dlib and never sees it, so there it is the independent verdict.
+#: FSAP's default identity step optimises against it too (``fsap.ensemble``), so on an FSAP
+#: release its gates check what the optimisation reached and the summary marks its role;
+#: the independent figure for FSAP is the left-out recognizer's before certification
+#: (BENCHMARKS.md), or facenet-vggface2 where its weights can be had. Obscuring methods are
+#: optimised against no recognizer, so dlib and MobileFaceNet are already independent there,
+#: and FaceNet's 18 ms per face crop (2 CPU threads) would be a fifth of a blurred image's
+#: validation.
 INDEPENDENT_RECOGNIZER = "facenet-casia"
 INDEPENDENT_RECOGNIZER_METHODS = ("fsap", "diffusion", "unknown")
 
