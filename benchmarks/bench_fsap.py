@@ -323,6 +323,8 @@ def validation_figures(audit: Path) -> dict[str, Any]:
         "roles": {rec: (summary.get("recognizers", {}).get(rec) or {}).get("role") for rec in RECOGNIZERS},
         "detection": {d: m.get(f"detection.{d}.rate") for d in ("centerface", "mtcnn")},
         "face_ssim": m.get("face.ssim_mean"), "face_lpips": m.get("face.lpips_mean"),
+        "color_shift": [m.get("face.color_shift_mean"), m.get("face.color_shift_max"),
+                        m.get("face.lightness_shift_mean")],
         "fid": fid, "fd_images": {k: v.get("n_real") for k, v in fd.items()},
         "gender_agreement": m.get("attributes.gender_agreement"),
         "expression_agreement": m.get("attributes.expression_agreement"),
@@ -482,6 +484,9 @@ def table_markdown(results: dict[str, Any]) -> str:
     row("detection rate, MTCNN", lambda r: _pct(v(r)["detection"]["mtcnn"]))
     row("face-region SSIM (mean)", lambda r: _num(v(r)["face_ssim"]))
     row("face-region LPIPS-alex (mean, lower = closer)", lambda r: _num(v(r)["face_lpips"]))
+    row("face-centre colour shift, CIE76 delta E of mean CIELAB (mean / max; lightness change L*)",
+        lambda r: "-" if v(r).get("color_shift", [None])[0] is None else
+        "{:.2f} / {:.2f} ({:+.2f})".format(*v(r)["color_shift"]))
     row("FID / FD (whole images)", lambda r: f"{v(r)['fid']['name']} {v(r)['fid']['value']:.1f}")
     row("gender agreement", lambda r: _pct(v(r)["gender_agreement"]))
     row("expression agreement", lambda r: _pct(v(r)["expression_agreement"]))

@@ -80,6 +80,7 @@ def test_defaults_load_for_every_method(method):
     assert has_detection_floor == (method in SYNTHESIS)
     assert ("kid-mobilenetv2" in gates) == (method in SYNTHESIS)
     assert ("gender-agreement" in gates) == (method in SYNTHESIS)
+    assert ("face-color-shift" in gates) == (method in SYNTHESIS)
     if method in OBSCURING:
         residual = gates["residual-faces"]
         assert (residual.table, residual.metric, residual.max, residual.mostly) == (

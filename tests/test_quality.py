@@ -15,6 +15,7 @@ from veil.validators.quality import (
     PSNR_IDENTICAL_DB,
     background_fidelity,
     box_iou,
+    color_shift,
     face_crop,
     landmark_displacement,
     match_regions,
@@ -249,6 +250,51 @@ def test_landmark_displacement_missing_or_degenerate():
     assert landmark_displacement(REF, [(float("nan"), 0.0), *REF[1:]]) is None
     with pytest.raises(ValueError, match="5 landmarks"):
         landmark_displacement(REF[:4], REF[:4])
+
+
+# ---------------------------------------------------------------------------- colour shift
+
+
+def test_color_shift_of_flat_colours_is_their_cielab_distance():
+    grey = np.full((20, 20, 3), 128, np.uint8)
+    assert color_shift(grey, grey) == (0.0, 0.0)
+    # sRGB 128 grey is L* 53.59, 148 grey L* 61.32 (by hand: linearise, Y^(1/3), 116 f - 16).
+    delta_e, delta_l = color_shift(grey, np.full_like(grey, 148))
+    assert delta_l == pytest.approx(61.32 - 53.59, abs=0.02)
+    assert delta_e == pytest.approx(delta_l, abs=1e-3)  # grey stays grey: all of it is lightness
+    darker_e, darker_l = color_shift(np.full_like(grey, 148), grey)
+    assert darker_l == pytest.approx(-delta_l) and darker_e == pytest.approx(delta_e)
+    tinted = grey.copy()
+    tinted[..., 0] = 150  # redder, barely lighter
+    tint_e, tint_l = color_shift(grey, tinted)
+    assert tint_e > 3 * abs(tint_l) and tint_e > 5
+
+
+def test_color_shift_reads_the_face_centre_and_ignores_structure():
+    rng = np.random.default_rng(0)
+    face = rng.integers(60, 200, (50, 50, 3), dtype=np.uint8)
+    border_only = face.copy()
+    border_only[:10] = 0  # outside the central 60 % (rows and columns 10-39): not read
+    border_only[:, -10:] = 255
+    assert color_shift(face, border_only) == (0.0, 0.0)
+    assert color_shift(face, border_only, centre=1.0)[0] > 1.0
+    # The same pixels in another order (a new structure, the same colours) barely move the mean.
+    shuffled = face.copy()
+    inner = shuffled[10:40, 10:40].reshape(-1, 3)
+    shuffled[10:40, 10:40] = rng.permutation(inner).reshape(30, 30, 3)
+    assert color_shift(face, shuffled)[0] < 0.05
+    tiny = np.full((1, 1, 3), 90, np.uint8)  # a 1x1 crop still has a centre
+    assert color_shift(tiny, tiny + 10)[1] > 0
+
+
+def test_color_shift_rejects_crops_it_cannot_compare():
+    grey = np.full((8, 8, 3), 128, np.uint8)
+    with pytest.raises(ValueError, match="RGB crops of one shape"):
+        color_shift(grey, grey[:4])
+    with pytest.raises(ValueError, match="RGB crops of one shape"):
+        color_shift(grey[..., 0], grey[..., 0])
+    with pytest.raises(ValueError, match="centre"):
+        color_shift(grey, grey, centre=0.0)
 
 
 # ----------------------------------------------------------------- a real photo, real detector

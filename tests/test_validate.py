@@ -157,6 +157,9 @@ def test_blur_run_passes_the_default_gates_and_is_released(blur_run, dataset):
                  "attributes.gender_agreement", "detection.mtcnn.rate", "fd.face.dlib-resnet"):
         assert m[name] is None, name
     assert 0.0 < m["face.ssim_mean"] < 1.0
+    # A blur keeps a face's overall colour roughly (its centre mixes with the rest of the face).
+    assert 0.0 < m["face.color_shift_mean"] <= m["face.color_shift_max"] < 40
+    assert m["face.lightness_shift_mean"] is not None
     assert m["background.psnr_mean"] > 30  # only the faces changed (plus re-encoding)
     assert m["utility.accuracy_drop"] is None  # no label field given
     gx = json.loads((out / "report" / "gx" / "dataset.json").read_text())
@@ -231,6 +234,8 @@ def test_useless_anonymizer_fails_identity_gates_with_clear_report(none_run, dat
     scored = faces.dropna(subset=["score_dlib-resnet"])
     assert (scored["score_dlib-resnet"] < 0.1).all()  # re-encoding aside, the same face (threshold 0.6)
     assert (scored["rank_dlib-resnet"] == 1).all()
+    # Untouched faces keep their colour: re-encoding moves the mean by far less than 2.3.
+    assert faces["color_shift"].notna().all() and (faces["color_shift"] < 1.0).all()
     html = (out / "report" / "index.html").read_text()
     assert "FAILED" in html
 

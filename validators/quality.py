@@ -37,6 +37,8 @@ __all__ = [
     "box_iou",
     "match_regions",
     "landmark_displacement",
+    "COLOR_CENTRE",
+    "color_shift",
 ]
 
 #: PSNR reported when the compared pixels are identical (the true value is infinite, which JSON
@@ -54,6 +56,10 @@ MIN_BACKGROUND_PIXELS = 64
 MIN_BACKGROUND_FRACTION = 0.01
 
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as OpenCV's RGB2GRAY
+
+#: Share of a face box's width and height, around its centre, whose colour
+#: :func:`color_shift` compares: mostly skin, eyes, nose and mouth, little hair or background.
+COLOR_CENTRE = 0.6
 
 
 def pii_mask(
@@ -313,3 +319,32 @@ def landmark_displacement(
     if inter_ocular <= 1e-9:
         return None
     return float(np.linalg.norm(ref - cand, axis=1).mean() / inter_ocular)
+
+
+def color_shift(original: np.ndarray, anonymized: np.ndarray,
+                centre: float = COLOR_CENTRE) -> tuple[float, float]:
+    """How far a face's overall colour moved: ``(delta_e, delta_l)``.
+
+    Both crops are RGB uint8 of the same face box. The mean CIELAB colour (D65) of the central
+    ``centre`` share of each is compared: ``delta_e`` is the CIE76 distance of the two means
+    (about 2.3 is a just-noticeable difference), ``delta_l`` the signed change of lightness L*
+    (positive: the face got lighter). Structure (a new nose, other wrinkles) barely moves the
+    mean; a shift of skin tone or lighting does, which is what this measures: a replacement
+    face should keep the original's skin tone.
+    """
+    from skimage.color import rgb2lab
+
+    original, anonymized = np.asarray(original), np.asarray(anonymized)
+    if original.shape != anonymized.shape or original.ndim != 3 or original.shape[2] != 3:
+        raise ValueError(f"need two RGB crops of one shape, got {original.shape} and {anonymized.shape}")
+    if not 0.0 < centre <= 1.0:
+        raise ValueError(f"centre must be in (0, 1], got {centre}")
+    height, width = original.shape[:2]
+    dy, dx = int(height * (1 - centre) / 2), int(width * (1 - centre) / 2)
+    window = (slice(dy, max(height - dy, dy + 1)), slice(dx, max(width - dx, dx + 1)))
+
+    def mean_lab(crop: np.ndarray) -> np.ndarray:
+        return rgb2lab(crop[window].astype(np.float64) / 255.0).reshape(-1, 3).mean(0)
+
+    diff = mean_lab(anonymized) - mean_lab(original)
+    return float(np.linalg.norm(diff)), float(diff[0])

@@ -801,6 +801,7 @@ class ShardEvaluator(ShardWorker):
         from veil.validators.identity import face_key
         from veil.validators.quality import (
             background_fidelity,
+            color_shift,
             face_crop,
             landmark_displacement,
             match_regions,
@@ -859,6 +860,9 @@ class ShardEvaluator(ShardWorker):
             state.mean("nmi").add(r["nmi"])
             r["ssim"] = face_ssim(crop_o, crop_a)
             state.mean("face_ssim").add(r["ssim"])
+            r["color_shift"], r["lightness_shift"] = color_shift(crop_o, crop_a)
+            state.mean("face_color_shift").add(r["color_shift"])
+            state.mean("face_lightness_shift").add(r["lightness_shift"])
         # LPIPS on the same crops: low means the face still looks the same (utility kept, for
         # synthesis); it says nothing about identity, which the recognizers judge.
         if self.lpips is not None and crops:
@@ -1154,7 +1158,7 @@ def _table(rows: list[dict[str, Any]], kind: str, recognizers: list[str], detect
     else:
         fields = [("face_key", string), ("key", string), ("shard", string), ("box", string),
                   ("confirmed", boolean), ("nmi", f64), ("ssim", f64), ("lpips", f64),
-                  ("landmark_displacement", f64), ("age_original", f64),
+                  ("color_shift", f64), ("lightness_shift", f64), ("landmark_displacement", f64), ("age_original", f64),
                   ("age_anonymized", f64), ("gender_original", string), ("gender_anonymized", string),
                   ("expression_original", string), ("expression_anonymized", string)]
         for r in recognizers:
@@ -1261,6 +1265,11 @@ def dataset_metrics(state: ValidationState, recognizers: Sequence[str], detector
     m["face.ssim_mean"] = state.mean("face_ssim").mean
     m["face.lpips_mean"] = state.mean("face_lpips").mean
     m["face.lpips_median"] = state.median("face_lpips")
+    # Overall colour of the face centre (skin tone, lighting): CIE76 distance of the mean
+    # CIELAB colours, and the signed lightness change (a release that lightens every face).
+    m["face.color_shift_mean"] = state.mean("face_color_shift").mean
+    m["face.color_shift_max"] = state.mean("face_color_shift").hi if state.mean("face_color_shift").n else None
+    m["face.lightness_shift_mean"] = state.mean("face_lightness_shift").mean
     paired = max(1, c[PAIRED])
     details["seconds_per_image"] = {name[5:]: mean.total / paired for name, mean in sorted(state.means.items())
                                     if name.startswith("time.")}
