@@ -320,14 +320,14 @@ class FaceNetCropSurrogate:
 
     def grids(self, crops: np.ndarray, boxes: Sequence[tuple[float, float, float, float]]) -> torch.Tensor:
         """(B, 2, 2) centre and half-size of each face's recognizer crop, in ``grid_sample``'s
-        normalised crop coordinates (the box grown as :meth:`FaceNetRecognizer.crop_box`)."""
+        normalised crop coordinates (the box grown by
+        :meth:`FaceNetRecognizer.margin_growth`, neither clipped nor cut at integer pixels)."""
         import torch
 
-        rec = self.recognizer
         out = []
         for x0, y0, x1, y1 in boxes:
-            grow = rec.margin / (rec.image_size - rec.margin)
-            half_w, half_h = (x1 - x0) * (1 + grow) / 2, (y1 - y0) * (1 + grow) / 2
+            grow_x, grow_y = self.recognizer.margin_growth((x0, y0, x1, y1))
+            half_w, half_h = (x1 - x0 + grow_x) / 2, (y1 - y0 + grow_y) / 2
             cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
             out.append([[cx / self.crop_size * 2 - 1, cy / self.crop_size * 2 - 1],
                         [half_w / self.crop_size * 2, half_h / self.crop_size * 2]])
@@ -364,7 +364,6 @@ ENSEMBLE_MEMBERS: dict[str, type] = {
     "facenet-casia": FaceNetCropSurrogate,
     "facenet-vggface2": FaceNetCropSurrogate,
 }
-
 
 
 @dataclass

@@ -700,11 +700,17 @@ class FaceNetRecognizer:
     def models(self) -> list[str]:
         return [self.model_name]
 
+    def margin_growth(self, box: Sequence[float]) -> tuple[float, float]:
+        """How much wider and taller than the face box the crop is (``margin`` pixels of the
+        ``image_size`` output, in the box's own pixels)."""
+        x0, y0, x1, y1 = (float(v) for v in box)
+        scale = self.margin / (self.image_size - self.margin)
+        return scale * (x1 - x0), scale * (y1 - y0)
+
     def crop_box(self, box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
         """facenet-pytorch's integer crop box (x0, y0, x1, y1) for a face box in a W x H image."""
         x0, y0, x1, y1 = (float(v) for v in box)
-        grow_x = self.margin * (x1 - x0) / (self.image_size - self.margin)
-        grow_y = self.margin * (y1 - y0) / (self.image_size - self.margin)
+        grow_x, grow_y = self.margin_growth(box)
         return (
             int(max(x0 - grow_x / 2, 0)),
             int(max(y0 - grow_y / 2, 0)),

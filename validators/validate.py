@@ -47,6 +47,7 @@ import numpy as np
 
 from veil.pipelines.runners import ShardWorker, make_runner
 from veil.validators.pairing import (
+    INDEPENDENT,
     MISSING_ANONYMIZED,
     MISSING_ORIGINAL,
     NO_IMAGE_RELEASED,
@@ -317,6 +318,10 @@ class Mean:
     @property
     def min(self) -> float | None:
         return self.lo if self.n else None
+
+    @property
+    def max(self) -> float | None:
+        return self.hi if self.n else None
 
     def to_dict(self) -> dict[str, Any]:
         return {"total": self.total, "n": self.n, "lo": self.lo if self.n else None,
@@ -1268,7 +1273,7 @@ def dataset_metrics(state: ValidationState, recognizers: Sequence[str], detector
     # Overall colour of the face centre (skin tone, lighting): CIE76 distance of the mean
     # CIELAB colours, and the signed lightness change (a release that lightens every face).
     m["face.color_shift_mean"] = state.mean("face_color_shift").mean
-    m["face.color_shift_max"] = state.mean("face_color_shift").hi if state.mean("face_color_shift").n else None
+    m["face.color_shift_max"] = state.mean("face_color_shift").max
     m["face.lightness_shift_mean"] = state.mean("face_lightness_shift").mean
     paired = max(1, c[PAIRED])
     details["seconds_per_image"] = {name[5:]: mean.total / paired for name, mean in sorted(state.means.items())
@@ -1398,8 +1403,6 @@ def finish(config: ValidateConfig, output: Path, pairs: list[ShardPair], gates: 
     results = evaluate_gates(gates, metrics, tables, output / "report")
     status = overall_status(results)
     models, recognizer_info = models_info(config)
-    from veil.validators.pairing import INDEPENDENT
-
     for name, info in recognizer_info.items():
         # Other tools' outputs say nothing of how they were made: their roles are unknown.
         info["role"] = (veil_out.recognizer_roles.get(name, INDEPENDENT) if veil_out is not None
