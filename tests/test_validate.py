@@ -187,9 +187,12 @@ def test_run_gates_give_the_verdict_and_values_of_the_full_validation(blur_run, 
     # Face-region LPIPS: blurred faces look different, but not like noise.
     assert 0.05 < m["face.lpips_mean"] < 1.0 and m["face.lpips_median"] is not None
     assert m["detection.mtcnn.rate"] is not None and m["attributes.gender_agreement"] is not None
+    # Both age networks read the blurred faces as changed (the gate's and the second opinion).
+    assert m["attributes.age_mae"] > 5 and m["attributes.age_wideresnet_mae"] > 2
     summary_json = json.loads(Path(full.summary_path).read_text())
     assert summary_json["details"]["not_measured"] == []
-    assert {r["name"]: r for r in summary_json["models"]}["lpips_alex"]["sha256"]
+    models = {r["name"]: r for r in summary_json["models"]}
+    assert models["lpips_alex"]["sha256"] and models["wide_resnet_imdb_wiki"]["used_for"] == "attributes"
 
 
 def test_gated_measurement_keeps_whatever_a_gate_reads():

@@ -47,12 +47,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from veil.transforms.recognizers import similarity_matrix
+from veil.transforms.wide_resnet import WIDE_RESNET_AGE_MODEL, WideResNetAge
 
 if TYPE_CHECKING:
     from veil.transforms.models import ModelRegistry
 
 __all__ = [
     "ATTRIBUTES",
+    "SECOND_OPINIONS",
+    "VALIDATION_ATTRIBUTES",
     "GENDERS",
     "EXPRESSIONS",
     "AGE_MODEL",
@@ -76,6 +79,11 @@ __all__ = [
 
 #: Attributes this module predicts, in report order.
 ATTRIBUTES = ("age", "gender", "expression")
+#: Second opinions validation also asks for: the same attribute read by another network
+#: (``age_wideresnet``: yu4u's WideResNet, :mod:`veil.transforms.wide_resnet`). Not gated;
+#: they show whether a change is one network's reading.
+SECOND_OPINIONS = ("age_wideresnet",)
+VALIDATION_ATTRIBUTES = ATTRIBUTES + SECOND_OPINIONS
 GENDERS = ("female", "male")
 #: FER2013 class order (the mini-Xception output order).
 EXPRESSIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -619,12 +627,15 @@ class AttributeModels:
         age: AgeNetwork | None = None,
         gender: GenderNetwork | MiniXceptionClassifier | None = None,
         expression: MiniXceptionClassifier | None = None,
+        age_wideresnet: Any | None = None,
         models: Sequence[str] = (),
         unavailable: Mapping[str, str] | None = None,
     ) -> None:
         self.age = age
         self.gender = gender
         self.expression = expression
+        #: :class:`~veil.transforms.wide_resnet.WideResNetAge`, the second age opinion.
+        self.age_wideresnet = age_wideresnet
         #: Registry names of the model files in use.
         self.models: list[str] = list(models)
         #: Attribute name -> why its model could not be loaded.
@@ -633,7 +644,7 @@ class AttributeModels:
     @property
     def available(self) -> tuple[str, ...]:
         """Attributes that have a model (empty when none could be loaded)."""
-        return tuple(a for a in ATTRIBUTES if getattr(self, a) is not None)
+        return tuple(a for a in VALIDATION_ATTRIBUTES if getattr(self, a) is not None)
 
     @classmethod
     def from_registry(
@@ -653,9 +664,9 @@ class AttributeModels:
         from veil.transforms.models import ModelNotFoundError, ModelRegistry
 
         registry = registry if registry is not None else ModelRegistry()
-        unknown = [n for n in names if n not in ATTRIBUTES]
+        unknown = [n for n in names if n not in VALIDATION_ATTRIBUTES]
         if unknown:
-            raise ValueError(f"unknown attributes {unknown}; choose from {list(ATTRIBUTES)}")
+            raise ValueError(f"unknown attributes {unknown}; choose from {list(VALIDATION_ATTRIBUTES)}")
         if gender_model not in (GENDER_MODEL, GENDER_MINI_XCEPTION_MODEL):
             raise ValueError(
                 f"gender_model must be {GENDER_MODEL!r} or {GENDER_MINI_XCEPTION_MODEL!r}, got {gender_model!r}"
@@ -673,6 +684,7 @@ class AttributeModels:
                 ),
             ),
             "expression": (EXPRESSION_MODEL, lambda p: MiniXceptionClassifier(p, EXPRESSIONS)),
+            "age_wideresnet": (WIDE_RESNET_AGE_MODEL, WideResNetAge),
         }
         loaded: dict[str, Any] = {}
         models: list[str] = []
@@ -715,6 +727,7 @@ class AttributeModels:
                 "gender_p": None,
                 "expression": None,
                 "expression_p": None,
+                "age_wideresnet": None,
             }
             for _ in faces
         ]
@@ -733,6 +746,10 @@ class AttributeModels:
         if self.expression is not None:
             probs = self.expression.probabilities(self.expression.crops(rgb, faces))
             self._classify(out, "expression", self.expression.labels, probs)
+        if self.age_wideresnet is not None:
+            ages = self.age_wideresnet.ages(self.age_wideresnet.crops(rgb, faces))
+            for row, age in zip(out, ages, strict=True):
+                row["age_wideresnet"] = float(age)
         return out
 
     @staticmethod

@@ -202,9 +202,6 @@ class FaceResult:
     #: Distance of the face under each ensemble recognizer (``fsap.ensemble``), on the
     #: optimiser's crop, by name.
     ensemble: dict[str, float] = field(default_factory=dict)
-    #: Expected age of the released face minus the original's, in years, as the age term's
-    #: network reads it on the optimiser's crop (None: no age term).
-    age_change: float | None = None
 
 
 def face_box_in_crop(region: dict[str, Any], matrix: np.ndarray) -> tuple[float, float, float, float]:
@@ -361,65 +358,6 @@ class FaceNetCropSurrogate:
         return 1.0 - (self.descriptors(x, grids, view) * reference).sum(1)
 
 
-#: Crop of the age term: the face box grown by this fraction of its larger side on each side,
-#: square. yu4u trained the network on 0.4, which reaches past the 128 px face crop (reflected
-#: pixels); at 0.2 the crop stays inside, and the network's ages of the 7 test photos'
-#: originals correlate 0.97 with Cydral's (0.93 at 0.4).
-AGE_MARGIN = 0.2
-#: Years per unit of the age term (a 10-year change costs ``weight_age``).
-AGE_SCALE = 10.0
-
-
-class AgeSurrogate:
-    """yu4u's WideResNet age network (:mod:`veil.transforms.wide_resnet`) as the age term of
-    FSAP's attribute loss (``fsap.weight_age``).
-
-    Its square crop around the detector box is resampled from the face crop with
-    ``grid_sample`` (64x64, BGR, 0-255, as the network was trained), so the gradient reaches
-    the latent; ``view >= 0`` rescales and shifts it by one of :data:`VIEWS`, so the loss
-    holds for more than one pixel grid. Validation's age gate reads a different network.
-    """
-
-    def __init__(self, net: Any, crop_size: int, device: Any) -> None:
-        import torch
-
-        self.net = net.eval().requires_grad_(False).to(device)
-        self.crop_size = int(crop_size)
-        self.device = torch.device(device)
-
-    def grids(self, boxes: Sequence[tuple[float, float, float, float]]) -> torch.Tensor:
-        """(B, 2, 2) centre and half-side of each face's age crop in normalised crop units."""
-        import torch
-
-        out = []
-        for x0, y0, x1, y1 in boxes:
-            half = max(x1 - x0, y1 - y0) * (0.5 + AGE_MARGIN)
-            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-            out.append([[cx / self.crop_size * 2 - 1, cy / self.crop_size * 2 - 1],
-                        [half / self.crop_size * 2, half / self.crop_size * 2]])
-        return torch.tensor(out, dtype=torch.float32, device=self.device)
-
-    def ages(self, x: torch.Tensor, grids: torch.Tensor, view: int = -1) -> torch.Tensor:
-        """(B,) expected age in years of the faces in crops ``x`` in [0, 1] (B, 3, S, S)."""
-        import torch
-        import torch.nn.functional as F
-
-        from veil.transforms.wide_resnet import WIDE_RESNET_SIZE, expected_age
-
-        centre, half = grids[:, 0], grids[:, 1]
-        if view >= 0:
-            scale, dx, dy = VIEWS[view % len(VIEWS)]
-            half = half * scale
-            centre = centre + centre.new_tensor([dx, dy])
-        zero = torch.zeros_like(centre[:, 0])
-        theta = torch.stack([torch.stack([half[:, 0], zero, centre[:, 0]], 1),
-                             torch.stack([zero, half[:, 1], centre[:, 1]], 1)], 1)
-        grid = F.affine_grid(theta, [x.shape[0], 3, WIDE_RESNET_SIZE, WIDE_RESNET_SIZE], align_corners=False)
-        face = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        _gender, age = self.net(face.flip(1) * 255.0)  # RGB -> BGR
-        return expected_age(age)
-
-
 #: Recognizers that can join FSAP's identity step (``fsap.ensemble``), by surrogate class.
 ENSEMBLE_MEMBERS: dict[str, type] = {
     "dlib-resnet": DlibChipSurrogate,
@@ -443,8 +381,7 @@ class FSAPOptimizer:
     """
 
     def __init__(self, latent: LatentSpace, recognizer: Any, perceptual: Any | None,
-                 config: FSAPConfig, device: Any, *, ensemble: dict[str, Any] | None = None,
-                 age: AgeSurrogate | None = None) -> None:
+                 config: FSAPConfig, device: Any, *, ensemble: dict[str, Any] | None = None) -> None:
         import torch
 
         from veil.transforms.recognizers import _IMAGENET_MEAN, _IMAGENET_STD
@@ -455,8 +392,6 @@ class FSAPOptimizer:
         #: away from (``fsap.ensemble``); a face stops only once each is past its goal.
         self.ensemble = dict(ensemble or {})
         self.perceptual = perceptual
-        #: :class:`AgeSurrogate` of the age term (``fsap.weight_age`` > 0), else None.
-        self.age = age
         self.config = config
         self.device = torch.device(device)
         rates = latent.rates
@@ -466,8 +401,6 @@ class FSAPOptimizer:
         self._std = torch.tensor(_IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         if config.weight_lpips > 0 and perceptual is None:
             raise ValueError("fsap.weight_lpips > 0 needs an LPIPS model")
-        if config.weight_age > 0 and age is None:
-            raise ValueError("fsap.weight_age > 0 needs an age network")
 
     def schedule(self, strength: int) -> tuple[float, float, int]:
         """(tau, lambda_id, steps) for a certify round: each round pushes harder and longer."""
@@ -495,23 +428,13 @@ class FSAPOptimizer:
         emb = self.recognizer(face) + self.recognizer(torch.flip(face, dims=[3]))
         return F.normalize(emb, dim=1)
 
-    def attribute_loss(self, x_hat: torch.Tensor, x: torch.Tensor,
-                       age: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
-        """(B,) loss of released crops ``x_hat`` against the originals ``x``; ``age`` =
-        (grids, original ages, view) adds the age term (only with ``fsap.weight_age`` > 0):
-        the change of expected age in the plain view and, for ``view >= 0``, a varied one."""
+    def attribute_loss(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         loss = cfg.weight_pixel * ((x_hat - x) ** 2).flatten(1).mean(1)
         if cfg.weight_ssim > 0:
             loss = loss + cfg.weight_ssim * (1.0 - ssim_torch(x_hat, x))
         if cfg.weight_lpips > 0:
             loss = loss + cfg.weight_lpips * self.perceptual(x_hat, x).view(-1)
-        if age is not None:
-            grids, reference, view = age
-            change = (self.age.ages(x_hat, grids) - reference).abs()
-            if view >= 0:
-                change = (change + (self.age.ages(x_hat, grids, view) - reference).abs()) / 2
-            loss = loss + cfg.weight_age * change / AGE_SCALE
         return loss
 
     def ensemble_goal(self, name: str) -> float:
@@ -562,15 +485,6 @@ class FSAPOptimizer:
                     reference = member.descriptors(x, grids)
                 members.append((name, member, grids, reference, self.ensemble_goal(name)))
         distances = {name: np.zeros(b, dtype=np.float64) for name, *_ in members}
-        age_grids = age_reference = None
-        age_change = np.full(b, np.nan, dtype=np.float64)
-        if self.age is not None and self.config.weight_age > 0:
-            if boxes is None:
-                lo, hi = (crops.shape[1] * (1 - FACE_FRACTION) / 2, crops.shape[1] * (1 + FACE_FRACTION) / 2)
-                boxes = [(lo, lo, hi, hi)] * b
-            age_grids = self.age.grids(boxes)
-            with torch.no_grad():
-                age_reference = self.age.ages(x, age_grids)
         w_prime = w.clone()
         iterations = np.zeros(b, dtype=np.int64)
         similarity = np.ones(b, dtype=np.float64)
@@ -635,8 +549,7 @@ class FSAPOptimizer:
             # Attribute steps: stay close to the original in pixels, structure and perception.
             for _k in range(self.config.inner_steps):
                 wa.requires_grad_(True)
-                age = None if age_grids is None else (age_grids[active], age_reference[active], iteration)
-                loss = self.attribute_loss(released(active, wa), x[active], age)
+                loss = self.attribute_loss(released(active, wa), x[active])
                 (grad,) = torch.autograd.grad(loss.sum(), wa)
                 wa = (wa - self.lambda_attr * grad.sign()).detach()
             w_prime[active] = wa
@@ -644,17 +557,13 @@ class FSAPOptimizer:
         with torch.no_grad():
             all_idx = torch.arange(b, device=self.device)
             x_hat = released(all_idx, w_prime)
-            attr[:] = self.attribute_loss(x_hat, x, None if age_grids is None else (age_grids, age_reference, -1)
-                                          ).cpu().numpy()
-            if age_grids is not None:
-                age_change[:] = (self.age.ages(x_hat, age_grids) - age_reference).cpu().numpy()
+            attr[:] = self.attribute_loss(x_hat, x).cpu().numpy()
             change = (x_hat - x) * 255.0
             for name, member, grids, reference, _goal_distance in members:
                 distances[name][:] = member.distance(x_hat, grids, reference).cpu().numpy()
         faces = [FaceResult(int(iterations[i]), float(similarity[i]), bool(stopped[i]), float(attr[i]),
                             None if np.isnan(goal_similarity[i]) else float(goal_similarity[i]),
-                            {name: float(d[i]) for name, d in distances.items()},
-                            None if np.isnan(age_change[i]) else float(age_change[i]))
+                            {name: float(d[i]) for name, d in distances.items()})
                  for i in range(b)]
         return OptimiseResult(crops=change.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32), faces=faces)
 
@@ -675,10 +584,6 @@ def models_for_fsap(config: FSAPConfig) -> list[str]:
         names.append(LPIPS_MODELS["alex"])
     for name in [*config.certify, *config.ensemble]:
         names += RECOGNIZER_MODELS.get(name, ())
-    if config.weight_age > 0:
-        from veil.transforms.wide_resnet import WIDE_RESNET_AGE_MODEL
-
-        names.append(WIDE_RESNET_AGE_MODEL)
     return list(dict.fromkeys(names))
 
 
@@ -917,14 +822,8 @@ class FSAPStage(ModelStage):
             if member is None:
                 member = build_recognizer(name, registry, device=self.device)
             ensemble[name] = ENSEMBLE_MEMBERS[name](member, self.config.crop_size, self.device)
-        age = None
-        if self.config.weight_age > 0:
-            from veil.transforms.wide_resnet import WIDE_RESNET_AGE_MODEL, load_wide_resnet
-
-            age = AgeSurrogate(load_wide_resnet(registry.resolve(WIDE_RESNET_AGE_MODEL)),
-                               self.config.crop_size, self.device)
         self._optimizer = FSAPOptimizer(latent, recognizer, perceptual, self.config, self.device,
-                                        ensemble=ensemble, age=age)
+                                        ensemble=ensemble)
         self._fallback = fallback_anonymizer(self.anonymize, self.config, expand=self.expand)
         self._crop_mask = _face_mask(self.config.crop_size)
         self._latent_name = latent.name
@@ -961,7 +860,7 @@ class FSAPStage(ModelStage):
             "inner_steps": self.config.inner_steps, "tau": self.config.tau,
             "lambda_id": opt.lambda_id, "lambda_attr": opt.lambda_attr,
             "weights": {"pixel": self.config.weight_pixel, "ssim": self.config.weight_ssim,
-                        "lpips": self.config.weight_lpips, "age": self.config.weight_age},
+                        "lpips": self.config.weight_lpips},
             "crop_size": self.config.crop_size, "min_face": self.config.min_face,
             "fallback": self.config.fallback, "device": self.device,
             "face_batch": self._face_batch,
@@ -1064,8 +963,6 @@ class FSAPStage(ModelStage):
                 if record.ensemble:
                     batch[f.sample]["regions"][f.region]["fsap"]["ensemble"] = {
                         name: round(d, 4) for name, d in record.ensemble.items()}
-                if record.age_change is not None:
-                    batch[f.sample]["regions"][f.region]["fsap"]["age_change"] = round(record.age_change, 2)
             touched = sorted({f.sample for f in pending})
             render_changes(batch, touched, base_pixels, base_masks, changes, self._crop_mask, masks)
             # Certify the faces just optimised on their sample's released pixels.

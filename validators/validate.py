@@ -147,7 +147,8 @@ def optional_measurements(config: ValidateConfig) -> dict[str, tuple[str, ...]]:
     """
     out: dict[str, tuple[str, ...]] = {
         "attributes": ("attributes.", "age_original", "age_anonymized", "gender_original",
-                       "gender_anonymized", "expression_original", "expression_anonymized"),
+                       "gender_anonymized", "expression_original", "expression_anonymized",
+                       "age_wideresnet_original", "age_wideresnet_anonymized"),
         "lpips": ("face.lpips_", "lpips"),
         "fd.face": ("fd.face.",),
     }
@@ -567,7 +568,7 @@ class ShardEvaluator(ShardWorker):
         from veil.config import DetectConfig
         from veil.transforms.detect import build_detector
         from veil.transforms.models import ModelNotFoundError, ModelRegistry
-        from veil.validators.attributes import AttributeModels
+        from veil.validators.attributes import VALIDATION_ATTRIBUTES, AttributeModels
         from veil.validators.identity import build_recognizer
 
         cfg = self.config
@@ -589,7 +590,7 @@ class ShardEvaluator(ShardWorker):
                 log.info("recognizer %s not available: %s", name, exc)
         skipped = set(cfg.skipped)
         self.attribute_models = (AttributeModels() if "attributes" in skipped
-                                 else AttributeModels.from_registry(registry))
+                                 else AttributeModels.from_registry(registry, VALIDATION_ATTRIBUTES))
         self.extractors = _build_extractors([f for f in cfg.features if f"features.{f}" not in skipped],
                                             registry)
         # Face-region LPIPS (AlexNet): how much of the face's look survives. Optional: its
@@ -949,7 +950,7 @@ class ShardEvaluator(ShardWorker):
                     self._score_restored(state, name, recognizer, orig, restored, sel, keys,
                                          [rows[i] for i in usable])
         if sel and self.attribute_models.models:
-            from veil.validators.attributes import AttributeAgreement
+            from veil.validators.attributes import VALIDATION_ATTRIBUTES, AttributeAgreement
 
             with clock("attributes"):
                 p_orig = self.attribute_models.predict(orig, sel)
@@ -958,7 +959,7 @@ class ShardEvaluator(ShardWorker):
                 state.attributes = AttributeAgreement()
             state.attributes.update(keys, p_orig, p_anon)
             for i, a, b in zip(usable, p_orig, p_anon, strict=True):
-                for attr in ("age", "gender", "expression"):
+                for attr in VALIDATION_ATTRIBUTES:
                     rows[i][f"{attr}_original"] = a.get(attr)
                     rows[i][f"{attr}_anonymized"] = b.get(attr)
         face_rows.extend(rows)
@@ -1165,7 +1166,8 @@ def _table(rows: list[dict[str, Any]], kind: str, recognizers: list[str], detect
                   ("confirmed", boolean), ("nmi", f64), ("ssim", f64), ("lpips", f64),
                   ("color_shift", f64), ("lightness_shift", f64), ("landmark_displacement", f64), ("age_original", f64),
                   ("age_anonymized", f64), ("gender_original", string), ("gender_anonymized", string),
-                  ("expression_original", string), ("expression_anonymized", string)]
+                  ("expression_original", string), ("expression_anonymized", string),
+                  ("age_wideresnet_original", f64), ("age_wideresnet_anonymized", f64)]
         for r in recognizers:
             fields += [(f"score_{r}", f64), (f"reidentified_{r}", boolean), (f"rank_{r}", i64),
                        (f"sim_{r}", f64), (f"restored_score_{r}", f64),
@@ -1283,7 +1285,7 @@ def dataset_metrics(state: ValidationState, recognizers: Sequence[str], detector
                                         if name.startswith("cpu.")}
     attrs = state.attributes.compute() if state.attributes is not None else None
     details["attributes"] = attrs
-    for name in ("age_mae", "gender_agreement", "expression_agreement"):
+    for name in ("age_mae", "gender_agreement", "expression_agreement", "age_wideresnet_mae"):
         m[f"attributes.{name}"] = attrs.get(name) if attrs else None
     util = state.labels.compute() if state.labels is not None else None
     details["utility"] = util
@@ -1453,7 +1455,7 @@ def models_info(config: ValidateConfig) -> tuple[list[dict[str, Any]], dict[str,
     from veil.config import DetectConfig
     from veil.transforms.detect import models_for
     from veil.transforms.models import ModelRegistry, file_sha256
-    from veil.validators.attributes import AttributeModels
+    from veil.validators.attributes import VALIDATION_ATTRIBUTES, AttributeModels
     from veil.validators.identity import build_recognizer
 
     registry = ModelRegistry(paths=dict(config.models), models_dir=config.models_dir,
@@ -1473,7 +1475,8 @@ def models_info(config: ValidateConfig) -> tuple[list[dict[str, Any]], dict[str,
                              "threshold": rec.threshold}
         wanted += [(n, f"recognizer {name}") for n in rec.models]
     skipped = set(config.skipped)
-    attributes = AttributeModels() if "attributes" in skipped else AttributeModels.from_registry(registry)
+    attributes = (AttributeModels() if "attributes" in skipped
+                  else AttributeModels.from_registry(registry, VALIDATION_ATTRIBUTES))
     wanted += [(n, "attributes") for n in attributes.models]
     features = [f for f in config.features if f"features.{f}" not in skipped]
     if "inception" in features:
