@@ -183,9 +183,6 @@ class FSAPConfig:
     weight_pixel: float = 1.0
     weight_ssim: float = 1.0
     weight_lpips: float = 1.0
-    #: Weight of a coarse-structure term: pixel MSE of the crops average-pooled by
-    #: ``COARSE_POOL`` (the face's shape and shading at low resolution). 0 = off.
-    weight_coarse: float = 0.0
     #: Side of the square face crop that is encoded (a multiple of 16).
     crop_size: int = 128
     #: Faces smaller than this (pixels, longer box side) cannot be judged by a recognizer and
@@ -259,7 +256,7 @@ class FSAPConfig:
         for name in ("lambda_id", "lambda_attr"):
             v = getattr(self, name)
             _check(v is None or v > 0, f"fsap.{name} must be > 0")
-        for name in ("weight_pixel", "weight_ssim", "weight_lpips", "weight_coarse"):
+        for name in ("weight_pixel", "weight_ssim", "weight_lpips"):
             _check(getattr(self, name) >= 0, f"fsap.{name} must be >= 0")
         _check(self.crop_size >= 64 and self.crop_size % 16 == 0,
                "fsap.crop_size must be a multiple of 16, at least 64")

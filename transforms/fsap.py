@@ -74,8 +74,6 @@ MASK_CORE = 0.8
 ROUND_TAU_STEP = 0.2
 ROUND_RATE_FACTOR = 1.5
 ROUND_STEPS_FACTOR = 2
-#: Pooling factor of the coarse-structure term (``fsap.weight_coarse``): 128 px crops -> 32 px.
-COARSE_POOL = 4
 #: Working field (stripped before release) holding, per region index, the unit embedding of
 #: the face's target identity in the optimised recognizer's space; set by the pseudo-identity
 #: stage (``veil.transforms.identities``), read here.
@@ -437,11 +435,6 @@ class FSAPOptimizer:
             loss = loss + cfg.weight_ssim * (1.0 - ssim_torch(x_hat, x))
         if cfg.weight_lpips > 0:
             loss = loss + cfg.weight_lpips * self.perceptual(x_hat, x).view(-1)
-        if cfg.weight_coarse > 0:
-            import torch.nn.functional as F
-
-            coarse = F.avg_pool2d(x_hat, COARSE_POOL) - F.avg_pool2d(x, COARSE_POOL)
-            loss = loss + cfg.weight_coarse * (coarse**2).flatten(1).mean(1)
         return loss
 
     def ensemble_goal(self, name: str) -> float:
