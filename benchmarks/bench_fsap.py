@@ -329,6 +329,7 @@ def validation_figures(audit: Path) -> dict[str, Any]:
         "gender_agreement": m.get("attributes.gender_agreement"),
         "expression_agreement": m.get("attributes.expression_agreement"),
         "age_mae": m.get("attributes.age_mae"),
+        "age_wideresnet_mae": m.get("attributes.age_wideresnet_mae"),
         "residual_faces": m.get("residual.faces"),
         "dlib_scores": dlib_scores,
         "seconds": summary.get("seconds"),
@@ -490,7 +491,9 @@ def table_markdown(results: dict[str, Any]) -> str:
     row("FID / FD (whole images)", lambda r: f"{v(r)['fid']['name']} {v(r)['fid']['value']:.1f}")
     row("gender agreement", lambda r: _pct(v(r)["gender_agreement"]))
     row("expression agreement", lambda r: _pct(v(r)["expression_agreement"]))
-    row("age MAE (years)", lambda r: _num(v(r)["age_mae"], "{:.1f}"))
+    row("age MAE (years), the gate's network (Cydral)", lambda r: _num(v(r)["age_mae"], "{:.1f}"))
+    row("age MAE (years), second opinion (WideResNet, not gated)",
+        lambda r: _num(v(r).get("age_wideresnet_mae"), "{:.1f}"))
     row("FSAP iterations per face, final round (median / p90)",
         lambda r: "-" if not mf(r)["fsap_faces"] else
         f"{mf(r)['fsap_iterations_final_round']['median']:.0f} / {mf(r)['fsap_iterations_final_round']['p90']:.0f}")

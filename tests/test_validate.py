@@ -152,7 +152,8 @@ def test_blur_run_passes_the_default_gates_and_is_released(blur_run, dataset):
     # The run's gates measure only what a blur gate reads: no image features, face LPIPS,
     # attributes or second-detector rate (each listed as not measured, and missing, not 0).
     assert set(summary_json["details"]["not_measured"]) == {
-        "attributes", "lpips", "fd.face", "detection.mtcnn", "features.mobilenetv2", "features.inception"}
+        "attributes", "attributes.age_wideresnet", "lpips", "fd.face", "detection.mtcnn",
+        "features.mobilenetv2", "features.inception"}
     for name in ("fd.mobilenetv2", "kid.mobilenetv2", "fid.inception", "face.lpips_mean",
                  "attributes.gender_agreement", "detection.mtcnn.rate", "fd.face.dlib-resnet"):
         assert m[name] is None, name
@@ -203,17 +204,20 @@ def test_gated_measurement_keeps_whatever_a_gate_reads():
 
     config = ValidateConfig(original="o", anonymized="a", output="x", features=["mobilenetv2", "inception"])
     assert set(unmeasured(config, load_gates(None, method="blur"))) == {
-        "attributes", "lpips", "fd.face", "detection.mtcnn", "features.mobilenetv2", "features.inception",
-        "restoration"}
+        "attributes", "attributes.age_wideresnet", "lpips", "fd.face", "detection.mtcnn",
+        "features.mobilenetv2", "features.inception", "restoration"}
     # Synthesis gates read the detection rates, KID/FID, LPIPS, attributes and the restoration
-    # attack: all kept.
-    assert unmeasured(config, load_gates(None, method="fsap")) == ["fd.face"]
+    # attack: all kept, except the second age opinion, which no gate reads.
+    assert set(unmeasured(config, load_gates(None, method="fsap"))) == {"fd.face", "attributes.age_wideresnet"}
     custom = parse_gates({"version": 1, "gates": [
         {"name": "a", "metric": "pairs", "min": 1,
          "evidence": {"table": "faces", "where": {"detected_mtcnn": False}, "order_by": "lpips"}},
         {"name": "b", "table": "faces", "column": "age_original", "min": 0}]})
     assert set(unmeasured(config, custom)) == {"fd.face", "features.mobilenetv2", "features.inception",
-                                               "restoration"}
+                                               "restoration", "attributes.age_wideresnet"}
+    second = parse_gates({"version": 1, "gates": [
+        {"name": "c", "metric": "attributes.age_wideresnet_mae", "max": 8}]})
+    assert not {"attributes", "attributes.age_wideresnet"} & set(unmeasured(config, second))
     labelled = ValidateConfig(original="o", anonymized="a", output="x", label_field="cls")
     assert "features.mobilenetv2" not in unmeasured(labelled, custom)
 

@@ -147,8 +147,9 @@ def optional_measurements(config: ValidateConfig) -> dict[str, tuple[str, ...]]:
     """
     out: dict[str, tuple[str, ...]] = {
         "attributes": ("attributes.", "age_original", "age_anonymized", "gender_original",
-                       "gender_anonymized", "expression_original", "expression_anonymized",
-                       "age_wideresnet_original", "age_wideresnet_anonymized"),
+                       "gender_anonymized", "expression_original", "expression_anonymized"),
+        # The second age opinion (no shipped gate reads it; about 0.3 s of CPU per face).
+        "attributes.age_wideresnet": ("attributes.age_wideresnet", "age_wideresnet_"),
         "lpips": ("face.lpips_", "lpips"),
         "fd.face": ("fd.face.",),
     }
@@ -162,6 +163,17 @@ def optional_measurements(config: ValidateConfig) -> dict[str, tuple[str, ...]]:
     out["features.mobilenetv2"] = ("fd.mobilenetv2", "kid.mobilenetv2", "utility.")
     out["features.inception"] = ("fid.inception", "kid.inception")
     return out
+
+
+def attribute_models(registry: Any, skipped: set[str]) -> Any:
+    """The attribute predictors validation loads: none when attributes are not measured, the
+    gate's three, plus the second age opinion unless that is left out."""
+    from veil.validators.attributes import ATTRIBUTES, VALIDATION_ATTRIBUTES, AttributeModels
+
+    if "attributes" in skipped:
+        return AttributeModels()
+    names = ATTRIBUTES if "attributes.age_wideresnet" in skipped else VALIDATION_ATTRIBUTES
+    return AttributeModels.from_registry(registry, names)
 
 
 def unmeasured(config: ValidateConfig, gates: Sequence[Any]) -> list[str]:
@@ -568,7 +580,6 @@ class ShardEvaluator(ShardWorker):
         from veil.config import DetectConfig
         from veil.transforms.detect import build_detector
         from veil.transforms.models import ModelNotFoundError, ModelRegistry
-        from veil.validators.attributes import VALIDATION_ATTRIBUTES, AttributeModels
         from veil.validators.identity import build_recognizer
 
         cfg = self.config
@@ -589,8 +600,7 @@ class ShardEvaluator(ShardWorker):
             except (ModelNotFoundError, ImportError) as exc:
                 log.info("recognizer %s not available: %s", name, exc)
         skipped = set(cfg.skipped)
-        self.attribute_models = (AttributeModels() if "attributes" in skipped
-                                 else AttributeModels.from_registry(registry, VALIDATION_ATTRIBUTES))
+        self.attribute_models = attribute_models(registry, skipped)
         self.extractors = _build_extractors([f for f in cfg.features if f"features.{f}" not in skipped],
                                             registry)
         # Face-region LPIPS (AlexNet): how much of the face's look survives. Optional: its
@@ -1455,7 +1465,6 @@ def models_info(config: ValidateConfig) -> tuple[list[dict[str, Any]], dict[str,
     from veil.config import DetectConfig
     from veil.transforms.detect import models_for
     from veil.transforms.models import ModelRegistry, file_sha256
-    from veil.validators.attributes import VALIDATION_ATTRIBUTES, AttributeModels
     from veil.validators.identity import build_recognizer
 
     registry = ModelRegistry(paths=dict(config.models), models_dir=config.models_dir,
@@ -1475,8 +1484,7 @@ def models_info(config: ValidateConfig) -> tuple[list[dict[str, Any]], dict[str,
                              "threshold": rec.threshold}
         wanted += [(n, f"recognizer {name}") for n in rec.models]
     skipped = set(config.skipped)
-    attributes = (AttributeModels() if "attributes" in skipped
-                  else AttributeModels.from_registry(registry, VALIDATION_ATTRIBUTES))
+    attributes = attribute_models(registry, skipped)
     wanted += [(n, "attributes") for n in attributes.models]
     features = [f for f in config.features if f"features.{f}" not in skipped]
     if "inception" in features:
