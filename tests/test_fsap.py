@@ -225,6 +225,30 @@ def test_optimiser_releases_only_the_perturbation():
     assert np.abs(result.crops).max() < 1e-3
 
 
+def test_optimiser_scores_the_face_as_it_is_blended(models_dir, faces_dir):
+    """The similarity a face stops at is the one of the crop as it is released (the change
+    blended in over the face mask, as blend_change does), not of the unmasked crop: the
+    recognizer's frame reaches past the mask, where a change never reaches the release."""
+    import torch
+
+    from veil.transforms.fsap import _face_mask, extract_crop, face_crop_matrix
+
+    opt = _tiny_optimizer(models_dir, steps=6, inner_steps=1, tau=0.5, lambda_id=0.3)
+    rgb = face_photo(faces_dir, "obama.jpg", max_side=400)
+    crop = extract_crop(rgb, face_crop_matrix(_region([150.0, 60.0, 250.0, 190.0]), 64), 64)
+    result = opt.optimise(crop[None])
+    x = torch.from_numpy(crop[None]).permute(0, 3, 1, 2).float() / 255.0
+    change = torch.from_numpy(result.crops).permute(0, 3, 1, 2) / 255.0
+    mask = torch.from_numpy(_face_mask(64))[None, None]
+    with torch.no_grad():
+        target = opt.embed(x)
+        blended = float((opt.embed(x + mask * change) * target).sum())
+        unmasked = float((opt.embed(x + change) * target).sum())
+    assert result.faces[0].iterations > 0
+    assert result.faces[0].similarity == pytest.approx(blended, abs=1e-4)
+    assert abs(unmasked - blended) > 1e-3  # the two differ: the test can tell them apart
+
+
 def test_certify_rounds_push_harder():
     opt = _tiny_optimizer(tau=0.2, steps=10, lambda_id=0.02)
     t0, l0, s0 = opt.schedule(0)
