@@ -403,8 +403,18 @@ class FSAPOptimizer:
         self.lambda_attr = config.lambda_attr if config.lambda_attr is not None else rates.lambda_attr
         self._mean = torch.tensor(_IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(_IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        #: Crop size -> the blend mask the optimiser scores faces through (:meth:`_blend_mask`).
+        self._masks: dict[int, torch.Tensor] = {}
         if config.weight_lpips > 0 and perceptual is None:
             raise ValueError("fsap.weight_lpips > 0 needs an LPIPS model")
+
+    def _blend_mask(self, crop_size: int) -> torch.Tensor:
+        """The blend mask over a crop (1, 1, S, S) on the device, made once per crop size."""
+        import torch
+
+        if crop_size not in self._masks:
+            self._masks[crop_size] = torch.from_numpy(_face_mask(crop_size)).to(self.device)[None, None]
+        return self._masks[crop_size]
 
     def schedule(self, strength: int) -> tuple[float, float, int]:
         """(tau, lambda_id, steps) for a certify round: each round pushes harder and longer."""
@@ -474,8 +484,7 @@ class FSAPOptimizer:
         steps = round_steps if steps is None else steps
         b = crops.shape[0]
         x = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
-        # The blend mask over the crop: the optimiser scores each face as it will be released.
-        mask = torch.from_numpy(_face_mask(crops.shape[1])).to(self.device)[None, None]
+        mask = self._blend_mask(crops.shape[1])
         with torch.no_grad():
             w = self.latent.encode(x)
             base = self.latent.decode(w)
@@ -509,12 +518,12 @@ class FSAPOptimizer:
         def changed(idx: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
             return (x[idx] + self.latent.decode(latent) - base[idx]).clamp(0.0, 1.0)
 
+        def blended(idx: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+            return x[idx] + mask * (full - x[idx])
+
         def released(idx: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-            # What the release will hold: the change blended in over the face mask, as
-            # blend_change does. The recognizers' frames reach past the mask (forehead,
-            # ears, jaw); a change there never reaches the release, so it must not count.
-            original = x[idx]
-            return original + mask * (changed(idx, latent) - original)
+            # What the release will hold (module docstring, step 5).
+            return blended(idx, changed(idx, latent))
 
         for iteration in range(steps + 1):
             if active.numel() == 0:
@@ -569,10 +578,11 @@ class FSAPOptimizer:
             iterations[active.cpu().numpy()] += 1
         with torch.no_grad():
             all_idx = torch.arange(b, device=self.device)
-            x_hat = released(all_idx, w_prime)
+            full = changed(all_idx, w_prime)
+            x_hat = blended(all_idx, full)
             attr[:] = self.attribute_loss(x_hat, x).cpu().numpy()
             # Unmasked: blend_change applies the mask when the crop goes back into the image.
-            change = (changed(all_idx, w_prime) - x) * 255.0
+            change = (full - x) * 255.0
             for name, member, grids, reference, _goal_distance in members:
                 distances[name][:] = member.distance(x_hat, grids, reference).cpu().numpy()
         faces = [FaceResult(int(iterations[i]), float(similarity[i]), bool(stopped[i]), float(attr[i]),
