@@ -185,6 +185,12 @@ class FSAPConfig:
     weight_lpips: float = 1.0
     #: Side of the square face crop that is encoded (a multiple of 16).
     crop_size: int = 128
+    #: Keep the face's tone: the decoded change loses its low frequencies (a Gaussian of this
+    #: sigma, as a fraction of the face frame's side, is subtracted from it), so skin tone and
+    #: lighting stay the original's and only structure changes. Measured on released photos,
+    #: the change's part below sigma 0.15 held nearly all of the face-centre colour shift and
+    #: none of the identity change (BENCHMARKS.md). 0 leaves the change as decoded.
+    tone_sigma: float = 0.15
     #: Faces smaller than this (pixels, longer box side) cannot be judged by a recognizer and
     #: are obscured with ``fallback`` instead; the manifest says so per face.
     min_face: int = 32
@@ -260,6 +266,7 @@ class FSAPConfig:
             _check(getattr(self, name) >= 0, f"fsap.{name} must be >= 0")
         _check(self.crop_size >= 64 and self.crop_size % 16 == 0,
                "fsap.crop_size must be a multiple of 16, at least 64")
+        _check(0.0 <= self.tone_sigma <= 0.5, "fsap.tone_sigma must be in [0, 0.5] (a fraction of the face frame)")
         _check(self.min_face >= 8, "fsap.min_face must be >= 8 pixels")
         _check(self.fallback in FALLBACK_METHODS,
                f"fsap.fallback must be one of {', '.join(FALLBACK_METHODS)}")

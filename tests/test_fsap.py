@@ -249,6 +249,53 @@ def test_optimiser_scores_the_face_as_it_is_blended(models_dir, faces_dir):
     assert abs(unmasked - blended) > 1e-3  # the two differ: the test can tell them apart
 
 
+def test_tone_filter_drops_tone_and_keeps_structure():
+    """remove_tone takes a change's low frequencies out: a uniform tint or a smooth lighting
+    ramp goes wherever the face mask lets a change through, a fine pattern stays nearly as
+    it was."""
+    from veil.transforms.fsap import _face_mask, gaussian_kernel, remove_tone, tone_sigma_pixels
+
+    kernel = torch.from_numpy(gaussian_kernel(tone_sigma_pixels(0.15, 64)))
+    assert kernel.numel() % 2 == 1 and float(kernel.sum()) == pytest.approx(1.0, abs=1e-6)
+    ramp = torch.linspace(-1.0, 1.0, 64)
+    tint = torch.zeros(1, 3, 64, 64)
+    tint[:, 0] += 0.1  # a red cast
+    tint[:, 1] += 0.05 * ramp.view(1, 64)  # lighting that grows across the face
+    mask = torch.from_numpy(_face_mask(64))[None, None]
+    assert float((mask * remove_tone(tint, kernel)).abs().max()) < 2e-3
+    assert float((mask * tint).abs().max()) > 0.1
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    fine = (0.1 * torch.sin(xx * 1.3) * torch.cos(yy * 1.1)).expand(1, 3, 64, 64)
+    kept = remove_tone(fine, kernel)
+    assert float(((kept - fine) ** 2).mean() / (fine**2).mean()) < 0.01
+    with pytest.raises(ValueError, match="does not fit"):
+        remove_tone(torch.zeros(1, 3, 16, 16), kernel)
+
+
+def test_optimiser_changes_structure_not_tone():
+    """With ``tone_sigma`` the released change has no mean colour and almost no low
+    frequencies left; without it the same steps shift the crop's tone (the test can tell)."""
+    from veil.transforms.fsap import _face_mask, gaussian_kernel, remove_tone
+
+    crops = np.random.default_rng(3).integers(0, 256, size=(1, 64, 64, 3), dtype=np.uint8)
+    mask = torch.from_numpy(_face_mask(64))[None, None]
+    broad = torch.from_numpy(gaussian_kernel(6.0))
+
+    def low_share(opt):
+        result = opt.optimise(crops)
+        assert result.faces[0].iterations == 3
+        change = mask * torch.from_numpy(result.crops).permute(0, 3, 1, 2)
+        low = change - remove_tone(change, broad)
+        return float((low**2).mean() / (change**2).mean()), change
+
+    kept, change = low_share(_tiny_optimizer(steps=3, tau=0.999, lambda_id=0.2, tone_sigma=0.15))
+    plain, _ = low_share(_tiny_optimizer(steps=3, tau=0.999, lambda_id=0.2, tone_sigma=0.0))
+    assert float(change.abs().max()) > 1.0  # the face did change (in grey levels)
+    assert kept < 0.1 < plain, (kept, plain)
+    with pytest.raises(ConfigError, match="tone_sigma"):
+        FSAPConfig(tone_sigma=0.8)
+
+
 def test_certify_rounds_push_harder():
     opt = _tiny_optimizer(tau=0.2, steps=10, lambda_id=0.02)
     t0, l0, s0 = opt.schedule(0)

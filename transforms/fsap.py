@@ -18,7 +18,11 @@ What it does, per detected face:
 4. **Release** ``x_hat = x + D(W') - D(W)``: only the *change* the perturbation makes is
    decoded and added to the original pixels, so the autoencoder's own reconstruction error
    (about 30 dB) never reaches the release, a face of any size keeps its native sharpness,
-   and at ``W' = W`` the output is exactly the input.
+   and at ``W' = W`` the output is exactly the input. The decoded change first loses its
+   low frequencies (``fsap.tone_sigma``: a Gaussian low-pass of it is subtracted), so the
+   face keeps its skin tone and lighting and only its structure changes: on released
+   photos that low-pass part held nearly all of the face's colour shift and none of its
+   identity change (BENCHMARKS.md).
 5. **Blend** the change back into the image through the inverse of the crop transform, with a
    face-shaped mask feathered to zero, so no seam shows. The optimiser scores the face as
    blended (``x + M (x_hat - x)`` with the same mask ``M`` in the crop): the recognizers'
@@ -164,6 +168,33 @@ def blend_change(rgb: np.ndarray, change: np.ndarray, matrix: np.ndarray,
 
 
 # ------------------------------------------------------------------------------------ losses
+
+
+def tone_sigma_pixels(tone_sigma: float, crop_size: int) -> float:
+    """``fsap.tone_sigma`` (a fraction of the face frame's side) in crop pixels."""
+    return tone_sigma * crop_size * FACE_FRACTION
+
+
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    """Normalised 1-D Gaussian taps reaching 3 sigma to each side."""
+    radius = max(1, math.ceil(3.0 * sigma))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1, dtype=np.float64) / sigma) ** 2)
+    return (taps / taps.sum()).astype(np.float32)
+
+
+def remove_tone(change: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """``change`` (B, C, S, S) minus its Gaussian low-pass (``kernel``: 1-D taps, separable,
+    mirrored at the crop's edges): what is left changes structure, not tone or lighting."""
+    import torch.nn.functional as F
+
+    channels, radius = change.shape[1], kernel.numel() // 2
+    if radius >= change.shape[-1]:
+        raise ValueError(f"tone filter of radius {radius} px does not fit a {change.shape[-1]} px crop")
+    horizontal = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, kernel.numel())
+    vertical = kernel.view(1, 1, -1, 1).expand(channels, 1, kernel.numel(), 1)
+    low = F.conv2d(F.pad(change, (radius, radius, 0, 0), mode="reflect"), horizontal, groups=channels)
+    low = F.conv2d(F.pad(low, (0, 0, radius, radius), mode="reflect"), vertical, groups=channels)
+    return change - low
 
 
 def ssim_torch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -405,6 +436,8 @@ class FSAPOptimizer:
         self._std = torch.tensor(_IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         #: Crop size -> the blend mask the optimiser scores faces through (:meth:`_blend_mask`).
         self._masks: dict[int, torch.Tensor] = {}
+        #: Crop size -> the tone filter's 1-D Gaussian taps (:meth:`_tone_kernel`).
+        self._tone_kernels: dict[int, torch.Tensor] = {}
         if config.weight_lpips > 0 and perceptual is None:
             raise ValueError("fsap.weight_lpips > 0 needs an LPIPS model")
 
@@ -415,6 +448,17 @@ class FSAPOptimizer:
         if crop_size not in self._masks:
             self._masks[crop_size] = torch.from_numpy(_face_mask(crop_size)).to(self.device)[None, None]
         return self._masks[crop_size]
+
+    def _tone_kernel(self, crop_size: int) -> torch.Tensor | None:
+        """1-D Gaussian taps of the tone filter for a crop size (None: ``tone_sigma`` 0)."""
+        import torch
+
+        if self.config.tone_sigma <= 0:
+            return None
+        if crop_size not in self._tone_kernels:
+            sigma = tone_sigma_pixels(self.config.tone_sigma, crop_size)
+            self._tone_kernels[crop_size] = torch.from_numpy(gaussian_kernel(sigma)).to(self.device)
+        return self._tone_kernels[crop_size]
 
     def schedule(self, strength: int) -> tuple[float, float, int]:
         """(tau, lambda_id, steps) for a certify round: each round pushes harder and longer."""
@@ -515,8 +559,14 @@ class FSAPOptimizer:
         stopped = np.zeros(b, dtype=bool)
         active = torch.arange(b, device=self.device)
 
+        tone = self._tone_kernel(crops.shape[1])
+
         def changed(idx: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-            return (x[idx] + self.latent.decode(latent) - base[idx]).clamp(0.0, 1.0)
+            delta = self.latent.decode(latent) - base[idx]
+            if tone is not None:
+                # Structure only (module docstring, step 4): tone and lighting stay as they were.
+                delta = remove_tone(delta, tone)
+            return (x[idx] + delta).clamp(0.0, 1.0)
 
         def blended(idx: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
             return x[idx] + mask * (full - x[idx])
@@ -885,7 +935,7 @@ class FSAPStage(ModelStage):
             "lambda_id": opt.lambda_id, "lambda_attr": opt.lambda_attr,
             "weights": {"pixel": self.config.weight_pixel, "ssim": self.config.weight_ssim,
                         "lpips": self.config.weight_lpips},
-            "crop_size": self.config.crop_size, "min_face": self.config.min_face,
+            "crop_size": self.config.crop_size, "tone_sigma": self.config.tone_sigma, "min_face": self.config.min_face,
             "fallback": self.config.fallback, "device": self.device,
             "face_batch": self._face_batch,
         }
