@@ -266,7 +266,7 @@ class FSAPConfig:
             _check(getattr(self, name) >= 0, f"fsap.{name} must be >= 0")
         _check(self.crop_size >= 64 and self.crop_size % 16 == 0,
                "fsap.crop_size must be a multiple of 16, at least 64")
-        _check(0.0 <= self.tone_sigma <= 0.5, "fsap.tone_sigma must be in [0, 0.5] (a fraction of the face frame)")
+        _check(0.0 <= self.tone_sigma <= 0.4, "fsap.tone_sigma must be in [0, 0.4] (a fraction of the face frame)")
         _check(self.min_face >= 8, "fsap.min_face must be >= 8 pixels")
         _check(self.fallback in FALLBACK_METHODS,
                f"fsap.fallback must be one of {', '.join(FALLBACK_METHODS)}")

@@ -270,6 +270,9 @@ def test_tone_filter_drops_tone_and_keeps_structure():
     assert float(((kept - fine) ** 2).mean() / (fine**2).mean()) < 0.01
     with pytest.raises(ValueError, match="does not fit"):
         remove_tone(torch.zeros(1, 3, 16, 16), kernel)
+    # The largest tone_sigma the configuration allows fits the smallest crop it allows.
+    widest = torch.from_numpy(gaussian_kernel(tone_sigma_pixels(0.4, 64)))
+    assert remove_tone(torch.zeros(1, 3, 64, 64), widest).shape == (1, 3, 64, 64)
 
 
 def test_optimiser_changes_structure_not_tone():
