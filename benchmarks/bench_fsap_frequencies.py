@@ -57,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     from veil.config import DetectConfig
     from veil.transforms.attributes import AGE_MODEL, AgeNetwork
     from veil.transforms.detect import build_detector
+    from veil.transforms.fsap import certifier_verdict
     from veil.transforms.models import ModelNotFoundError, ModelRegistry
     from veil.transforms.recognizers import build_recognizer
-    from veil.validators.quality import color_shift
+    from veil.validators.quality import color_shift, face_crop
 
     registry = ModelRegistry()
     detector = build_detector(DetectConfig(), registry)
@@ -82,37 +83,25 @@ def main(argv: list[str] | None = None) -> int:
     for key, original in sorted(originals.items()):
         if key not in released:
             continue
-        regions = [r.to_dict() for r in detector.detect(original) if r.score >= 0.5]
-        if not regions:
-            continue
-        variants = {"as released": released[key]}
-        for s in sigmas:
-            for region in regions:
-                # One split per face: sigma follows that face's size.
-                width = region["box"][2] - region["box"][0]
-                low, rest = split_change(original, released[key], s * width)
-                variants.setdefault(f"low-pass part, sigma {s:g}", []).append(low)
-                variants.setdefault(f"the rest, sigma {s:g}", []).append(rest)
-        for part in parts:
-            images = variants[part] if isinstance(variants[part], list) else [variants[part]] * len(regions)
-            for region, image in zip(regions, images, strict=True):
-                x0, y0, x1, y1 = (int(round(v)) for v in region["box"])
-                x0, y0 = max(0, x0), max(0, y0)
+        for region in (r.to_dict() for r in detector.detect(original) if r.score >= 0.5):
+            # One split per face: sigma follows that face's size.
+            width = region["box"][2] - region["box"][0]
+            images = [released[key]]
+            for s in sigmas:
+                images.extend(split_change(original, released[key], s * width))
+            crop_o = face_crop(original, region["box"])
+            age_o = float(age.ages(age.chips(original, [region]))[0])
+            for part, image in zip(parts, images, strict=True):
                 row = []
-                for name, rec in recognizers.items():
-                    e0, e1 = rec.embed_pair(original, image, [region])
-                    if name == "dlib-resnet":
-                        row.append(float(np.linalg.norm(e0[0] - e1[0])))
-                    else:
-                        row.append(float(e0[0] @ e1[0] / (np.linalg.norm(e0[0]) * np.linalg.norm(e1[0]))))
-                row.append(color_shift(original[y0:y1, x0:x1], image[y0:y1, x0:x1])[0])
-                ages = age.ages(age.chips(original, [region]) + age.chips(image, [region]))
-                row.append(abs(float(ages[1] - ages[0])))
+                for rec in recognizers.values():
+                    e_o, e_a = rec.embed_pair(original, image, [region])
+                    row.append(certifier_verdict(rec, e_o[0], e_a[0])[0])
+                row.append(color_shift(crop_o, face_crop(image, region["box"]))[0])
+                row.append(abs(float(age.ages(age.chips(image, [region]))[0]) - age_o))
                 rows[part].append(row)
 
-    names = list(recognizers)
     header = ["part of the change", "faces",
-              *(f"{n} {'distance' if n == 'dlib-resnet' else 'similarity'}" for n in names),
+              *(f"{n} {'distance' if rec.metric == 'euclidean' else 'similarity'}" for n, rec in recognizers.items()),
               "colour shift (CIE76)", "Cydral age change (years)"]
     print("| " + " | ".join(header) + " |")
     print("|---|" + "---:|" * (len(header) - 1))

@@ -182,35 +182,42 @@ def gaussian_kernel(sigma: float) -> np.ndarray:
     return (taps / taps.sum()).astype(np.float32)
 
 
-def remove_tone(change: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """``change`` (B, C, S, S) minus its Gaussian low-pass (``kernel``: 1-D taps, separable,
-    mirrored at the crop's edges): what is left changes structure, not tone or lighting."""
+def separable_blur(t: torch.Tensor, taps: torch.Tensor, *, mirror: bool = False) -> torch.Tensor:
+    """Each channel of ``t`` (B, C, H, W) filtered by the 1-D ``taps`` along x, then y. Without
+    ``mirror`` only the valid part is kept (each side shrinks by the taps' radius); with it
+    the edges are mirrored first and the size is kept."""
     import torch.nn.functional as F
 
-    channels, radius = change.shape[1], kernel.numel() // 2
+    channels, n = t.shape[1], taps.numel()
+    radius = n // 2
+    if mirror:
+        t = F.pad(t, (radius, radius, 0, 0), mode="reflect")
+    t = F.conv2d(t, taps.view(1, 1, 1, n).expand(channels, 1, 1, n), groups=channels)
+    if mirror:
+        t = F.pad(t, (0, 0, radius, radius), mode="reflect")
+    return F.conv2d(t, taps.view(1, 1, n, 1).expand(channels, 1, n, 1), groups=channels)
+
+
+def remove_tone(change: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """``change`` (B, C, S, S) minus its Gaussian low-pass (``kernel``: 1-D taps, mirrored at
+    the crop's edges): what is left changes structure, not tone or lighting."""
+    radius = kernel.numel() // 2
     if radius >= change.shape[-1]:
         raise ValueError(f"tone filter of radius {radius} px does not fit a {change.shape[-1]} px crop")
-    horizontal = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, kernel.numel())
-    vertical = kernel.view(1, 1, -1, 1).expand(channels, 1, kernel.numel(), 1)
-    low = F.conv2d(F.pad(change, (radius, radius, 0, 0), mode="reflect"), horizontal, groups=channels)
-    low = F.conv2d(F.pad(low, (0, 0, radius, radius), mode="reflect"), vertical, groups=channels)
-    return change - low
+    return change - separable_blur(change, kernel, mirror=True)
 
 
 def ssim_torch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image SSIM (N,) of images in [0, 1], 11x11 Gaussian window (sigma 1.5), as
     Wang et al. 2004; differentiable."""
     import torch
-    import torch.nn.functional as F
 
     coords = torch.arange(11, dtype=x.dtype, device=x.device) - 5.0
     g = torch.exp(-(coords**2) / (2 * 1.5**2))
-    g = (g / g.sum()).view(1, 1, 1, 11)
-    channels = x.shape[1]
+    g = g / g.sum()
 
     def blur(t: torch.Tensor) -> torch.Tensor:
-        t = F.conv2d(t, g.expand(channels, 1, 1, 11), groups=channels)
-        return F.conv2d(t, g.transpose(2, 3).expand(channels, 1, 11, 1), groups=channels)
+        return separable_blur(t, g)
 
     c1, c2 = 0.01**2, 0.03**2
     mu_x, mu_y = blur(x), blur(y)
@@ -434,31 +441,24 @@ class FSAPOptimizer:
         self.lambda_attr = config.lambda_attr if config.lambda_attr is not None else rates.lambda_attr
         self._mean = torch.tensor(_IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(_IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
-        #: Crop size -> the blend mask the optimiser scores faces through (:meth:`_blend_mask`).
-        self._masks: dict[int, torch.Tensor] = {}
-        #: Crop size -> the tone filter's 1-D Gaussian taps (:meth:`_tone_kernel`).
-        self._tone_kernels: dict[int, torch.Tensor] = {}
+        #: Crop size -> its blend mask and tone filter on the device (:meth:`_crop_filters`).
+        self._filters: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if config.weight_lpips > 0 and perceptual is None:
             raise ValueError("fsap.weight_lpips > 0 needs an LPIPS model")
 
-    def _blend_mask(self, crop_size: int) -> torch.Tensor:
-        """The blend mask over a crop (1, 1, S, S) on the device, made once per crop size."""
+    def _crop_filters(self, crop_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the blend mask (1, 1, S, S) faces are scored through, the tone filter's 1-D
+        Gaussian taps or None when ``tone_sigma`` is 0) on the device, made once per crop size."""
         import torch
 
-        if crop_size not in self._masks:
-            self._masks[crop_size] = torch.from_numpy(_face_mask(crop_size)).to(self.device)[None, None]
-        return self._masks[crop_size]
-
-    def _tone_kernel(self, crop_size: int) -> torch.Tensor | None:
-        """1-D Gaussian taps of the tone filter for a crop size (None: ``tone_sigma`` 0)."""
-        import torch
-
-        if self.config.tone_sigma <= 0:
-            return None
-        if crop_size not in self._tone_kernels:
-            sigma = tone_sigma_pixels(self.config.tone_sigma, crop_size)
-            self._tone_kernels[crop_size] = torch.from_numpy(gaussian_kernel(sigma)).to(self.device)
-        return self._tone_kernels[crop_size]
+        if crop_size not in self._filters:
+            mask = torch.from_numpy(_face_mask(crop_size)).to(self.device)[None, None]
+            tone = None
+            if self.config.tone_sigma > 0:
+                sigma = tone_sigma_pixels(self.config.tone_sigma, crop_size)
+                tone = torch.from_numpy(gaussian_kernel(sigma)).to(self.device)
+            self._filters[crop_size] = (mask, tone)
+        return self._filters[crop_size]
 
     def schedule(self, strength: int) -> tuple[float, float, int]:
         """(tau, lambda_id, steps) for a certify round: each round pushes harder and longer."""
@@ -528,7 +528,7 @@ class FSAPOptimizer:
         steps = round_steps if steps is None else steps
         b = crops.shape[0]
         x = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
-        mask = self._blend_mask(crops.shape[1])
+        mask, tone = self._crop_filters(crops.shape[1])
         with torch.no_grad():
             w = self.latent.encode(x)
             base = self.latent.decode(w)
@@ -558,8 +558,6 @@ class FSAPOptimizer:
         attr = np.zeros(b, dtype=np.float64)
         stopped = np.zeros(b, dtype=bool)
         active = torch.arange(b, device=self.device)
-
-        tone = self._tone_kernel(crops.shape[1])
 
         def changed(idx: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
             delta = self.latent.decode(latent) - base[idx]
