@@ -174,7 +174,10 @@ class FSAPConfig:
     #: below this. The paper's identity-distance threshold 0.8 is similarity 0.2; against
     #: MobileFaceNet that left most faces still matched by dlib, and so did 0.0. With the
     #: FaceNet-CASIA ensemble member, -0.2 left MobileFaceNet naming 3 of 7 photos' originals
-    #: top-1 in validation; -0.3 brought that to chance (BENCHMARKS.md).
+    #: top-1 in validation; -0.3 brought that to chance (BENCHMARKS.md). -0.5 also brings the
+    #: independent FaceNet-MS-Celeb's top-1 on the photos to chance, for more change (face
+    #: LPIPS 0.10 against 0.08); a higher tau changes faces less but does not keep their age
+    #: any better (BENCHMARKS.md, "How far to move a face").
     tau: float = -0.3
     #: lambda_I and lambda_P: sign-step sizes in latent units; None = latent-space default.
     lambda_id: float | None = None

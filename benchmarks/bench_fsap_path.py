@@ -9,7 +9,8 @@ FaceNet-MS-Celeb (which no method sees). No certification or re-optimisation rou
 the plain path.
 
 Prints one table row per face and iteration count and writes ``--plot`` (age change against
-dlib distance, one line per face; dlib's 0.6 threshold and the release's 0.7 drawn).
+dlib distance, one line per face; dlib's 0.6 threshold and the release's 0.7 drawn), and a
+summary: the mean absolute age change of the path points in three bands of dlib distance.
 
     VEIL_MODELS=../shared/models .venv/bin/python benchmarks/bench_fsap_path.py --input data/photos-0000.tar --ladder 1,3,6,12,24,40 --plot fsap_path.png
 """
@@ -17,6 +18,7 @@ dlib distance, one line per face; dlib's 0.6 threshold and the release's 0.7 dra
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,6 +27,8 @@ from bench_age_judges import load_tar_images
 
 #: dlib's same-person threshold, and the release's (plus ``fsap.certify_margin``).
 DLIB_THRESHOLD, DLIB_RELEASE = 0.6, 0.7
+#: dlib distance bands of the summary: still clearly the person, in between, released.
+BANDS = ((0.0, 0.45), (0.45, DLIB_RELEASE), (DLIB_RELEASE, 2.0))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             paths[key].append((scores["dlib-resnet"], change))
             print(f"| {key} | {age0:.1f} | {n} | {result.faces[0].similarity:+.2f} | {scores['dlib-resnet']:.2f} "
                   f"| {scores['facenet-msceleb']:+.2f} | {change:+.1f} | {seconds:.0f} |", flush=True)
+
+    print("\n| dlib distance | path points | mean / median absolute age change (years) |")
+    print("|---|---:|---:|")
+    for lo, hi in BANDS:
+        changes = [abs(c) for pts in paths.values() for d, c in pts[1:] if lo <= d < hi]
+        if changes:
+            print(f"| {lo:.2f}-{hi:.2f} | {len(changes)} | {statistics.mean(changes):.1f} / "
+                  f"{statistics.median(changes):.1f} |")
 
     if args.plot and paths:
         import matplotlib
