@@ -37,6 +37,8 @@ from typing import Any
 from bench_fsap import (
     DATASETS,
     ROOT,
+    _num,
+    _pct,
     build_photos,
     build_scenes,
     manifest_figures,
@@ -87,14 +89,6 @@ def collect(work: Path, dataset: str, taus: list[float]) -> list[dict[str, Any]]
     return points
 
 
-def _pct(rate: float | None) -> str:
-    return "-" if rate is None else f"{100 * rate:.0f} %"
-
-
-def _num(value: float | None, fmt: str = "{:.1f}") -> str:
-    return "-" if value is None else fmt.format(value)
-
-
 def table(points: list[dict[str, Any]]) -> str:
     """Markdown: one column per tau."""
     if not points:
@@ -119,14 +113,14 @@ def table(points: list[dict[str, Any]]) -> str:
         lambda r, v: _pct(max((x for x in v["restored_reid"].values() if x is not None), default=None)))
     row("detection CenterFace / MTCNN",
         lambda r, v: f"{_pct(v['detection']['centerface'])} / {_pct(v['detection']['mtcnn'])}")
-    row("**age MAE, Cydral (gate max 8)**", lambda r, v: _num(v["age_mae"]))
-    row("age MAE, WideResNet", lambda r, v: _num(v["age_wideresnet_mae"]))
+    row("**age MAE, Cydral (gate max 8)**", lambda r, v: _num(v["age_mae"], "{:.1f}"))
+    row("age MAE, WideResNet", lambda r, v: _num(v["age_wideresnet_mae"], "{:.1f}"))
     row("face LPIPS / SSIM", lambda r, v: f"{_num(v['face_lpips'], '{:.3f}')} / {_num(v['face_ssim'], '{:.3f}')}")
     row("expression / gender agreement",
         lambda r, v: f"{_pct(v['expression_agreement'])} / {_pct(v['gender_agreement'])}")
     row("iterations (median, final round)", lambda r, v: _num(r["fsap_iterations_final_round"]["median"], "{:.0f}"))
     row("faces per round (0 / 1 / 2 ...)", lambda r, v: " / ".join(str(n) for n in r["fsap_rounds"].values()) or "-")
-    row("s per face (FSAP stage, one core)", lambda r, v: _num(r["fsap_seconds_per_face"]))
+    row("s per face (FSAP stage, one core)", lambda r, v: _num(r["fsap_seconds_per_face"], "{:.1f}"))
     row("gates failed", lambda r, v: ", ".join(v["failed_gates"]) or "none")
     return "\n".join(lines)
 
