@@ -119,7 +119,7 @@ def table(points: list[dict[str, Any]]) -> str:
     row("expression / gender agreement",
         lambda r, v: f"{_pct(v['expression_agreement'])} / {_pct(v['gender_agreement'])}")
     row("iterations (median, final round)", lambda r, v: _num(r["fsap_iterations_final_round"]["median"], "{:.0f}"))
-    row("faces per round (0 / 1 / 2 ...)", lambda r, v: " / ".join(str(n) for n in r["fsap_rounds"].values()) or "-")
+    row("faces per round", lambda r, v: ", ".join(f"r{k} {n}" for k, n in r["fsap_rounds"].items()) or "-")
     row("s per face (FSAP stage, one core)", lambda r, v: _num(r["fsap_seconds_per_face"], "{:.1f}"))
     row("gates failed", lambda r, v: ", ".join(v["failed_gates"]) or "none")
     return "\n".join(lines)
@@ -189,9 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict[str, Any]]] = {}
     for ds in datasets:
         if not args.report_only:
-            if not sources[ds].exists():
-                (build_photos(sources[ds].parent) if ds == "photos"
-                 else build_scenes(sources[ds].parent, args.scenes, seed=args.seed))
+            if ds == "photos" and not sources[ds].exists():
+                build_photos(sources[ds].parent)
+            elif ds == "scenes" and not sources[ds].exists():
+                build_scenes(sources[ds].parent, args.scenes, seed=args.seed)
             (work / ds).mkdir(exist_ok=True)
             run_steps(work / ds, plan(work, ds, str(sources[ds]), taus), fresh=args.fresh)
         results[ds] = collect(work, ds, taus)
