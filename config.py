@@ -194,6 +194,15 @@ class FSAPConfig:
     #: the change's part below sigma 0.15 held nearly all of the face-centre colour shift and
     #: none of the identity change (BENCHMARKS.md). 0 leaves the change as decoded.
     tone_sigma: float = 0.15
+    #: Share of the decoded change's colour part kept: the change is split into luminance
+    #: (Rec. 601) and what differs between the channels beyond it, and the latter is scaled
+    #: by this. 1 keeps the change as decoded; 0 releases light and shade only, so every
+    #: pixel keeps its hue: brown irises no longer turn blue-grey, the faces' per-pixel colour
+    #: change falls to the encoding's own (3.4-3.9 -> 0.7-1.3 of 255). It costs transfer to
+    #: recognizers the run never sees: FaceNet-MS-Celeb's top-1 on the scene faces rose from
+    #: 1/17 to 2-3/17 at tau -0.3 to -0.5, and pseudo-identity consistency fell (BENCHMARKS.md,
+    #: "Light, not colour"), so the default keeps the colour.
+    change_chroma: float = 1.0
     #: Faces smaller than this (pixels, longer box side) cannot be judged by a recognizer and
     #: are obscured with ``fallback`` instead; the manifest says so per face.
     min_face: int = 32
@@ -270,6 +279,7 @@ class FSAPConfig:
         _check(self.crop_size >= 64 and self.crop_size % 16 == 0,
                "fsap.crop_size must be a multiple of 16, at least 64")
         _check(0.0 <= self.tone_sigma <= 0.4, "fsap.tone_sigma must be in [0, 0.4] (a fraction of the face frame)")
+        _check(0.0 <= self.change_chroma <= 1.0, "fsap.change_chroma must be in [0, 1]")
         _check(self.min_face >= 8, "fsap.min_face must be >= 8 pixels")
         _check(self.fallback in FALLBACK_METHODS,
                f"fsap.fallback must be one of {', '.join(FALLBACK_METHODS)}")

@@ -299,6 +299,43 @@ def test_optimiser_changes_structure_not_tone():
         FSAPConfig(tone_sigma=0.8)
 
 
+def test_keep_chroma_splits_light_from_colour():
+    """keep_chroma keeps a change's luminance whole at any share, scales what differs between
+    the channels beyond it, and at share 0 leaves a grey change (equal in R, G and B)."""
+    from veil.transforms.fsap import LUMA_WEIGHTS, keep_chroma
+
+    change = torch.from_numpy(np.random.default_rng(4).normal(0, 0.1, (2, 3, 8, 8)).astype(np.float32))
+    weights = torch.tensor(LUMA_WEIGHTS).view(1, 3, 1, 1)
+
+    def luma(t):
+        return (t * weights).sum(1)
+
+    grey = keep_chroma(change, 0.0)
+    assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 1], grey[:, 2])
+    half = keep_chroma(change, 0.5)
+    for kept in (grey, half, keep_chroma(change, 1.0)):
+        assert torch.allclose(luma(kept), luma(change), atol=1e-6)
+    assert torch.allclose(keep_chroma(change, 1.0), change, atol=1e-6)
+    assert torch.allclose(half - grey, 0.5 * (change - grey), atol=1e-6)
+
+
+def test_optimiser_without_chroma_changes_light_not_colour():
+    """With ``change_chroma`` 0 every released pixel moves by the same amount in R, G and B
+    (lighter or darker, its hue kept); with the default 1 the same steps change colours too."""
+    crops = np.random.default_rng(5).integers(40, 216, size=(1, 64, 64, 3), dtype=np.uint8)
+
+    def spread(**cfg):
+        result = _tiny_optimizer(steps=3, tau=0.999, lambda_id=0.2, **cfg).optimise(crops)
+        assert result.faces[0].iterations == 3
+        change = result.crops[0]
+        assert np.abs(change).max() > 1.0  # the face did change (in grey levels)
+        return float(np.abs(change - change.mean(axis=2, keepdims=True)).max())
+
+    assert spread(change_chroma=0.0) < 1e-3 < spread()
+    with pytest.raises(ConfigError, match="change_chroma"):
+        FSAPConfig(change_chroma=1.5)
+
+
 def test_certify_rounds_push_harder():
     opt = _tiny_optimizer(tau=0.2, steps=10, lambda_id=0.02)
     t0, l0, s0 = opt.schedule(0)

@@ -22,7 +22,9 @@ What it does, per detected face:
    low frequencies (``fsap.tone_sigma``: a Gaussian low-pass of it is subtracted), so the
    face keeps its skin tone and lighting and only its structure changes: on released
    photos that low-pass part held nearly all of the face's colour shift and none of its
-   identity change (BENCHMARKS.md).
+   identity change (BENCHMARKS.md). ``fsap.change_chroma`` scales the change's colour part
+   (what differs between R, G and B beyond its luminance): at 0 pixels only get lighter or
+   darker and keep their hue.
 5. **Blend** the change back into the image through the inverse of the crop transform, with a
    face-shaped mask feathered to zero, so no seam shows. The optimiser scores the face as
    blended (``x + M (x_hat - x)`` with the same mask ``M`` in the crop): the recognizers'
@@ -90,6 +92,8 @@ TARGETS_FIELD = "_pseudo_targets"
 #: frame, shifts in normalised crop units (0.03 = 2 px of a 128 px crop). Cycled by iteration,
 #: so the schedule is deterministic.
 VIEWS = ((0.94, 0.03, -0.02), (1.06, -0.03, 0.02), (1.0, 0.02, 0.03), (0.97, -0.02, -0.03))
+#: Luminance weights of R, G, B (Rec. 601), splitting a change into light and colour.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 
 
@@ -205,6 +209,19 @@ def remove_tone(change: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     if radius >= change.shape[-1]:
         raise ValueError(f"tone filter of radius {radius} px does not fit a {change.shape[-1]} px crop")
     return change - separable_blur(change, kernel, mirror=True)
+
+
+def keep_chroma(change: torch.Tensor, share: float) -> torch.Tensor:
+    """``change`` (B, 3, H, W) with its colour part scaled by ``share``: the luminance change
+    (Rec. 601 weights) stays whole, and what differs between the channels beyond it is kept
+    at ``share``. 0 leaves a grey change: pixels get lighter or darker, their hue stays."""
+    import torch
+
+    weights = torch.tensor(LUMA_WEIGHTS, dtype=change.dtype, device=change.device).view(1, 3, 1, 1)
+    luma = (change * weights).sum(1, keepdim=True)
+    if share == 0.0:
+        return luma.expand_as(change)
+    return luma + share * (change - luma)
 
 
 def ssim_torch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -529,6 +546,7 @@ class FSAPOptimizer:
         b = crops.shape[0]
         x = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
         mask, tone = self._crop_filters(crops.shape[1])
+        chroma = self.config.change_chroma
         with torch.no_grad():
             w = self.latent.encode(x)
             base = self.latent.decode(w)
@@ -564,6 +582,9 @@ class FSAPOptimizer:
             if tone is not None:
                 # Structure only (module docstring, step 4): tone and lighting stay as they were.
                 delta = remove_tone(delta, tone)
+            if chroma < 1.0:
+                # Light and shade, not colour (module docstring, step 4).
+                delta = keep_chroma(delta, chroma)
             return (x[idx] + delta).clamp(0.0, 1.0)
 
         def blended(idx: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
@@ -933,7 +954,8 @@ class FSAPStage(ModelStage):
             "lambda_id": opt.lambda_id, "lambda_attr": opt.lambda_attr,
             "weights": {"pixel": self.config.weight_pixel, "ssim": self.config.weight_ssim,
                         "lpips": self.config.weight_lpips},
-            "crop_size": self.config.crop_size, "tone_sigma": self.config.tone_sigma, "min_face": self.config.min_face,
+            "crop_size": self.config.crop_size, "tone_sigma": self.config.tone_sigma,
+            "change_chroma": self.config.change_chroma, "min_face": self.config.min_face,
             "fallback": self.config.fallback, "device": self.device,
             "face_batch": self._face_batch,
         }
