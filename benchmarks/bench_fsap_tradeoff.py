@@ -22,7 +22,8 @@ scenes`` with the same ``--work``), then ``--report-only`` gathers both.
 
 Writes ``WORK/tradeoff.md`` (one table per dataset), ``WORK/tradeoff.json`` and
 ``WORK/tradeoff.png`` (age change against top-1 identification, one line per dataset, each
-point labelled with its value, the gates' limits drawn).
+point labelled with its value, the gates' limits drawn) and ``WORK/colour.png`` (FaceNet-MS-Celeb's
+top-1 identification against the faces' colour change).
 
     VEIL_MODELS=../shared/models .venv/bin/python benchmarks/bench_fsap_tradeoff.py --taus 0.1,-0.1,-0.3,-0.5 --scenes 6
 """
@@ -215,6 +216,42 @@ def plot(path: Path, results: dict[str, list[dict[str, Any]]]) -> Path | None:
     return path
 
 
+def plot_colour(path: Path, results: dict[str, list[dict[str, Any]]]) -> Path | None:
+    """Top-1 identification by FaceNet-MS-Celeb (no method sees it) against the faces'
+    per-pixel colour change: what a sweep buys in appearance and costs in privacy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {ds: [p for p in points if (p.get("colour") or {}).get("chroma_mean") is not None
+                   and p["validation"]["top1"]["facenet-msceleb"]["rate"] is not None]
+              for ds, points in results.items()}
+    if not any(series.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for (dataset, pts), marker in zip(series.items(), "os^", strict=False):
+        if not pts:
+            continue
+        x = [p["colour"]["chroma_mean"] for p in pts]
+        y = [100 * p["validation"]["top1"]["facenet-msceleb"]["rate"] for p in pts]
+        line = ax.plot(x, y, marker=marker, label=dataset)[0]
+        for p, xi, yi in zip(pts, x, y, strict=True):
+            ax.annotate(f"{p['param']} {p['value']:g}", (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        chance = pts[0]["validation"]["top1"]["facenet-msceleb"]["chance"]
+        if chance is not None:
+            ax.axhline(100 * (chance + TOP1_MARGIN), color=line.get_color(), ls=":", lw=1)
+    ax.set_xlabel("face colour change, mean |(dCb, dCr)| per pixel, of 255 (encoding noise included)")
+    ax.set_ylabel("top-1 identification, %, FaceNet-MS-Celeb")
+    ax.set_title("dotted: top-1 gate (chance + 5 points)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=str(ROOT / "bench-fsap-tradeoff"), help="work folder")
@@ -278,12 +315,14 @@ def main(argv: list[str] | None = None) -> int:
                + shlex.join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"))
     text = "\n\n".join(f"**{ds}**\n\n{table(points)}" for ds, points in results.items())
     figure = plot(work / "tradeoff.png", results)
+    colour_figure = plot_colour(work / "colour.png", results)
     (work / "tradeoff.json").write_text(json.dumps({"command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
                                                      "results": results}, indent=1, default=str))
     (work / "tradeoff.md").write_text(f"    {command}\n\n{text}\n")
     print(f"    {command}\n\n{text}")
-    if figure is not None:
-        print(f"\nfigure: {figure}")
+    for path in (figure, colour_figure):
+        if path is not None:
+            print(f"\nfigure: {path}")
     return 0
 
 
