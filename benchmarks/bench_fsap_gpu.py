@@ -25,7 +25,8 @@ Two steps, because a GPU machine here has PyTorch but nothing else of Veil's, an
    utilisation sampled every 100 ms through NVML (when ``pynvml`` is importable). The
    weights are float32 on the device, as in a run; FaceNet-CASIA and LPIPS went through
    float16 on the way, which moves their outputs by about 1e-3 (printed by ``pack``), not the
-   work per iteration.
+   work per iteration. ``--precision bfloat16`` times ``fsap.precision: bfloat16`` (the
+   networks under autocast); run it beside the float32 default on the same machine.
 """
 
 from __future__ import annotations
@@ -221,7 +222,8 @@ def _batch(crops: np.ndarray, boxes: np.ndarray, n: int) -> tuple[np.ndarray, li
     return np.stack(out), out_boxes
 
 
-def run(kit: Path, device: str, batches: list[int], out: Path | None, repeats: int) -> None:
+def run(kit: Path, device: str, batches: list[int], out: Path | None, repeats: int,
+        precision: str = "float32") -> None:
     import torch
 
     from veil.config import FSAPConfig
@@ -235,7 +237,7 @@ def run(kit: Path, device: str, batches: list[int], out: Path | None, repeats: i
     if device == "cpu":
         torch.set_num_threads(1)
     registry = ModelRegistry(models_dir=str(kit))
-    config = FSAPConfig()
+    config = FSAPConfig(precision=precision)
     latent = build_latent_space(config.latent, registry).to(device)
     mfn = _mobilefacenet_class()()
     mfn.load_state_dict(load_torch_state_dict(kit / "mobilefacenet_ms1m.pt"), strict=True)
@@ -286,7 +288,8 @@ def run(kit: Path, device: str, batches: list[int], out: Path | None, repeats: i
     report = {"device": device, "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda")
               else platform.processor() or platform.machine(), "torch": torch.__version__,
               "config": {"latent": config.latent, "ensemble": config.ensemble, "tau": config.tau,
-                         "steps": config.steps, "inner_steps": config.inner_steps},
+                         "steps": config.steps, "inner_steps": config.inner_steps,
+                         "precision": config.precision},
               "rows": rows}
     if out is not None:
         out.write_text(json.dumps(report, indent=2))
@@ -312,12 +315,15 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--batches", default="1,16,64", help="face batch sizes, comma-separated")
     r.add_argument("--repeats", type=int, default=2)
     r.add_argument("--out", type=Path)
+    r.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                   help="fsap.precision: the networks' arithmetic (default float32)")
     args = parser.parse_args(argv)
     _import_veil()
     if args.command == "pack":
         pack(args.kit, args.faces)
     else:
-        run(args.kit, args.device, [int(b) for b in args.batches.split(",")], args.out, args.repeats)
+        run(args.kit, args.device, [int(b) for b in args.batches.split(",")], args.out, args.repeats,
+            args.precision)
     return 0
 
 

@@ -67,7 +67,7 @@ def point_name(param: str, value: float) -> str:
 
 
 def plan(work: Path, dataset: str, source: str, param: str, values: list[float],
-         fixed: dict[str, float] | None = None) -> list[dict]:
+         fixed: dict[str, float | str] | None = None) -> list[dict]:
     """The run and validate steps of one dataset, one pair per value of ``fsap.<param>``;
     ``fixed`` are further ``fsap`` settings every point shares."""
     common = ["--runner", "local", "--no-progress"]
@@ -278,12 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--values: {exc}")
     if not values:
         ap.error("--values: at least one value")
-    fixed: dict[str, float] = {}
+    fixed: dict[str, float | str] = {}
     for item in args.set:
         key, sep, text = item.partition("=")
         default = getattr(FSAPConfig(), key, None)
-        if not sep or key == args.param or isinstance(default, bool) or not isinstance(default, int | float):
-            ap.error(f"--set {item!r}: KEY=VALUE of a numeric fsap setting other than --param")
+        if not sep or key == args.param or isinstance(default, bool) or not isinstance(default, int | float | str):
+            ap.error(f"--set {item!r}: KEY=VALUE of a numeric or text fsap setting other than --param")
         try:
             fixed[key] = type(default)(text)
         except ValueError as exc:

@@ -336,6 +336,51 @@ def test_optimiser_without_chroma_changes_light_not_colour():
         FSAPConfig(change_chroma=1.5)
 
 
+def test_bfloat16_networks_give_the_float32_result_within_rounding(models_dir, faces_dir, monkeypatch):
+    """``fsap.precision: bfloat16`` runs the networks under autocast and keeps the rest in
+    float32: the face reaches its goal in as many steps as in float32, with a change of the
+    same shape and size (not the same bytes). A device without native bfloat16 is refused, never emulated."""
+    from veil.transforms import fsap
+    from veil.transforms.fsap import BFloat16, extract_crop, face_crop_matrix
+
+    if not fsap.native_bfloat16("cpu"):
+        pytest.skip("this CPU has no native bfloat16 (AVX-512 BF16 / AMX)")
+    rgb = face_photo(faces_dir, "obama.jpg", max_side=400)
+    crop = extract_crop(rgb, face_crop_matrix(_region([150.0, 60.0, 250.0, 190.0]), 64), 64)
+    cfg = {"steps": 8, "inner_steps": 1, "tau": 0.5, "lambda_id": 0.3}
+    full = _tiny_optimizer(models_dir, **cfg).optimise(crop[None])
+    opt = _tiny_optimizer(models_dir, precision="bfloat16", **cfg)
+    assert isinstance(opt.recognizer, BFloat16)
+    half = opt.optimise(crop[None])
+    assert half.crops.dtype == np.float32
+    assert np.array_equal(opt.optimise(crop[None]).crops, half.crops)  # reproducible
+    a, b = full.faces[0], half.faces[0]
+    assert a.stopped and b.stopped and abs(b.iterations - a.iterations) <= 1
+    assert np.abs(half.crops - full.crops).max() > 0  # bfloat16 did run
+    assert b.attribute_loss == pytest.approx(a.attribute_loss, rel=0.2)
+    # Sign steps turn rounding into a different sign wherever a gradient is near zero, so
+    # the changes agree in shape, not in every pixel (measured: correlation 0.67).
+    assert np.corrcoef(half.crops.ravel(), full.crops.ravel())[0, 1] > 0.5
+
+    monkeypatch.setattr(fsap, "native_bfloat16", lambda kind: False)
+    with pytest.raises(RuntimeError, match="no native bfloat16.*fsap.precision: float32"):
+        _tiny_optimizer(models_dir, precision="bfloat16", **cfg)
+    with pytest.raises(ConfigError, match="fsap.precision"):
+        FSAPConfig(precision="float16")
+
+
+def test_tone_filter_takes_channels_last_input():
+    """The tone filter gives the same result on a channels-last tensor (what bfloat16
+    convolutions hand back) as on a contiguous one."""
+    from veil.transforms.fsap import gaussian_kernel, remove_tone, tone_sigma_pixels
+
+    kernel = torch.from_numpy(gaussian_kernel(tone_sigma_pixels(0.15, 64)))
+    change = torch.rand(2, 3, 64, 64)
+    last = change.contiguous(memory_format=torch.channels_last)
+    assert not last.is_contiguous()
+    assert torch.allclose(remove_tone(last, kernel), remove_tone(change, kernel), atol=1e-6)
+
+
 def test_certify_rounds_push_harder():
     opt = _tiny_optimizer(tau=0.2, steps=10, lambda_id=0.02)
     t0, l0, s0 = opt.schedule(0)
