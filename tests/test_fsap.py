@@ -369,18 +369,6 @@ def test_bfloat16_networks_give_the_float32_result_within_rounding(models_dir, f
         FSAPConfig(precision="float16")
 
 
-def test_tone_filter_takes_channels_last_input():
-    """The tone filter gives the same result on a channels-last tensor (what bfloat16
-    convolutions hand back) as on a contiguous one."""
-    from veil.transforms.fsap import gaussian_kernel, remove_tone, tone_sigma_pixels
-
-    kernel = torch.from_numpy(gaussian_kernel(tone_sigma_pixels(0.15, 64)))
-    change = torch.rand(2, 3, 64, 64)
-    last = change.contiguous(memory_format=torch.channels_last)
-    assert not last.is_contiguous()
-    assert torch.allclose(remove_tone(last, kernel), remove_tone(change, kernel), atol=1e-6)
-
-
 def test_certify_rounds_push_harder():
     opt = _tiny_optimizer(tau=0.2, steps=10, lambda_id=0.02)
     t0, l0, s0 = opt.schedule(0)

@@ -200,8 +200,10 @@ def separable_blur(t: torch.Tensor, taps: torch.Tensor, *, mirror: bool = False)
 
     channels, n = t.shape[1], taps.numel()
     radius = n // 2
-    # A channels-last input (what oneDNN's bfloat16 convolutions hand back) sends these
-    # grouped 1-D convolutions down a path that takes minutes instead of milliseconds.
+    # In bfloat16 (the filter run under autocast), a channels-last input (what oneDNN's
+    # convolutions hand back) sends these grouped 1-D convolutions down a path that takes
+    # minutes instead of milliseconds. FSAP keeps the filter in float32 (BFloat16 wraps only
+    # the networks); a contiguous input costs nothing and keeps any caller off that path.
     t = t.contiguous()
     if mirror:
         t = F.pad(t, (radius, radius, 0, 0), mode="reflect")
