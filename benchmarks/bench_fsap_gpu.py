@@ -315,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--batches", default="1,16,64", help="face batch sizes, comma-separated")
     r.add_argument("--repeats", type=int, default=2)
     r.add_argument("--out", type=Path)
-    r.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
-                   help="fsap.precision: the networks' arithmetic (default float32)")
+    r.add_argument("--precision", default="float32",
+                   help="fsap.precision: the networks' arithmetic, float32 (default) or bfloat16")
     args = parser.parse_args(argv)
     _import_veil()
     if args.command == "pack":

@@ -308,7 +308,7 @@ class BFloat16:
     products run in bfloat16 where the device does so natively, everything around them (the
     losses, the sign steps, the tone filter, the release) stays float32."""
 
-    def __init__(self, net: Any, device: Any) -> None:
+    def __init__(self, net: Any, device: torch.device) -> None:
         import torch
 
         if isinstance(net, torch.nn.Module):
@@ -322,7 +322,7 @@ class BFloat16:
                 if isinstance(layer, torch.nn.Conv2d | torch.nn.Linear):
                     layer.to(torch.bfloat16)
         self.net = net
-        self.device_type = str(device).split(":")[0]
+        self.device_type = device.type
 
     def __call__(self, *args: Any) -> torch.Tensor:
         import torch
@@ -341,10 +341,10 @@ def native_bfloat16(kind: str) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def check_bfloat16(device: Any) -> None:
+def check_bfloat16(device: torch.device) -> None:
     """Refuse ``fsap.precision: bfloat16`` on a device that would emulate it: emulated
     bfloat16 is slower than float32 and only costs accuracy."""
-    kind = str(device).split(":")[0]
+    kind = device.type
     if not native_bfloat16(kind):
         where = "this GPU" if kind == "cuda" else "this CPU (no AVX-512 BF16 or AMX)"
         raise RuntimeError(f"fsap.precision bfloat16: {where} has no native bfloat16 arithmetic, so it would "
