@@ -336,7 +336,7 @@ def test_optimiser_without_chroma_changes_light_not_colour():
         FSAPConfig(change_chroma=1.5)
 
 
-def test_bfloat16_networks_give_the_float32_result_within_rounding(models_dir, faces_dir, monkeypatch):
+def test_bfloat16_networks_give_the_float32_result_within_rounding(models_dir, faces_dir, monkeypatch, request):
     """``fsap.precision: bfloat16`` runs the networks under autocast and keeps the rest in
     float32: the face reaches its goal in as many steps as in float32, with a change of the
     same shape and size (not the same bytes). A device without native bfloat16 is refused, never emulated."""
@@ -348,9 +348,17 @@ def test_bfloat16_networks_give_the_float32_result_within_rounding(models_dir, f
     rgb = face_photo(faces_dir, "obama.jpg", max_side=400)
     crop = extract_crop(rgb, face_crop_matrix(_region([150.0, 60.0, 250.0, 190.0]), 64), 64)
     cfg = {"steps": 8, "inner_steps": 1, "tau": 0.5, "lambda_id": 0.3}
+    # One thread, as the stage runs on CPU: with two, oneDNN's float32 backward differs in
+    # the ninth digit between a first and a later call, which bfloat16's rounding can turn
+    # into another sign step.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     full = _tiny_optimizer(models_dir, **cfg).optimise(crop[None])
     opt = _tiny_optimizer(models_dir, precision="bfloat16", **cfg)
-    assert isinstance(opt.recognizer, BFloat16)
+    assert isinstance(opt._decode, BFloat16) and isinstance(opt._encode, BFloat16)
+    # MobileFaceNet (depthwise convolutions) is faster in float32 on a CPU: left as it is.
+    assert isinstance(opt.recognizer, torch.nn.Module)
     half = opt.optimise(crop[None])
     assert half.crops.dtype == np.float32
     assert np.array_equal(opt.optimise(crop[None]).crops, half.crops)  # reproducible
@@ -359,7 +367,7 @@ def test_bfloat16_networks_give_the_float32_result_within_rounding(models_dir, f
     assert np.abs(half.crops - full.crops).max() > 0  # bfloat16 did run
     assert b.attribute_loss == pytest.approx(a.attribute_loss, rel=0.2)
     # Sign steps turn rounding into a different sign wherever a gradient is near zero, so
-    # the changes agree in shape, not in every pixel (measured: correlation 0.67).
+    # the changes agree in shape, not in every pixel (measured: correlation 0.63).
     assert np.corrcoef(half.crops.ravel(), full.crops.ravel())[0, 1] > 0.5
 
     monkeypatch.setattr(fsap, "native_bfloat16", lambda kind: False)
@@ -367,6 +375,24 @@ def test_bfloat16_networks_give_the_float32_result_within_rounding(models_dir, f
         _tiny_optimizer(models_dir, precision="bfloat16", **cfg)
     with pytest.raises(ConfigError, match="fsap.precision"):
         FSAPConfig(precision="float16")
+
+
+def test_bfloat16_leaves_depthwise_networks_in_float32_on_cpu_only():
+    """On a CPU, networks with depthwise convolutions (MobileFaceNet) stay float32 under
+    ``fsap.precision: bfloat16``, as oneDNN runs them slower in bfloat16; elsewhere, and for
+    networks without them, the network runs wrapped, on a rounded copy."""
+    from veil.transforms.fsap import BFloat16, has_depthwise, in_bfloat16
+    from veil.transforms.recognizers import _mobilefacenet_class
+
+    mobile = _mobilefacenet_class()().eval()
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1))
+    assert has_depthwise(mobile) and not has_depthwise(plain) and not has_depthwise(lambda x: x)
+    assert in_bfloat16(mobile, torch.device("cpu")) is mobile
+    on_gpu = in_bfloat16(mobile, torch.device("cuda"))  # built only: nothing runs on the device
+    assert isinstance(on_gpu, BFloat16) and on_gpu.device_type == "cuda"
+    wrapped = in_bfloat16(plain, torch.device("cpu"))
+    assert isinstance(wrapped, BFloat16) and wrapped.net is not plain
+    assert wrapped.net[0].weight.dtype == torch.bfloat16 and plain[0].weight.dtype == torch.float32
 
 
 def test_certify_rounds_push_harder():

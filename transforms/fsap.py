@@ -45,7 +45,8 @@ whole stage batch are optimised together for throughput; results are then certif
 bit-reproducible across batch compositions.
 
 Precision: ``fsap.precision: bfloat16`` runs the networks (autoencoder, recognizers, LPIPS) in
-bfloat16 under autocast, where the device computes it natively (:class:`BFloat16`); losses,
+bfloat16 under autocast, where the device computes it natively (:class:`BFloat16`; on a CPU,
+networks with depthwise convolutions such as MobileFaceNet stay float32, :func:`in_bfloat16`); losses,
 steps and the release stay float32. Runners still agree with one another byte for byte; the
 bytes differ from a float32 run's.
 """
@@ -332,6 +333,26 @@ class BFloat16:
         return out.float().contiguous()
 
 
+def has_depthwise(net: Any) -> bool:
+    """Whether ``net`` (a torch module) has depthwise (grouped) convolutions."""
+    import torch
+
+    return isinstance(net, torch.nn.Module) and any(
+        isinstance(layer, torch.nn.Conv2d) and layer.groups > 1 for layer in net.modules())
+
+
+def in_bfloat16(net: Any, device: torch.device) -> Any:
+    """``net`` as ``fsap.precision: bfloat16`` runs it: wrapped in :class:`BFloat16`, or left
+    in float32 on a CPU when it has depthwise convolutions. oneDNN's bfloat16 depthwise
+    kernels are slower on CPU than its float32 ones, and the casts around them cost more than
+    the pointwise layers gain: MobileFaceNet's face + mirror, forward and backward, on one
+    AMX core take 80 ms in float32, 120 in bfloat16 and 91 with only its depthwise layers
+    left in float32 (BENCHMARKS.md, "FSAP in bfloat16")."""
+    if device.type == "cpu" and has_depthwise(net):
+        return net
+    return BFloat16(net, device)
+
+
 def native_bfloat16(kind: str) -> bool:
     """Whether devices of ``kind`` (cpu, cuda) here compute bfloat16 natively."""
     import torch
@@ -526,12 +547,12 @@ class FSAPOptimizer:
         if config.precision == "bfloat16":
             check_bfloat16(self.device)
             self._encode, self._decode = BFloat16(latent.encode, self.device), BFloat16(latent.decode, self.device)
-            self.recognizer = BFloat16(recognizer, self.device)
+            self.recognizer = in_bfloat16(recognizer, self.device)
             if perceptual is not None:
-                self.perceptual = BFloat16(perceptual, self.device)
+                self.perceptual = in_bfloat16(perceptual, self.device)
             for member in self.ensemble.values():
                 # The member's own network only: a certifier sharing the model is untouched.
-                member.net = BFloat16(member.net, self.device)
+                member.net = in_bfloat16(member.net, self.device)
 
     def _crop_filters(self, crop_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the blend mask (1, 1, S, S) faces are scored through, the tone filter's 1-D
