@@ -251,8 +251,9 @@ class FSAPConfig:
     #: float32) where the device computes it natively: a GPU with bfloat16, or a CPU with
     #: AVX-512 BF16 or AMX (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and
     #: later). Elsewhere it is refused, as it would run slower than float32. Measured on an
-    #: AMX CPU core: 1.18x the faces per second, the same verification, detection and face
-    #: LPIPS (BENCHMARKS.md, "FSAP in bfloat16"). Bytes differ from a float32 run.
+    #: AMX CPU core (where MobileFaceNet, being faster in float32, stays so): 1.2-1.3x the faces
+    #: per second, the same verification, detection and face LPIPS (BENCHMARKS.md, "FSAP in
+    #: bfloat16"). Bytes differ from a float32 run.
     precision: str = "float32"
     #: Pseudo-identities (``--pseudo-identities``): weight of the pull towards a face's target
     #: identity against the push away from the original, and the optimised recognizer's

@@ -27,6 +27,11 @@ Two steps, because a GPU machine here has PyTorch but nothing else of Veil's, an
    float16 on the way, which moves their outputs by about 1e-3 (printed by ``pack``), not the
    work per iteration. ``--precision bfloat16`` times ``fsap.precision: bfloat16`` (the
    networks under autocast); run it beside the float32 default on the same machine.
+
+3. ``compare`` (either machine): the precisions interleaved face by face, one face at a
+   time, as a CPU stage optimises them (one thread on a CPU)::
+
+       .venv/bin/python benchmarks/bench_fsap_gpu.py compare --kit .gpukit --device cpu --out fsap_precision.json
 """
 
 from __future__ import annotations
@@ -222,8 +227,8 @@ def _batch(crops: np.ndarray, boxes: np.ndarray, n: int) -> tuple[np.ndarray, li
     return np.stack(out), out_boxes
 
 
-def run(kit: Path, device: str, batches: list[int], out: Path | None, repeats: int,
-        precision: str = "float32") -> None:
+def _optimizer(kit: Path, device: str, precision: str):
+    """The FSAP optimiser of a run with the default configuration, from the kit's weights."""
     import torch
 
     from veil.config import FSAPConfig
@@ -235,7 +240,7 @@ def run(kit: Path, device: str, batches: list[int], out: Path | None, repeats: i
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda, but torch sees no GPU")
     if device == "cpu":
-        torch.set_num_threads(1)
+        torch.set_num_threads(1)  # as the stage runs on CPU
     registry = ModelRegistry(models_dir=str(kit))
     config = FSAPConfig(precision=precision)
     latent = build_latent_space(config.latent, registry).to(device)
@@ -243,8 +248,15 @@ def run(kit: Path, device: str, batches: list[int], out: Path | None, repeats: i
     mfn.load_state_dict(load_torch_state_dict(kit / "mobilefacenet_ms1m.pt"), strict=True)
     mfn.eval().requires_grad_(False).to(device)
     casia = FaceNetCropSurrogate(_CasiaStandIn(_facenet(kit, device)), config.crop_size, device)
-    optimizer = FSAPOptimizer(latent, mfn, _lpips(kit, device), config, device,
-                              ensemble={"facenet-casia": casia})
+    return FSAPOptimizer(latent, mfn, _lpips(kit, device), config, device, ensemble={"facenet-casia": casia})
+
+
+def run(kit: Path, device: str, batches: list[int], out: Path | None, repeats: int,
+        precision: str = "float32") -> None:
+    import torch
+
+    optimizer = _optimizer(kit, device, precision)
+    config = optimizer.config
     data = np.load(kit / "faces.npz")
     crops, boxes = data["crops"], data["boxes"]
 
@@ -295,6 +307,51 @@ def run(kit: Path, device: str, batches: list[int], out: Path | None, repeats: i
         out.write_text(json.dumps(report, indent=2))
 
 
+def compare(kit: Path, device: str, precisions: list[str], out: Path | None) -> None:
+    """The kit's faces one at a time (a CPU stage's batch), the precisions interleaved face by
+    face in one process, so that a shared machine's drifting speed touches each alike."""
+    import torch
+
+    optimizers = {p: _optimizer(kit, device, p) for p in precisions}
+    data = np.load(kit / "faces.npz")
+    crops, boxes = data["crops"], data["boxes"]
+    for optimizer in optimizers.values():
+        optimizer.optimise(crops[:1], boxes=[tuple(map(float, boxes[0]))], steps=2)  # warm-up
+    faces: dict[str, list[dict]] = {p: [] for p in precisions}
+    for j in range(len(crops)):
+        for precision, optimizer in optimizers.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            face = optimizer.optimise(crops[j:j + 1], boxes=[tuple(map(float, boxes[j]))]).faces[0]
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            faces[precision].append({"seconds": seconds, "iterations": face.iterations,
+                                     "similarity": face.similarity, "stopped": face.stopped})
+            print(f"face {j} {precision:9s} {seconds:6.1f} s, {face.iterations:3d} iterations, "
+                  f"{seconds / face.iterations:.3f} s/iteration, similarity {face.similarity:+.3f}", flush=True)
+    summary = {}
+    for precision, rows in faces.items():
+        seconds = np.array([r["seconds"] for r in rows])
+        its = np.array([r["iterations"] for r in rows])
+        summary[precision] = {"seconds_total": float(seconds.sum()),
+                              "seconds_per_face_median": float(np.median(seconds)),
+                              "seconds_per_iteration_median": float(np.median(seconds / its)),
+                              "iterations": its.tolist()}
+    base = summary[precisions[0]]["seconds_total"]
+    for precision, row in summary.items():
+        row["speed_vs_first"] = base / row["seconds_total"]
+        print(f"{precision:9s} total {row['seconds_total']:6.0f} s, median {row['seconds_per_face_median']:.1f} "
+              f"s/face, {row['seconds_per_iteration_median']:.3f} s/iteration, "
+              f"{row['speed_vs_first']:.2f}x {precisions[0]}")
+    if out is not None:
+        device_name = (torch.cuda.get_device_name(0) if device.startswith("cuda")
+                       else platform.processor() or platform.machine())
+        out.write_text(json.dumps({"device": device, "device_name": device_name, "torch": torch.__version__,
+                                   "faces": faces, "summary": summary}, indent=2))
+
+
 class _Null:
     def __enter__(self) -> None:
         return None
@@ -317,10 +374,17 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", type=Path)
     r.add_argument("--precision", default="float32",
                    help="fsap.precision: the networks' arithmetic, float32 (default) or bfloat16")
+    c = sub.add_parser("compare", help="precisions interleaved face by face, one face at a time")
+    c.add_argument("--kit", type=Path, default=REPO / ".gpukit")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--precisions", default="float32,bfloat16", help="fsap.precision values, comma-separated")
+    c.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     _import_veil()
     if args.command == "pack":
         pack(args.kit, args.faces)
+    elif args.command == "compare":
+        compare(args.kit, args.device, args.precisions.split(","), args.out)
     else:
         run(args.kit, args.device, [int(b) for b in args.batches.split(",")], args.out, args.repeats,
             args.precision)
