@@ -686,6 +686,9 @@ class _MeanColourMember:
     def distance(self, x, grids, reference, view=-1):
         return (self.descriptors(x, grids, view) - reference).norm(dim=1)
 
+    def distances(self, x, grids, reference, views):
+        return [self.distance(x, grids, reference, view) for view in views]
+
 
 def test_an_ensemble_member_keeps_a_face_going_until_it_is_past_its_goal(models_dir, faces_dir):
     from veil.transforms.fsap import extract_crop, face_crop_matrix
@@ -744,8 +747,21 @@ def test_the_dlib_member_places_its_chip_as_dlib_does(models_dir, faces_dir):
     # dlib rounds its chip to integers: the resampled chip is within that rounding.
     assert np.abs(chip - reference).mean() < 0.6 and np.abs(chip - reference).max() <= 1.0 + 1e-3
     with torch.no_grad():
-        ours = member.descriptors(x, grids).numpy()
-    assert np.linalg.norm(ours - dlib_rec.embed_chips([reference.astype(np.uint8)])) < 0.01
+        ours = member.descriptors(x, grids)
+        assert np.linalg.norm(ours.numpy() - dlib_rec.embed_chips([reference.astype(np.uint8)])) < 0.01
+        _views_in_one_batch_agree(member, x, grids, ours)
+
+
+def _views_in_one_batch_agree(member, x, grids, reference):
+    """An ensemble member's views through its network as one batch give each view's own distance."""
+    x = torch.cat([x, torch.flip(x, dims=[3])])  # two faces, so the split is checked too
+    grids, reference = torch.cat([grids, grids]), torch.cat([reference, reference])
+    together = member.distances(x, grids, reference, (-1, 2))
+    apart = [member.distance(x, grids, reference), member.distance(x, grids, reference, view=2)]
+    assert len(together) == 2 and all(t.shape == (2,) for t in together)
+    for t, a in zip(together, apart, strict=True):
+        assert torch.allclose(t, a, atol=1e-5)
+    assert not torch.allclose(together[0], together[1], atol=1e-3)  # the view is another crop
 
 
 def test_the_facenet_member_crops_as_the_recognizer_does(models_dir, faces_dir):
@@ -769,6 +785,7 @@ def test_the_facenet_member_crops_as_the_recognizer_does(models_dir, faces_dir):
         hopper = face_photo(faces_dir, "grace_hopper.jpg", max_side=400)
         other = torch.from_numpy(casia.embed([casia.crop(hopper, (0, 0, hopper.shape[1], hopper.shape[0]))]))
         assert float(member.distance(x, grids, other)[0]) > member.threshold  # another person
+        _views_in_one_batch_agree(member, x, grids, ours)
     # A varied view is a different crop, and the gradient reaches the pixels.
     x.requires_grad_(True)
     dist = member.distance(x, grids, ours, view=1)
