@@ -617,8 +617,10 @@ class FSAPOptimizer:
         grid = F.affine_grid(theta, [x.shape[0], 3, 112, 112], align_corners=False)
         face = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         face = (face - self._mean) / self._std
-        emb = self.recognizer(face) + self.recognizer(torch.flip(face, dims=[3]))
-        return F.normalize(emb, dim=1)
+        # The face and its mirror image as one batch: the same bytes as two calls, and 7 %
+        # fewer seconds per face on a CPU core (BENCHMARKS.md, "FSAP in bfloat16").
+        plain, mirror = self.recognizer(torch.cat([face, torch.flip(face, dims=[3])])).split(x.shape[0])
+        return F.normalize(plain + mirror, dim=1)
 
     def attribute_loss(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
