@@ -227,6 +227,20 @@ def _batch(crops: np.ndarray, boxes: np.ndarray, n: int) -> tuple[np.ndarray, li
     return np.stack(out), out_boxes
 
 
+def _sync(device: str) -> None:
+    """Wait for the GPU's queued work, so that wall time covers it (nothing to do on a CPU)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or platform.machine()
+
+
 def _optimizer(kit: Path, device: str, precision: str):
     """The FSAP optimiser of a run with the default configuration, from the kit's weights."""
     import torch
@@ -260,10 +274,6 @@ def run(kit: Path, device: str, batches: list[int], out: Path | None, repeats: i
     data = np.load(kit / "faces.npz")
     crops, boxes = data["crops"], data["boxes"]
 
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     rows = []
     warm, warm_boxes = _batch(crops, boxes, min(batches))
     optimizer.optimise(warm, boxes=warm_boxes, steps=2)  # kernels, allocator, cudnn choices
@@ -275,10 +285,10 @@ def run(kit: Path, device: str, batches: list[int], out: Path | None, repeats: i
             for _ in range(repeats):
                 if device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats()
-                sync()
+                _sync(device)
                 start = time.perf_counter()
                 result = optimizer.optimise(batch, boxes=batch_boxes)
-                sync()
+                _sync(device)
                 times.append(time.perf_counter() - start)
                 iterations.append([f.iterations for f in result.faces])
                 if device.startswith("cuda"):
@@ -297,8 +307,7 @@ def run(kit: Path, device: str, batches: list[int], out: Path | None, repeats: i
               f"max {row['iterations_max']}, reached goal {row['reached_goal']}/{n}, "
               f"peak memory {row['peak_gpu_memory_gib'] or 0:.2f} GiB, "
               f"utilisation mean {row.get('gpu_util_mean') or 0:.0f} %", flush=True)
-    report = {"device": device, "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda")
-              else platform.processor() or platform.machine(), "torch": torch.__version__,
+    report = {"device": device, "device_name": _device_name(device), "torch": torch.__version__,
               "config": {"latent": config.latent, "ensemble": config.ensemble, "tau": config.tau,
                          "steps": config.steps, "inner_steps": config.inner_steps,
                          "precision": config.precision},
@@ -320,12 +329,10 @@ def compare(kit: Path, device: str, precisions: list[str], out: Path | None) -> 
     faces: dict[str, list[dict]] = {p: [] for p in precisions}
     for j in range(len(crops)):
         for precision, optimizer in optimizers.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            _sync(device)
             start = time.perf_counter()
             face = optimizer.optimise(crops[j:j + 1], boxes=[tuple(map(float, boxes[j]))]).faces[0]
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            _sync(device)
             seconds = time.perf_counter() - start
             faces[precision].append({"seconds": seconds, "iterations": face.iterations,
                                      "similarity": face.similarity, "stopped": face.stopped})
@@ -346,9 +353,7 @@ def compare(kit: Path, device: str, precisions: list[str], out: Path | None) -> 
               f"s/face, {row['seconds_per_iteration_median']:.3f} s/iteration, "
               f"{row['speed_vs_first']:.2f}x {precisions[0]}")
     if out is not None:
-        device_name = (torch.cuda.get_device_name(0) if device.startswith("cuda")
-                       else platform.processor() or platform.machine())
-        out.write_text(json.dumps({"device": device, "device_name": device_name, "torch": torch.__version__,
+        out.write_text(json.dumps({"device": device, "device_name": _device_name(device), "torch": torch.__version__,
                                    "faces": faces, "summary": summary}, indent=2))
 
 
