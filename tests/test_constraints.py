@@ -1,7 +1,7 @@
 """constraints.txt: the exact versions every install uses (Makefile, CI, deploy/Dockerfile).
 
-Two installs of one commit made a day apart resolved different versions of some dependency
-and released different bytes; the constraints file pins one tested environment. These tests
+Two installs of one commit made hours apart resolved different versions of two packages;
+the constraints file pins one tested environment. These tests
 keep it consistent with what pyproject.toml and the Makefile ask for, and check that the
 environment the tests run in is that one (CI installs from scratch, so a green CI is a tested
 lock).
