@@ -31,6 +31,7 @@ top-1 identification against the faces' colour change).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -269,11 +270,25 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["VEIL_MODELS"] = str(ROOT.parent / "shared" / "models")
     from veil.config import ConfigError, FSAPConfig
 
-    default = getattr(FSAPConfig(), args.param, None)
-    if isinstance(default, bool) or not isinstance(default, int | float):
+    fields = {f.name: f for f in dataclasses.fields(FSAPConfig)}
+
+    def kind(name: str) -> type | None:
+        """The type a setting's value is read as (int, float, str), or None when not sweepable;
+        lambda_id / lambda_attr default to None (the latent space's own rate) and read as float."""
+        default = getattr(FSAPConfig(), name, None)
+        if isinstance(default, bool):
+            return None
+        if isinstance(default, int | float | str):
+            return type(default)
+        if default is None and name in fields and "float" in str(fields[name].type):
+            return float
+        return None
+
+    param_kind = kind(args.param)
+    if param_kind not in (int, float):
         ap.error(f"--param: {args.param!r} is not a numeric fsap setting")
     try:
-        values = [type(default)(v) for v in args.values.split(",") if v.strip()]
+        values = [param_kind(v) for v in args.values.split(",") if v.strip()]
     except ValueError as exc:
         ap.error(f"--values: {exc}")
     if not values:
@@ -281,11 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     fixed: dict[str, float | str] = {}
     for item in args.set:
         key, sep, text = item.partition("=")
-        default = getattr(FSAPConfig(), key, None)
-        if not sep or key == args.param or isinstance(default, bool) or not isinstance(default, int | float | str):
+        key_kind = kind(key)
+        if not sep or key == args.param or key_kind is None:
             ap.error(f"--set {item!r}: KEY=VALUE of a numeric or text fsap setting other than --param")
         try:
-            fixed[key] = type(default)(text)
+            fixed[key] = key_kind(text)
         except ValueError as exc:
             ap.error(f"--set {item!r}: {exc}")
     for value in values:
