@@ -181,7 +181,8 @@ class FSAPConfig:
     #: LPIPS 0.10 against 0.08); a higher tau changes faces less but does not keep their age
     #: any better (BENCHMARKS.md, "How far to move a face").
     tau: float = -0.3
-    #: lambda_I and lambda_P: sign-step sizes in latent units; None = latent-space default.
+    #: lambda_I and lambda_P: sign-step sizes in latent units; None = latent-space default
+    #: (``veil.transforms.latent.DEFAULT_RATES``: TAEF2 0.04 and 0.016, twice the paper's).
     lambda_id: float | None = None
     lambda_attr: float | None = None
     #: Weights of the attribute loss terms.

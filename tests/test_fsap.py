@@ -291,8 +291,10 @@ def test_optimiser_changes_structure_not_tone():
         low = change - remove_tone(change, broad)
         return float((low**2).mean() / (change**2).mean()), change
 
-    kept, change = low_share(_tiny_optimizer(steps=3, tau=0.999, lambda_id=0.2, tone_sigma=0.15))
-    plain, _ = low_share(_tiny_optimizer(steps=3, tau=0.999, lambda_id=0.2, tone_sigma=0.0))
+    # Rates pinned (not the latent space's default): the attribute step pulls the change back.
+    rates = {"lambda_id": 0.2, "lambda_attr": 0.008}
+    kept, change = low_share(_tiny_optimizer(steps=3, tau=0.999, tone_sigma=0.15, **rates))
+    plain, _ = low_share(_tiny_optimizer(steps=3, tau=0.999, tone_sigma=0.0, **rates))
     assert float(change.abs().max()) > 1.0  # the face did change (in grey levels)
     assert kept < 0.1 < plain, (kept, plain)
     with pytest.raises(ConfigError, match="tone_sigma"):
@@ -405,7 +407,7 @@ def test_certify_rounds_push_harder():
 
 def test_default_rates_come_from_the_latent_space():
     opt = _tiny_optimizer()
-    assert (opt.lambda_id, opt.lambda_attr) == (0.02, 0.008)
+    assert (opt.lambda_id, opt.lambda_attr) == (0.04, 0.016)
 
 
 # -------------------------------------------------------------------------------- config, device
