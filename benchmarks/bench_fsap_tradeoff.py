@@ -275,14 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     def kind(name: str) -> type | None:
         """The type a setting's value is read as (int, float, str), or None when not sweepable;
         lambda_id / lambda_attr default to None (the latent space's own rate) and read as float."""
-        default = getattr(FSAPConfig(), name, None)
+        if name not in fields:
+            return None
+        default = fields[name].default
         if isinstance(default, bool):
             return None
         if isinstance(default, int | float | str):
             return type(default)
-        if default is None and name in fields and "float" in str(fields[name].type):
-            return float
-        return None
+        return float if default is None and "float" in str(fields[name].type) else None
 
     param_kind = kind(args.param)
     if param_kind not in (int, float):

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def makefile_nodeps() -> list[str]:
+    """The Makefile's NODEPS: pinned packages installed without their dependencies."""
+    text = (REPO / "Makefile").read_text()
+    return re.search(r"^NODEPS\s*:=\s*(.*)$", text, re.MULTILINE).group(1).split()
+
 
 # Face boxes (x0, y0, x1, y1) in the original photos, where CenterFace, YuNet and MTCNN agree
 # to within a few pixels (CenterFace's convention: forehead to chin).

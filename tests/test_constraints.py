@@ -11,13 +11,11 @@ from __future__ import annotations
 import re
 import tomllib
 from importlib import metadata
-from pathlib import Path
 
+from helpers import REPO, makefile_nodeps
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def pins() -> dict[str, str]:
@@ -40,8 +38,7 @@ def declared() -> list[Requirement]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     reqs = [Requirement(r) for r in project["dependencies"]]
     reqs += [Requirement(r) for r in project["optional-dependencies"]["dev"]]
-    nodeps = re.search(r"^NODEPS\s*:=\s*(.*)$", (REPO / "Makefile").read_text(), re.MULTILINE).group(1)
-    reqs += [Requirement(r) for r in nodeps.split()]
+    reqs += [Requirement(r) for r in makefile_nodeps()]
     return reqs
 
 
@@ -59,15 +56,12 @@ def test_constraints_pin_every_declared_package_inside_its_declared_range():
             f"constraints.txt pins {name}=={pinned[name]}, outside {req} (run make lock)"
 
 
-def test_every_install_goes_through_the_constraints():
+def test_every_make_install_goes_through_the_constraints():
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^CONSTRAINTS \?= constraints\.txt$", makefile, re.MULTILINE)
     installs = [line for line in makefile.splitlines() if "pip install" in line]
     assert len(installs) == 3 and all("$(PIN)" in line for line in installs), installs
-    dockerfile = re.sub(r"\\\n", " ", (REPO / "deploy" / "Dockerfile").read_text())
-    docker_installs = re.findall(r"pip install [^&]*", dockerfile)
-    assert len(docker_installs) == 3, docker_installs
-    assert all("-c /tmp/veil-src/constraints.txt" in cmd for cmd in docker_installs), docker_installs
+    # deploy/Dockerfile's installs: tests/test_deploy.py::test_dockerfile_installs_veil_as_the_makefile_does
 
 
 def test_this_environment_is_the_locked_one():

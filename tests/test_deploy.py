@@ -32,6 +32,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from helpers import makefile_nodeps
 
 from veil.cli import build_parser
 
@@ -522,8 +523,12 @@ def test_dockerfile_installs_veil_as_the_makefile_does():
     sed_program = re.search(r"sed -n '([^']+)' /tmp/veil-src/Makefile", runs).group(1)
     out = subprocess.run(["sed", "-n", sed_program, str(REPO / "Makefile")], capture_output=True,
                          text=True, check=True, timeout=10).stdout.split()
-    nodeps = re.search(r"^NODEPS\s*:=\s*(.*)$", makefile, re.MULTILINE).group(1).split()
+    nodeps = makefile_nodeps()
     assert out == nodeps and all("==" in p for p in nodeps), out
+    # Every install pinned to the tested environment, as `make install` does.
+    installs = re.findall(r"pip install [^&]*", runs)
+    assert len(installs) == 3, installs
+    assert all("-c /tmp/veil-src/constraints.txt" in cmd for cmd in installs), installs
     check = re.search(r'python -c "(import veil\.cli[^"]*)"', makefile).group(1)
     assert f'python -c "{check}"' in runs, "run the Makefile's import check"
     assert "ray.dashboard.optional_deps" in runs, "ray[default]: the Jobs API needs the dashboard"
