@@ -200,6 +200,85 @@ def test_file_level_errors(tmp_path):
     assert str(bad_version) in str(info.value)
 
 
+def test_a_file_extends_the_defaults_and_overrides_gates_by_name(tmp_path):
+    """A user's file changes two shipped gates and adds one; every other shipped gate stays
+    as shipped, and each change is recorded on the gate and in its result."""
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({
+        "version": 1, "extends": "default",
+        "overrides": {"age-mae": {"severity": "warning"}, "face-lpips": {"max": 0.3, "required": True}},
+        "gates": [{"name": "face-ssim", "metric": "face.ssim_mean", "min": 0.8, "methods": ["fsap"]}],
+    }))
+    shipped = {g.name: g for g in load_gates(None, method="fsap")}
+    mine = {g.name: g for g in load_gates(path, method="fsap")}
+    assert set(mine) == set(shipped) | {"face-ssim"}
+    assert mine["age-mae"].severity == "warning" and not mine["age-mae"].blocking
+    assert mine["age-mae"].overridden == (("severity", "critical", "warning"),)
+    assert dict((f, (a, b)) for f, a, b in mine["face-lpips"].overridden) == {
+        "max": (shipped["face-lpips"].max, 0.3), "required": (False, True)}
+    assert mine["face-ssim"].overridden == () and mine["face-ssim"].min == 0.8
+    for name in set(shipped) - {"age-mae", "face-lpips"}:
+        assert mine[name] == shipped[name], name
+    # a blur run gets neither fsap's gates nor the new one
+    assert "face-ssim" not in {g.name for g in load_gates(path, method="blur")}
+
+    metrics = {"attributes.age_mae": 14.1, "identity.dlib-resnet.verification_rate": 0.0}
+    results = {r.name: r for r in evaluate_gates([mine["age-mae"], mine["reidentification-dlib-resnet"]],
+                                                 metrics, {}, tmp_path / "gx")}
+    age = results["age-mae"]
+    assert age.status == "failed" and not age.blocking
+    assert age.to_dict()["overridden"] == {"severity": ["critical", "warning"]}
+    assert results["reidentification-dlib-resnet"].to_dict()["overridden"] == {}
+    assert overall_status(list(results.values())) == "passed"  # the demoted gate no longer decides
+
+    import io
+
+    from veil.cli import print_validation
+
+    out = io.StringIO()
+    print_validation({"status": "passed", "seconds": 1.0, "gates": [r.to_dict() for r in results.values()],
+                      "summary_path": "OUT/summary.json", "release_path": "OUT/RELEASE.json"}, out)
+    assert ("warning       age-mae: attributes.age_mae = 14.1 (max 8); changed by the gates file: "
+            "severity critical -> warning") in out.getvalue()
+
+
+def test_extends_a_relative_path_and_chains(tmp_path):
+    (tmp_path / "team").mkdir()
+    (tmp_path / "team" / "base.yaml").write_text(yaml.safe_dump({"version": 1, "gates": [
+        {"name": "reid", "metric": "identity.dlib-resnet.verification_rate", "max": 0.02},
+        {"name": "age", "metric": "attributes.age_mae", "max": 8, "category": "utility"}]}))
+    (tmp_path / "team" / "strict.yaml").write_text(yaml.safe_dump(
+        {"version": 1, "extends": "base.yaml", "overrides": {"reid": {"max": 0.01}}}))
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(
+        {"version": 1, "extends": "team/strict.yaml", "overrides": {"reid": {"max": 0.005}, "age": {"max": 12}}}))
+    gates = {g.name: g for g in load_gates(tmp_path / "mine.yaml", method="fsap")}
+    # what changed is measured against the first file that defined the gate
+    assert gates["reid"].max == 0.005 and gates["reid"].overridden == (("max", 0.02, 0.005),)
+    assert gates["age"].overridden == (("max", 8.0, 12.0),) and gates["age"].category == "utility"
+
+
+@pytest.mark.parametrize(("document", "message"), [
+    ({"extends": "default", "overrides": {"no-such-gate": {"max": 1}}}, "gate 'no-such-gate'.*no such gate in"),
+    ({"extends": "default", "gates": [{"name": "age-mae", "metric": "x", "max": 1}]},
+     "gate 'age-mae'.*duplicate gate name .change an extended gate under 'overrides'"),
+    ({"extends": "default", "overrides": {"age-mae": {"name": "age2"}}}, "gate 'age-mae'.*field 'name'.*cannot be overridden"),
+    ({"extends": "default", "overrides": {"age-mae": {"severity": "loud"}}}, "gate 'age-mae'.*field 'severity'"),
+    ({"extends": "default", "overrides": {"age-mae": {"colour": 1}}}, "gate 'age-mae'.*field 'colour'.*unknown key"),
+    ({"extends": "default", "overrides": {"age-mae": {}}}, "gate 'age-mae'.*field 'overrides'"),
+    ({"extends": "default", "overrides": ["age-mae"]}, "field 'overrides'"),
+    ({"overrides": {"age-mae": {"max": 1}}, "gates": []}, "field 'overrides'.*there is none"),
+    ({"extends": "missing.yaml"}, "missing.yaml: cannot be read"),
+    ({"extends": 3}, "field 'extends'"),
+    ({"extends": "loop.yaml"}, "field 'extends'.*loop"),
+])
+def test_extends_and_overrides_errors_name_file_gate_and_field(tmp_path, document, message):
+    (tmp_path / "loop.yaml").write_text(yaml.safe_dump({"version": 1, "extends": "gates.yaml"}))
+    path = tmp_path / "gates.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, **document}))
+    with pytest.raises(GateConfigError, match=message):
+        load_gates(path, method="fsap")
+
+
 # --------------------------------------------------------------------------------------------
 # Dataset gates
 # --------------------------------------------------------------------------------------------
@@ -469,6 +548,7 @@ def test_write_results_and_gates_table(tmp_path):
     assert set(payload["gates"][0]) == {
         "name", "description", "table", "metric", "min", "max", "mostly", "required",
         "value", "status", "margin", "failing_keys", "reason", "severity", "category", "blocking",
+        "overridden",
     }  # fmt: skip
     rows = gates_table(results)
     assert [r["gate"] for r in rows] == ["reid", "age", "residual"]

@@ -346,6 +346,38 @@ def test_verdict_needs_both_a_passed_validation_and_its_release_file():
     assert "delete it" in stale["why"] and "opt" not in stale["why"]
     assert v("not_gated", [], False)["status"] == "not_validated"
     assert verdict({})["label"] == "NOT VALIDATED"
+    demoted = [warning[0] | {"overridden": {"severity": ["critical", "warning"]}}]
+    assert "1 gate changed by the gates file (w)" in v("passed", passed + demoted, True)["why"]
+
+
+def test_gates_changed_by_the_gates_file_are_shown_where_they_decide_and_fail():
+    """A reviewer sees a gate the user's file loosened: in the deciding-gates note, in the
+    failing (warning) gate's card and in the full table."""
+    from veil.validators.report_html import (
+        all_gates,
+        deciding_gates,
+        failing_gates,
+        overridden_text,
+    )
+
+    age = _gate("age-mae", "attributes.age_mae", "failed", hi=8.0, value=14.1, margin=6.1) | {
+        "severity": "warning", "overridden": {"severity": ["critical", "warning"]}}
+    lpips = _gate("face-lpips", "face.lpips_mean", "passed", hi=0.3, value=0.08) | {
+        "overridden": {"max": [0.45, 0.3]}}
+    reid = _gate("reid", "identity.dlib-resnet.verification_rate", "passed", hi=0.02, value=0.0) | {"overridden": {}}
+    assert overridden_text(age) == "changed by the gates file: severity critical -> warning"
+    assert overridden_text(lpips) == "changed by the gates file: max 0.45 -> 0.3"
+    assert overridden_text(reid) == "" and overridden_text(_gate("old", "m", "passed", hi=1)) == ""
+    validation = {"status": "passed", "gates": [reid, lpips, age]}
+    def words(page: str) -> str:
+        return " ".join(_text(page).split())
+
+    note = words(deciding_gates(validation))
+    assert "2 gates changed by the gates file (face-lpips, age-mae)" in note
+    card = words(failing_gates(validation, {}, set()))
+    assert "age-mae" in card and "severity critical -> warning" in card
+    table = words(all_gates(validation["gates"]))
+    assert table.count("changed by the gates file") == 2
 
 
 def test_unreadable_summary_and_empty_folder(tmp_path):

@@ -30,6 +30,24 @@ Gates file format (YAML; the shipped defaults are ``gates.yaml`` next to this mo
         nulls: fail                             # optional: fail (default) or ignore
         methods: [blur, pixelate, fill, dp-pixelate]
 
+A file can build on another instead of copying it: ``extends`` takes that file's gates
+(``default``: the shipped ones; else a path, relative to the extending file), ``overrides``
+changes fields of its gates by name, and ``gates`` (optional then) adds new ones::
+
+    version: 1
+    extends: default
+    overrides:
+      age-mae: {severity: warning}              # measured and reported; no longer blocks
+      face-lpips: {max: 0.30}
+    gates:
+      - {name: my-extra-gate, metric: face.ssim_mean, min: 0.8}
+
+Every changed field is kept on the gate (:attr:`Gate.overridden`, ``overridden`` in
+``summary.json``: ``{field: [value in the extended file, value now]}``) and shown in the
+report, so a reviewer sees a loosened bound. A name that the extended file lacks, a new gate
+named like an extended one, a renamed gate and a file that extends itself (directly or
+through others) are errors.
+
 Semantics:
 
 * **Bounds** are inclusive (``max: 0`` means ``<= 0``). ``min > max``, a gate with no bound,
@@ -79,7 +97,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,6 +127,8 @@ __all__ = [
 ]
 
 GATES_FILE_VERSION = 1
+#: ``extends: default`` (and ``--gates default``) names the shipped gates file.
+DEFAULT_GATES = "default"
 
 #: Anonymization methods a gate may name. ``none`` (nothing anonymized) and ``unknown``
 #: (a dataset from another tool) only ever get the ``[all]`` gates plus those naming them.
@@ -180,6 +200,9 @@ class Gate:
     evidence: Evidence | None = None  # dataset gates only
     severity: str = CRITICAL  # GX FailureSeverity; only critical gates block a release
     category: str | None = None  # integrity | privacy | utility, for the report
+    #: (field, value in the extended file, value now) for each field a file's ``overrides``
+    #: changed; shown in summary.json and the report so a reviewer sees every loosened bound.
+    overridden: tuple[tuple[str, Any, Any], ...] = ()
 
     @property
     def blocking(self) -> bool:
@@ -216,6 +239,7 @@ class GateResult:
     reason: str | None = None
     severity: str = CRITICAL
     category: str | None = None
+    overridden: dict[str, list[Any]] = field(default_factory=dict)  # field -> [extended, now]
 
     @property
     def blocking(self) -> bool:
@@ -240,6 +264,7 @@ class GateResult:
             "severity": self.severity,
             "category": self.category,
             "blocking": self.blocking,
+            "overridden": {k: list(v) for k, v in self.overridden.items()},
         }
 
 
@@ -250,28 +275,59 @@ class GateResult:
 
 def load_gates(path: str | Path | None, *, method: str) -> list[Gate]:
     """Read and validate a gates file (``None``: the shipped defaults); keep ``method``'s gates."""
-    import yaml
-
     if method not in KNOWN_METHODS:
         raise ValueError(f"unknown anonymization method {method!r}; known: {sorted(KNOWN_METHODS)}")
-    if path is None:
-        resource = resources.files("veil.validators").joinpath("gates.yaml")
-        source, text = str(resource), resource.read_text(encoding="utf-8")
-    else:
-        source, text = str(path), Path(path).read_text(encoding="utf-8")
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise GateConfigError(source, f"not valid YAML: {exc}") from exc
-    gates = parse_gates(document, source=source)
+    source, document = _read_document(path)
+    base_dir = None if path is None else Path(path).resolve().parent
+    gates = parse_gates(document, source=source, base_dir=base_dir)
     return [gate for gate in gates if gate.applies_to(method)]
 
 
-def parse_gates(document: Any, *, source: str = "<gates>") -> list[Gate]:
-    """Validate a parsed gates document and return all its gates, whatever their methods."""
+def _read_document(path: str | Path | None) -> tuple[str, Any]:
+    """(source name, parsed YAML) of a gates file; ``None`` or ``"default"``: the shipped one."""
+    import yaml
+
+    if path is None or str(path) == DEFAULT_GATES:
+        resource = resources.files("veil.validators").joinpath("gates.yaml")
+        source, text = str(resource), resource.read_text(encoding="utf-8")
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise GateConfigError(source, f"cannot be read: {exc.strerror or exc}") from exc
+    try:
+        return source, yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise GateConfigError(source, f"not valid YAML: {exc}") from exc
+
+
+def parse_gates(document: Any, *, source: str = "<gates>", base_dir: Path | None = None) -> list[Gate]:
+    """Validate a parsed gates document and return all its gates, whatever their methods.
+
+    ``extends`` (a file path, relative to ``base_dir``, or ``default``: the shipped gates)
+    takes another file's gates first; ``overrides`` then changes fields of those gates by name
+    (each result records what it changed from the base in :attr:`Gate.overridden`), and
+    ``gates`` adds new ones."""
+    chain = (str(Path(source).resolve()),) if base_dir is not None else ()
+    entries = _entries(document, source=source, base_dir=base_dir, chain=chain)
+    gates: list[Gate] = []
+    for index, (entry, entry_source, base) in enumerate(entries):
+        gate = _parse_gate(entry, index=index, source=entry_source)
+        if base is not None:
+            before = _parse_gate(base, index=index, source=entry_source)
+            gate = replace(gate, overridden=_differences(before, gate))
+        gates.append(gate)
+    return gates
+
+
+def _entries(document: Any, *, source: str, base_dir: Path | None, chain: tuple[str, ...]
+             ) -> list[tuple[dict, str, dict | None]]:
+    """The raw gate entries a document stands for, in order, each with the file it comes from
+    and, where ``overrides`` changed it, the entry before the change."""
     if not isinstance(document, dict):
         raise GateConfigError(source, "must be a mapping with 'version' and 'gates'")
-    unknown = sorted(set(document) - {"version", "gates"})
+    unknown = sorted(set(document) - {"version", "gates", "extends", "overrides"})
     if unknown:
         raise GateConfigError(source, "unknown top-level key", field=str(unknown[0]))
     if document.get("version") != GATES_FILE_VERSION:
@@ -280,18 +336,81 @@ def parse_gates(document: Any, *, source: str = "<gates>") -> list[Gate]:
             f"must be {GATES_FILE_VERSION}, got {document.get('version')!r}",
             field="version",
         )
-    entries = document.get("gates")
-    if not isinstance(entries, list):
+    extends = document.get("extends")
+    if "gates" not in document and extends is None:
         raise GateConfigError(source, "must be a list of gates", field="gates")
-    gates: list[Gate] = []
-    seen: set[str] = set()
-    for index, entry in enumerate(entries):
-        gate = _parse_gate(entry, index=index, source=source)
-        if gate.name in seen:
-            raise GateConfigError(source, "duplicate gate name", gate=gate.name, field="name")
-        seen.add(gate.name)
-        gates.append(gate)
-    return gates
+    added = document.get("gates", [])
+    if not isinstance(added, list):
+        raise GateConfigError(source, "must be a list of gates", field="gates")
+    overrides = document.get("overrides", {})
+    if not isinstance(overrides, dict):
+        raise GateConfigError(source, "must map gate names to the fields to change", field="overrides")
+    if overrides and extends is None:
+        raise GateConfigError(source, "overrides change the gates of the file named by 'extends'; "
+                                      "there is none", field="overrides")
+
+    entries: list[tuple[dict, str, dict | None]] = []
+    if extends is not None:
+        if not isinstance(extends, str) or not extends:
+            raise GateConfigError(source, "must be a gates file's path or 'default'", field="extends")
+        if extends == DEFAULT_GATES:
+            parent: str | Path | None = None
+        else:
+            parent = Path(extends).expanduser()
+            if not parent.is_absolute():
+                parent = (base_dir or Path.cwd()) / parent
+        parent_source, parent_document = _read_document(parent)
+        key = str(Path(parent).resolve()) if parent is not None else DEFAULT_GATES
+        if key in chain:
+            raise GateConfigError(source, f"extends {extends!r}, which is already being read: the files extend each other in a loop", field="extends")
+        entries = _entries(parent_document, source=parent_source,
+                           base_dir=None if parent is None else Path(parent).resolve().parent,
+                           chain=(*chain, key))
+        index = {entry.get("name"): i for i, (entry, _, _) in enumerate(entries)}
+        for name, change in overrides.items():
+            if name not in index:
+                raise GateConfigError(source, f"no such gate in {parent_source}", gate=str(name), field="overrides")
+            if not isinstance(change, dict) or not change:
+                raise GateConfigError(source, "must map field names to new values", gate=str(name), field="overrides")
+            if "name" in change:
+                raise GateConfigError(source, "a gate's name cannot be overridden; add a new gate instead",
+                                      gate=str(name), field="name")
+            entry, _, base = entries[index[name]]
+            entries[index[name]] = ({**entry, **change}, source, base if base is not None else entry)
+
+    seen = {entry.get("name") for entry, _, _ in entries}
+    for entry in added:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name in seen:
+            hint = " (change an extended gate under 'overrides')" if extends is not None else ""
+            raise GateConfigError(source, f"duplicate gate name{hint}", gate=str(name), field="name")
+        seen.add(name)
+        entries.append((entry, source, None))
+    return entries
+
+
+def _differences(before: Gate, after: Gate) -> tuple[tuple[str, Any, Any], ...]:
+    """(field, before, after) for every field of ``after`` that differs from ``before``."""
+    out = []
+    for f in fields(Gate):
+        if f.name == "overridden":
+            continue
+        old, new = getattr(before, f.name), getattr(after, f.name)
+        if old != new:
+            out.append((f.name, _plain(old), _plain(new)))
+    return tuple(out)
+
+
+def _plain(value: Any) -> Any:
+    """A gate field's value as JSON would hold it (tuples as lists, evidence as a mapping)."""
+    if isinstance(value, Evidence):
+        return {"table": value.table, "where": {k: list(v) for k, v in value.where.items()},
+                "order_by": value.order_by, "descending": value.descending}
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _parse_gate(entry: Any, *, index: int, source: str) -> Gate:
@@ -632,6 +751,7 @@ def _result(gate: Gate, *, value, status, margin, keys, reason) -> GateResult:
         reason=reason,
         severity=gate.severity,
         category=gate.category,
+        overridden={name: [old, new] for name, old, new in gate.overridden},
     )
 
 

@@ -162,6 +162,10 @@ def verdict(report: dict[str, Any]) -> dict[str, Any]:
     stale = " A RELEASE.json is present although validation did not pass: delete it." if release else ""
     warnings = sum(1 for g in gates if g.get("status") == "failed" and not gate_blocks(g))
     note = f" {warnings} warning gate{'s' if warnings > 1 else ''} failed (reported, not blocking)." if warnings else ""
+    changed = [str(g.get("name")) for g in gates if g.get("overridden")]
+    if changed:
+        note += (f" {len(changed)} gate{'s' if len(changed) > 1 else ''} changed by the gates file "
+                 f"({_names(changed)}).")
     gates = [g for g in gates if gate_blocks(g)]
     if status == "passed":
         passed = sum(1 for g in gates if g.get("status") == "passed")

@@ -28,6 +28,7 @@ from veil.validators.report import (
     _FAMILIES,
     _PAIRING,
     MAX_FAILING_KEYS,
+    _names,
     gate_blocks,
     metric_family,
     metric_label,
@@ -349,6 +350,16 @@ def bound_text(gate: dict[str, Any]) -> str:
     return bound
 
 
+def overridden_text(gate: dict[str, Any]) -> str:
+    """What the run's gates file changed in the gate it extends ("" when nothing), e.g.
+    ``changed by the gates file: severity critical -> warning``."""
+    changes = gate.get("overridden") or {}
+    if not changes:
+        return ""
+    parts = [f"{name} {fmt(old)} -> {fmt(new)}" for name, (old, new) in sorted(changes.items())]
+    return "changed by the gates file: " + "; ".join(parts)
+
+
 def value_text(gate: dict[str, Any]) -> str:
     if gate.get("status") == "not_evaluated":
         return "not evaluated"
@@ -403,6 +414,12 @@ def deciding_gates(validation: dict[str, Any] | None) -> str:
         notes.append(
             f"<a href='#failing-warnings'>{len(warnings)} warning gate{'s' if len(warnings) > 1 else ''}"
             "</a> failed (do not block)"
+        )
+    changed = [g for g in gates if g.get("overridden")]
+    if changed:
+        notes.append(
+            f"<a href='#gates'>{len(changed)} gate{'s' if len(changed) > 1 else ''}</a> changed by "
+            f"the gates file ({esc(_names([str(g.get('name')) for g in changed]))})"
         )
     optional = optional_not_evaluated(gates)
     if optional:
@@ -482,6 +499,8 @@ def failing_gates(validation: dict[str, Any], plots: dict[str, str], shown: set[
         )
         if g.get("description"):
             parts.append(f"<p>{esc(g['description'])}</p>")
+        if overridden_text(g):
+            parts.append(f"<p class='changed'>{esc(overridden_text(g))}</p>")
         off = f" (off by {fmt(g.get('margin'))})" if measured(g.get("margin")) else ""
         parts.append(
             f"<p class='measure'>value <b class='bad'>{esc(value_text(g))}</b> against bound "
@@ -656,7 +675,9 @@ def all_gates(gates: list[dict[str, Any]]) -> str:
     gates = sorted(gates, key=_gate_order)
     rows = [
         [
-            Markup(f"{esc(g.get('name'))}<br><small>{esc(g.get('description') or '')}</small>"),
+            Markup(f"{esc(g.get('name'))}<br><small>{esc(g.get('description') or '')}</small>"
+                   + (f"<br><small class='changed'>{esc(overridden_text(g))}</small>"
+                      if overridden_text(g) else "")),
             g.get("category") or "-",
             _metric_cell(g),
             value_text(g),
