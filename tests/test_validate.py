@@ -293,6 +293,25 @@ def test_rerun_of_validation_resumes_and_rerun_of_veil_drops_stale_release(blur_
     assert first.metrics == again.metrics
     assert (audit / "RELEASE.json").exists() == (first.status == "passed")
 
+    # Other gates on the same measurements: a file extending the defaults that demands a
+    # background PSNR no JPEG keeps withholds the release; made a warning, it decides nothing.
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("version: 1\nextends: default\noverrides:\n  background-psnr: {min: 99}\n")
+    demoted = tmp_path / "demoted.yaml"
+    demoted.write_text("version: 1\nextends: strict.yaml\noverrides:\n  background-psnr: {severity: info}\n")
+    tight = validate(vconfig(dataset["pattern"], str(out), audit, recognizers=["dlib-resnet"], gates=str(strict)))
+    assert (tight.shards_done, tight.shards_skipped) == (0, 2) and tight.status == "failed"
+    gate = next(g for g in tight.gates if g["name"] == "background-psnr")
+    assert gate["status"] == "failed" and gate["overridden"] == {"min": [30.0, 99.0]}
+    assert not (audit / "RELEASE.json").exists()
+    info = validate(vconfig(dataset["pattern"], str(out), audit, recognizers=["dlib-resnet"], gates=str(demoted)))
+    gate = next(g for g in info.gates if g["name"] == "background-psnr")
+    assert gate["overridden"] == {"min": [30.0, 99.0], "severity": ["critical", "info"]} and not gate["blocking"]
+    assert info.status == first.status == "passed"
+    release = json.loads((audit / "RELEASE.json").read_text())
+    assert release["gates_file"] == str(demoted)
+    assert next(g for g in release["gates"] if g["name"] == "background-psnr")["overridden"] == gate["overridden"]
+
 
 def test_label_protocol_runs_when_labels_are_present(blur_run, dataset, tmp_path):
     from veil.validators.validate import validate

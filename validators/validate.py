@@ -1539,8 +1539,10 @@ def release_record(config: ValidateConfig, summary: dict[str, Any], samples: Any
         "manifests": manifests,
         "method": summary["method"],
         "gates_file": summary["gates_file"],
-        "gates": [{k: g.get(k) for k in ("name", "metric", "value", "min", "max", "status", "severity",
-                                         "category")}
+        # A gate the gates file changed from the one it extends says so (extended value, new one).
+        "gates": [{**{k: g.get(k) for k in ("name", "metric", "value", "min", "max", "status", "severity",
+                                            "category")},
+                   **({"overridden": g["overridden"]} if g.get("overridden") else {})}
                   for g in summary["gates"]],
         "models": summary["models"],
         "environment": environment_info(),
