@@ -379,6 +379,13 @@ def test_gates_changed_by_the_gates_file_are_shown_where_they_decide_and_fail():
     table = words(all_gates(validation["gates"]))
     assert table.count("changed by the gates file") == 2
 
+    from veil.validators.report_html import _gates_files_cell
+
+    files = [{"file": "mine.yaml", "sha256": "ab" * 32}, {"file": "veil/validators/gates.yaml", "sha256": "cd" * 32}]
+    assert words(_gates_files_cell({"gates_file": "mine.yaml", "gates_files": files})) == (
+        "mine.yaml sha256 abababababab extends veil/validators/gates.yaml sha256 cdcdcdcdcdcd")
+    assert _gates_files_cell({"gates_file": "default"}) == "default"  # a summary from before the hashes
+
 
 def test_unreadable_summary_and_empty_folder(tmp_path):
     from veil.validators.report import build_report

@@ -4,10 +4,12 @@ validating another tool's (deface's) output."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -310,6 +312,12 @@ def test_rerun_of_validation_resumes_and_rerun_of_veil_drops_stale_release(blur_
     assert info.status == first.status == "passed"
     release = json.loads((audit / "RELEASE.json").read_text())
     assert release["gates_file"] == str(demoted)
+    shipped = resources.files("veil.validators").joinpath("gates.yaml")
+    assert release["gates_files"] == [
+        {"file": str(demoted), "sha256": hashlib.sha256(demoted.read_bytes()).hexdigest()},
+        {"file": str(strict), "sha256": hashlib.sha256(strict.read_bytes()).hexdigest()},
+        {"file": str(shipped), "sha256": hashlib.sha256(shipped.read_bytes()).hexdigest()}]
+    assert json.loads((audit / "validation" / "summary.json").read_text())["gates_files"] == release["gates_files"]
     assert next(g for g in release["gates"] if g["name"] == "background-psnr")["overridden"] == gate["overridden"]
 
 

@@ -119,6 +119,7 @@ __all__ = [
     "Gate",
     "GateResult",
     "load_gates",
+    "gates_files",
     "parse_gates",
     "evaluate_gates",
     "overall_status",
@@ -277,14 +278,34 @@ def load_gates(path: str | Path | None, *, method: str) -> list[Gate]:
     """Read and validate a gates file (``None``: the shipped defaults); keep ``method``'s gates."""
     if method not in KNOWN_METHODS:
         raise ValueError(f"unknown anonymization method {method!r}; known: {sorted(KNOWN_METHODS)}")
-    source, document = _read_document(path)
-    base_dir = None if path is None else Path(path).resolve().parent
-    gates = parse_gates(document, source=source, base_dir=base_dir)
+    source, document, _ = _read_document(path)
+    gates = parse_gates(document, source=source, base_dir=_base_dir(path))
     return [gate for gate in gates if gate.applies_to(method)]
 
 
-def _read_document(path: str | Path | None) -> tuple[str, Any]:
-    """(source name, parsed YAML) of a gates file; ``None`` or ``"default"``: the shipped one."""
+def gates_files(path: str | Path | None) -> list[dict[str, str]]:
+    """The files a gates file stands for, itself first and then each one it extends:
+    ``[{"file": ..., "sha256": ...}]`` (sha256 of the file's text), for summary.json and
+    RELEASE.json, so an audit can tell which gates were applied even after a file changes."""
+    source, document, digest = _read_document(path)
+    read = [{"file": source, "sha256": digest}]
+    _entries(document, source=source, base_dir=_base_dir(path), chain=_chain(source, _base_dir(path)), read=read)
+    return read
+
+
+def _base_dir(path: str | Path | None) -> Path | None:
+    return None if path is None or str(path) == DEFAULT_GATES else Path(path).resolve().parent
+
+
+def _chain(source: str, base_dir: Path | None) -> tuple[str, ...]:
+    return (str(Path(source).resolve()),) if base_dir is not None else ()
+
+
+def _read_document(path: str | Path | None) -> tuple[str, Any, str]:
+    """(source name, parsed YAML, sha256 of the text) of a gates file; ``None`` or
+    ``"default"``: the shipped one."""
+    import hashlib
+
     import yaml
 
     if path is None or str(path) == DEFAULT_GATES:
@@ -296,8 +317,9 @@ def _read_document(path: str | Path | None) -> tuple[str, Any]:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise GateConfigError(source, f"cannot be read: {exc.strerror or exc}") from exc
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     try:
-        return source, yaml.safe_load(text)
+        return source, yaml.safe_load(text), digest
     except yaml.YAMLError as exc:
         raise GateConfigError(source, f"not valid YAML: {exc}") from exc
 
@@ -309,8 +331,7 @@ def parse_gates(document: Any, *, source: str = "<gates>", base_dir: Path | None
     takes another file's gates first; ``overrides`` then changes fields of those gates by name
     (each result records what it changed from the base in :attr:`Gate.overridden`), and
     ``gates`` adds new ones."""
-    chain = (str(Path(source).resolve()),) if base_dir is not None else ()
-    entries = _entries(document, source=source, base_dir=base_dir, chain=chain)
+    entries = _entries(document, source=source, base_dir=base_dir, chain=_chain(source, base_dir))
     gates: list[Gate] = []
     for index, (entry, entry_source, base) in enumerate(entries):
         gate = _parse_gate(entry, index=index, source=entry_source)
@@ -321,10 +342,11 @@ def parse_gates(document: Any, *, source: str = "<gates>", base_dir: Path | None
     return gates
 
 
-def _entries(document: Any, *, source: str, base_dir: Path | None, chain: tuple[str, ...]
-             ) -> list[tuple[dict, str, dict | None]]:
+def _entries(document: Any, *, source: str, base_dir: Path | None, chain: tuple[str, ...],
+             read: list[dict[str, str]] | None = None) -> list[tuple[dict, str, dict | None]]:
     """The raw gate entries a document stands for, in order, each with the file it comes from
-    and, where ``overrides`` changed it, the entry before the change."""
+    and, where ``overrides`` changed it, the entry before the change. Each extended file read
+    is appended to ``read`` (``{"file", "sha256"}``) when given."""
     if not isinstance(document, dict):
         raise GateConfigError(source, "must be a mapping with 'version' and 'gates'")
     unknown = sorted(set(document) - {"version", "gates", "extends", "overrides"})
@@ -359,13 +381,15 @@ def _entries(document: Any, *, source: str, base_dir: Path | None, chain: tuple[
             parent = Path(extends).expanduser()
             if not parent.is_absolute():
                 parent = (base_dir or Path.cwd()) / parent
-        parent_source, parent_document = _read_document(parent)
+        parent_source, parent_document, parent_digest = _read_document(parent)
+        if read is not None:
+            read.append({"file": parent_source, "sha256": parent_digest})
         key = str(Path(parent).resolve()) if parent is not None else DEFAULT_GATES
         if key in chain:
             raise GateConfigError(source, f"extends {extends!r}, which is already being read: the files extend each other in a loop", field="extends")
         entries = _entries(parent_document, source=parent_source,
                            base_dir=None if parent is None else Path(parent).resolve().parent,
-                           chain=(*chain, key))
+                           chain=(*chain, key), read=read)
         index = {entry.get("name"): i for i, (entry, _, _) in enumerate(entries)}
         for name, change in overrides.items():
             if name not in index:

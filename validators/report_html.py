@@ -961,13 +961,24 @@ def run_details(report: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _gates_files_cell(validation: dict[str, Any]) -> Any:
+    """The gates file and each file it extends, with the start of its sha256 (summary.json
+    has them whole); older summaries name the file only."""
+    files = validation.get("gates_files") or []
+    if not files:
+        return fmt(validation.get("gates_file"))
+    lines = [f"<code>{esc(f.get('file'))}</code> <small>sha256 {esc(str(f.get('sha256'))[:12])}</small>"
+             for f in files]
+    return Markup("<br>extends ".join(lines))
+
+
 def _validation_run(validation: dict[str, Any]) -> str:
     parts = ["<h4 id='validation-run'>Validation</h4>"]
     seconds, ips = validation.get("seconds"), validation.get("images_per_second")
     facts = [
         ["originals", Markup(f"<code>{esc(fmt(validation.get('original')))}</code>")],
         ["anonymized", Markup(f"<code>{esc(fmt(validation.get('anonymized')))}</code>")],
-        ["gates file", fmt(validation.get("gates_file"))],
+        ["gates file", _gates_files_cell(validation)],
         ["RELEASE.json", validation.get("release_file") or "not present"],
     ]
     if measured(seconds):

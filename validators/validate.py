@@ -1316,7 +1316,7 @@ def validate(config: ValidateConfig) -> ValidationResult:
     from tqdm import tqdm
 
     from veil.pipelines.sinks import remove_stale_temps
-    from veil.validators.gates import load_gates
+    from veil.validators.gates import gates_files, load_gates
 
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -1329,6 +1329,7 @@ def validate(config: ValidateConfig) -> ValidationResult:
     if config.pii is None and veil_out is not None and veil_out.pii:
         config = replace(config, pii=dict(veil_out.pii))
     gates = load_gates(config.gates, method=method)  # a bad gates file fails before any work
+    applied_files = gates_files(config.gates)  # hashed now: what these gates were read from
     if config.features is None:
         config = replace(config, features=default_features(method))
     if config.recognizers is None:
@@ -1359,13 +1360,13 @@ def validate(config: ValidateConfig) -> ValidationResult:
             bar.update(1)
             bar.set_postfix(images=images, refresh=False)
     seconds = time.perf_counter() - start
-    return finish(config, output, pairs, gates, method, veil_out, fingerprint, seconds=seconds,
-                  shards_done=len(todo), shards_skipped=len(pairs) - len(todo))
+    return finish(config, output, pairs, gates, method, veil_out, fingerprint, gates_read=applied_files,
+                  seconds=seconds, shards_done=len(todo), shards_skipped=len(pairs) - len(todo))
 
 
 def finish(config: ValidateConfig, output: Path, pairs: list[ShardPair], gates: list[Any], method: str,
            veil_out: VeilOutput | None, fingerprint: str, *, seconds: float, shards_done: int,
-           shards_skipped: int) -> ValidationResult:
+           shards_skipped: int, gates_read: list[dict[str, str]] | None = None) -> ValidationResult:
     """Merge the shard states, compute metrics, run the gates, write summary (and release)."""
     import pandas as pd
     import pyarrow.parquet as pq
@@ -1429,6 +1430,8 @@ def finish(config: ValidateConfig, output: Path, pairs: list[ShardPair], gates: 
         "original": config.original,
         "anonymized": config.anonymized,
         "gates_file": config.gates or "default",
+        # The gates file and each file it extends, with the sha256 of the text that was applied.
+        "gates_files": gates_read,
         "metrics": metrics,
         "details": details,
         "gates": [r.to_dict() for r in results],
@@ -1539,6 +1542,7 @@ def release_record(config: ValidateConfig, summary: dict[str, Any], samples: Any
         "manifests": manifests,
         "method": summary["method"],
         "gates_file": summary["gates_file"],
+        "gates_files": summary.get("gates_files"),
         # A gate the gates file changed from the one it extends says so (extended value, new one).
         "gates": [{**{k: g.get(k) for k in ("name", "metric", "value", "min", "max", "status", "severity",
                                             "category")},
