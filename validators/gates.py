@@ -333,7 +333,9 @@ def parse_gates(document: Any, *, source: str = "<gates>", base_dir: Path | None
     ``gates`` adds new ones."""
     entries = _entries(document, source=source, base_dir=base_dir, chain=_chain(source, base_dir))
     gates: list[Gate] = []
-    for index, (entry, entry_source, base) in enumerate(entries):
+    per_file: dict[str, int] = {}  # an unnamed gate is labelled by its place in its own file
+    for entry, entry_source, base in entries:
+        index = per_file[entry_source] = per_file.get(entry_source, -1) + 1
         gate = _parse_gate(entry, index=index, source=entry_source)
         if base is not None:
             before = _parse_gate(base, index=index, source=entry_source)
@@ -386,7 +388,8 @@ def _entries(document: Any, *, source: str, base_dir: Path | None, chain: tuple[
             read.append({"file": parent_source, "sha256": parent_digest})
         key = str(Path(parent).resolve()) if parent is not None else DEFAULT_GATES
         if key in chain:
-            raise GateConfigError(source, f"extends {extends!r}, which is already being read: the files extend each other in a loop", field="extends")
+            raise GateConfigError(source, f"extends {extends!r}, which is already being read: the files "
+                                          "extend each other in a loop", field="extends")
         entries = _entries(parent_document, source=parent_source,
                            base_dir=None if parent is None else Path(parent).resolve().parent,
                            chain=(*chain, key), read=read)
