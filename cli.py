@@ -101,7 +101,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--gates", nargs="?", const="default", metavar="GATES_YAML",
                    help="validate the release afterwards and write RELEASE.json only if every gate "
-                        "passes (no file: the shipped defaults for the method); exit 4 if one fails")
+                        "passes (no file: the shipped defaults for the method; a file may "
+                        "'extends: default' and change gates by name); exit 4 if one fails")
     g = p.add_argument_group("detection")
     g.add_argument("--detectors", help="comma-separated: centerface, mtcnn, yunet (several = union)")
     g.add_argument("--threshold", type=float, help="detector score threshold")
@@ -178,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anonymized", required=True,
                    help="the anonymized dataset, or a 'veil run' output folder (its manifests are used)")
     p.add_argument("--output", required=True, help="folder for validation/, report/ and RELEASE.json")
-    p.add_argument("--gates", help="gates YAML (default: the shipped method-aware gates)")
+    p.add_argument("--gates", help="gates YAML (default: the shipped method-aware gates; a file may "
+                                   "'extends: default' and change gates by name under 'overrides')")
     p.add_argument("--method", help="anonymization method the gates are chosen for (default: from a Veil "
                                     "output's run.json, else 'unknown')")
     p.add_argument("--runner", choices=["local", "ray", "beam"], default="ray")
