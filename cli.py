@@ -349,10 +349,10 @@ def print_validation(result: dict[str, Any], stream: Any = None) -> None:
         w(f"  {label:<13} {g['name']}: {g['metric']} = {shown} ({bound})")
         if g.get("failing_keys"):
             w(f"; e.g. {', '.join(g['failing_keys'][:3])}")
-        changed = g.get("overridden") or {}
-        if changed:
-            w("; changed by the gates file: "
-              + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in sorted(changed.items())))
+        if g.get("overridden"):
+            from veil.validators.report_html import overridden_text
+
+            w(f"; {overridden_text(g)}")
         w("\n")
     w(f"  summary      {result['summary_path']}\n")
     if result.get("report"):

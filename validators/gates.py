@@ -119,7 +119,7 @@ __all__ = [
     "Gate",
     "GateResult",
     "load_gates",
-    "gates_files",
+    "load_gates_with_files",
     "parse_gates",
     "evaluate_gates",
     "overall_status",
@@ -276,21 +276,21 @@ class GateResult:
 
 def load_gates(path: str | Path | None, *, method: str) -> list[Gate]:
     """Read and validate a gates file (``None``: the shipped defaults); keep ``method``'s gates."""
+    return load_gates_with_files(path, method=method)[0]
+
+
+def load_gates_with_files(path: str | Path | None, *, method: str) -> tuple[list[Gate], list[dict[str, str]]]:
+    """:func:`load_gates`, and the files its gates were read from in one pass: the file itself
+    first, then each one it extends, as ``{"file", "sha256"}`` (sha256 of the text applied),
+    for summary.json and RELEASE.json, so an audit can tell which gates were applied even
+    after a file changes."""
     if method not in KNOWN_METHODS:
         raise ValueError(f"unknown anonymization method {method!r}; known: {sorted(KNOWN_METHODS)}")
-    source, document, _ = _read_document(path)
-    gates = parse_gates(document, source=source, base_dir=_base_dir(path))
-    return [gate for gate in gates if gate.applies_to(method)]
-
-
-def gates_files(path: str | Path | None) -> list[dict[str, str]]:
-    """The files a gates file stands for, itself first and then each one it extends:
-    ``[{"file": ..., "sha256": ...}]`` (sha256 of the file's text), for summary.json and
-    RELEASE.json, so an audit can tell which gates were applied even after a file changes."""
     source, document, digest = _read_document(path)
     read = [{"file": source, "sha256": digest}]
-    _entries(document, source=source, base_dir=_base_dir(path), chain=_chain(source, _base_dir(path)), read=read)
-    return read
+    base_dir = _base_dir(path)
+    entries = _entries(document, source=source, base_dir=base_dir, chain=_chain(source, base_dir), read=read)
+    return [gate for gate in _gates_from(entries) if gate.applies_to(method)], read
 
 
 def _base_dir(path: str | Path | None) -> Path | None:
@@ -331,7 +331,11 @@ def parse_gates(document: Any, *, source: str = "<gates>", base_dir: Path | None
     takes another file's gates first; ``overrides`` then changes fields of those gates by name
     (each result records what it changed from the base in :attr:`Gate.overridden`), and
     ``gates`` adds new ones."""
-    entries = _entries(document, source=source, base_dir=base_dir, chain=_chain(source, base_dir))
+    return _gates_from(_entries(document, source=source, base_dir=base_dir, chain=_chain(source, base_dir)))
+
+
+def _gates_from(entries: list[tuple[dict, str, dict | None]]) -> list[Gate]:
+    """The gates of :func:`_entries`' raw entries, each overridden one with its changes."""
     gates: list[Gate] = []
     per_file: dict[str, int] = {}  # an unnamed gate is labelled by its place in its own file
     for entry, entry_source, base in entries:

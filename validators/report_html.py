@@ -499,8 +499,9 @@ def failing_gates(validation: dict[str, Any], plots: dict[str, str], shown: set[
         )
         if g.get("description"):
             parts.append(f"<p>{esc(g['description'])}</p>")
-        if overridden_text(g):
-            parts.append(f"<p class='changed'>{esc(overridden_text(g))}</p>")
+        changed = overridden_text(g)
+        if changed:
+            parts.append(f"<p class='changed'>{esc(changed)}</p>")
         off = f" (off by {fmt(g.get('margin'))})" if measured(g.get("margin")) else ""
         parts.append(
             f"<p class='measure'>value <b class='bad'>{esc(value_text(g))}</b> against bound "
@@ -671,13 +672,20 @@ def _decides(gate: dict[str, Any]) -> str:
     return "yes" if gate.get("required") else "if evaluated"
 
 
+def _gate_name_cell(gate: dict[str, Any]) -> Markup:
+    """Name and description, and what the gates file changed in the gate, if anything."""
+    cell = f"{esc(gate.get('name'))}<br><small>{esc(gate.get('description') or '')}</small>"
+    changed = overridden_text(gate)
+    if changed:
+        cell += f"<br><small class='changed'>{esc(changed)}</small>"
+    return Markup(cell)
+
+
 def all_gates(gates: list[dict[str, Any]]) -> str:
     gates = sorted(gates, key=_gate_order)
     rows = [
         [
-            Markup(f"{esc(g.get('name'))}<br><small>{esc(g.get('description') or '')}</small>"
-                   + (f"<br><small class='changed'>{esc(overridden_text(g))}</small>"
-                      if overridden_text(g) else "")),
+            _gate_name_cell(g),
             g.get("category") or "-",
             _metric_cell(g),
             value_text(g),

@@ -1316,7 +1316,7 @@ def validate(config: ValidateConfig) -> ValidationResult:
     from tqdm import tqdm
 
     from veil.pipelines.sinks import remove_stale_temps
-    from veil.validators.gates import gates_files, load_gates
+    from veil.validators.gates import load_gates_with_files
 
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -1328,8 +1328,8 @@ def validate(config: ValidateConfig) -> ValidationResult:
     method = config.method or (veil_out.method if veil_out else None) or "unknown"
     if config.pii is None and veil_out is not None and veil_out.pii:
         config = replace(config, pii=dict(veil_out.pii))
-    gates = load_gates(config.gates, method=method)  # a bad gates file fails before any work
-    applied_files = gates_files(config.gates)  # hashed now: what these gates were read from
+    # A bad gates file fails before any work; its files are hashed as read.
+    gates, gates_read = load_gates_with_files(config.gates, method=method)
     if config.features is None:
         config = replace(config, features=default_features(method))
     if config.recognizers is None:
@@ -1360,13 +1360,13 @@ def validate(config: ValidateConfig) -> ValidationResult:
             bar.update(1)
             bar.set_postfix(images=images, refresh=False)
     seconds = time.perf_counter() - start
-    return finish(config, output, pairs, gates, method, veil_out, fingerprint, gates_read=applied_files,
+    return finish(config, output, pairs, gates, method, veil_out, fingerprint, gates_read=gates_read,
                   seconds=seconds, shards_done=len(todo), shards_skipped=len(pairs) - len(todo))
 
 
 def finish(config: ValidateConfig, output: Path, pairs: list[ShardPair], gates: list[Any], method: str,
            veil_out: VeilOutput | None, fingerprint: str, *, seconds: float, shards_done: int,
-           shards_skipped: int, gates_read: list[dict[str, str]] | None = None) -> ValidationResult:
+           shards_skipped: int, gates_read: list[dict[str, str]]) -> ValidationResult:
     """Merge the shard states, compute metrics, run the gates, write summary (and release)."""
     import pandas as pd
     import pyarrow.parquet as pq
